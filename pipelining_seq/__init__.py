@@ -1,0 +1,23 @@
+"""Seq1F1B (sequence-level 1F1B pipeline scheduling) for torch.distributed.pipelining."""
+
+from .attention import ChunkedCausalAttention
+from .context import ChunkContext, ContractError, KVCache, chunk_positions, current_chunk
+from .partition import balanced_partition, chunk_cost, uniform_partition
+from .schedules import ScheduleSeq1F1B
+from .stage import SequencePipelineStage
+
+__all__ = [
+    "ChunkContext",
+    "ChunkedCausalAttention",
+    "ContractError",
+    "KVCache",
+    "ScheduleSeq1F1B",
+    "SequencePipelineStage",
+    "balanced_partition",
+    "chunk_cost",
+    "chunk_positions",
+    "current_chunk",
+    "uniform_partition",
+]
+
+__version__ = "0.1.0"

@@ -1,0 +1,150 @@
+"""The chunk context: what a layer needs to know about the sequence chunk it is running.
+
+A Seq1F1B stage runs its module once per (micro-batch, chunk) unit. Layers that mix
+tokens (attention) or need absolute positions (RoPE) read the current unit from here;
+outside a pipeline nothing is set and they behave as on a whole sequence.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+__all__ = [
+    "ChunkContext",
+    "ContractError",
+    "KVCache",
+    "chunk_context",
+    "chunk_positions",
+    "current_chunk",
+]
+
+
+class ContractError(RuntimeError):
+    """A model used the chunked-attention contract in a way Seq1F1B cannot run exactly."""
+
+
+@dataclass
+class _LayerKV:
+    """Per-chunk K/V of one attention layer for one micro-batch, plus relayed gradients."""
+
+    k: list[torch.Tensor | None] = field(default_factory=list)
+    v: list[torch.Tensor | None] = field(default_factory=list)
+    # Gradients that later chunks computed for this chunk's K/V, summed until its own
+    # backward runs (LIFO order guarantees they are complete by then).
+    dk: list[torch.Tensor | None] = field(default_factory=list)
+    dv: list[torch.Tensor | None] = field(default_factory=list)
+
+    def store(self, j: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        if j == len(self.k):
+            self.k.append(k)
+            self.v.append(v)
+            self.dk.append(None)
+            self.dv.append(None)
+        else:
+            self.k[j], self.v[j] = k, v
+
+    def release(self, j: int) -> None:
+        self.k[j] = self.v[j] = self.dk[j] = self.dv[j] = None
+
+    def nbytes(self) -> int:
+        seen: set[int] = set()
+        total = 0
+        for t in (*self.k, *self.v, *self.dk, *self.dv):
+            if t is not None:
+                ptr = t.untyped_storage().data_ptr()
+                if ptr not in seen:
+                    seen.add(ptr)
+                    total += t.untyped_storage().nbytes()
+        return total
+
+
+class KVCache:
+    """K/V of earlier chunks, keyed by micro-batch and attention layer.
+
+    One instance belongs to a stage. A micro-batch's entries are dropped once its
+    chunk 0 has run backward (or, in forward-only mode, once its last chunk ran).
+    """
+
+    def __init__(self) -> None:
+        self._mbs: dict[int, dict[int, _LayerKV]] = {}
+
+    def layer(self, microbatch: int, layer_key: int) -> _LayerKV:
+        return self._mbs.setdefault(microbatch, {}).setdefault(layer_key, _LayerKV())
+
+    def drop(self, microbatch: int) -> None:
+        self._mbs.pop(microbatch, None)
+
+    def clear(self) -> None:
+        self._mbs.clear()
+
+    def microbatches(self) -> list[int]:
+        return sorted(self._mbs)
+
+    def nbytes(self) -> int:
+        """Bytes of cached K/V and relayed gradients currently held."""
+        return sum(e.nbytes() for layers in self._mbs.values() for e in layers.values())
+
+    def __len__(self) -> int:
+        return len(self._mbs)
+
+
+@dataclass(frozen=True)
+class ChunkContext:
+    """The (micro-batch, chunk) unit a stage is running."""
+
+    microbatch: int
+    """Micro-batch index within the step."""
+    chunk: int
+    """Chunk index within the micro-batch (0 is the first tokens)."""
+    n_chunks: int
+    """Number of chunks the micro-batch was cut into."""
+    offset: int
+    """Absolute position of the chunk's first token."""
+    length: int
+    """Number of tokens in the chunk."""
+    cache: KVCache
+    """Where attention layers keep the K/V of earlier chunks."""
+    recompute: bool = False
+    """True while the stage runs this chunk's backward (activation-checkpoint recompute)."""
+
+
+_CURRENT: contextvars.ContextVar[ChunkContext | None] = contextvars.ContextVar(
+    "pipelining_seq_chunk", default=None
+)
+
+
+def current_chunk() -> ChunkContext | None:
+    """The unit being run, or None outside a Seq1F1B stage."""
+    return _CURRENT.get()
+
+
+@contextlib.contextmanager
+def chunk_context(ctx: ChunkContext | None) -> Iterator[ChunkContext | None]:
+    token = _CURRENT.set(ctx)
+    try:
+        yield ctx
+    finally:
+        _CURRENT.reset(token)
+
+
+def chunk_positions(seq_len: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """Absolute positions of the current chunk's tokens, for RoPE or learned positions.
+
+    Inside a Seq1F1B stage this is ``arange(offset, offset + seq_len)``; outside it is
+    ``arange(seq_len)``.
+    """
+    ctx = _CURRENT.get()
+    if ctx is None:
+        return torch.arange(seq_len, device=device)
+    if seq_len != ctx.length:
+        raise ContractError(
+            f"chunk_positions(seq_len={seq_len}) inside chunk {ctx.chunk} of micro-batch "
+            f"{ctx.microbatch}, which has {ctx.length} tokens: pass the length of the "
+            "sequence dimension the stage received"
+        )
+    return torch.arange(ctx.offset, ctx.offset + seq_len, device=device)

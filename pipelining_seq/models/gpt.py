@@ -1,0 +1,198 @@
+"""A small GPT for Seq1F1B: RoPE, pre-norm, GELU or SwiGLU MLP, optional GQA.
+
+The only Seq1F1B-specific lines are the two calls into the chunk contract:
+``chunk_positions`` for RoPE and ``ChunkedCausalAttention`` for attention. Pruned
+modules (``None``/empty ``ModuleDict``) make a pipeline stage: the first stage embeds,
+the last stage norms and projects to the vocabulary.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ..attention import ChunkedCausalAttention
+from ..context import chunk_positions
+
+__all__ = ["GPT", "GPTConfig", "split_stage", "stage_layer_ranges"]
+
+
+@dataclass(kw_only=True)
+class GPTConfig:
+    """Shape of the reference GPT."""
+
+    vocab_size: int = 256
+    """Vocabulary size (256 for the byte-level tokenizer)."""
+    n_layers: int = 4
+    """Transformer blocks."""
+    dim: int = 64
+    """Hidden size."""
+    n_heads: int = 4
+    """Query heads."""
+    n_kv_heads: int | None = None
+    """Key/value heads (grouped-query attention); None means n_heads."""
+    ffn_dim: int | None = None
+    """MLP hidden size; None means 4*dim (GELU) or 8/3*dim rounded to 8 (SwiGLU)."""
+    mlp: str = "gelu"
+    """'gelu' or 'swiglu'."""
+    rope_theta: float = 10000.0
+    """RoPE base."""
+    norm_eps: float = 1e-5
+    """RMSNorm epsilon."""
+    attn_backend: str = "auto"
+    """ChunkedCausalAttention backend: auto, blockwise, sdpa or flash."""
+    activation_checkpoint: bool = False
+    """Recompute each block in backward (torch.utils.checkpoint, non-reentrant)."""
+
+    def __post_init__(self) -> None:
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        if self.dim % self.n_heads:
+            raise ValueError(f"model.dim={self.dim} must be divisible by model.n_heads={self.n_heads}")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(
+                f"model.n_heads={self.n_heads} must be a multiple of model.n_kv_heads={self.n_kv_heads}"
+            )
+        if (self.dim // self.n_heads) % 2:
+            raise ValueError(f"head dim {self.dim // self.n_heads} must be even for RoPE: change model.dim or model.n_heads")
+        if self.mlp not in ("gelu", "swiglu"):
+            raise ValueError(f"model.mlp={self.mlp!r}: use 'gelu' or 'swiglu'")
+        if self.ffn_dim is None:
+            self.ffn_dim = 4 * self.dim if self.mlp == "gelu" else 8 * ((8 * self.dim // 3 + 7) // 8)
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+
+def _rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
+    # x: [B, H, T, D]; rotate pairs (even, odd) by position-dependent angles.
+    d = x.shape[-1]
+    work = torch.float64 if x.dtype == torch.float64 else torch.float32
+    inv = theta ** (-torch.arange(0, d, 2, device=x.device, dtype=work) / d)
+    ang = positions.to(work)[:, None] * inv[None]
+    cos, sin = ang.cos(), ang.sin()
+    x1, x2 = x.to(work)[..., 0::2], x.to(work)[..., 1::2]
+    out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
+    return out.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        hd = cfg.head_dim
+        # Separate projections so tensor parallelism shards whole heads.
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * hd, bias=False)
+        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * hd, bias=False)
+        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * hd, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * hd, cfg.dim, bias=False)
+        self.attn = ChunkedCausalAttention(backend=cfg.attn_backend)
+        self.head_dim = hd
+        self.rope_theta = cfg.rope_theta
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        # -1 heads: under tensor parallelism each rank holds a slice of the heads.
+        q = self.wq(x).view(b, t, -1, self.head_dim).transpose(1, 2)
+        k = self.wk(x).view(b, t, -1, self.head_dim).transpose(1, 2)
+        v = self.wv(x).view(b, t, -1, self.head_dim).transpose(1, 2)
+        pos = chunk_positions(t, x.device)
+        q, k = _rope(q, pos, self.rope_theta), _rope(k, pos, self.rope_theta)
+        y = self.attn(q, k, v)
+        return self.wo(y.transpose(1, 2).reshape(b, t, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.swiglu = cfg.mlp == "swiglu"
+        self.w1 = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
+        self.w3 = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False) if self.swiglu else None
+        self.w2 = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.silu(self.w1(x)) * self.w3(x) if self.swiglu else F.gelu(self.w1(x))
+        return self.w2(h)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.attention_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.attention = Attention(cfg)
+        self.ffn_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.feed_forward = MLP(cfg)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attention(self.attention_norm(x))
+        return x + self.feed_forward(self.ffn_norm(x))
+
+
+class GPT(nn.Module):
+    """Decoder-only transformer; ``forward(tokens)`` returns logits ``[B, T, vocab]``."""
+
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.tok_embeddings: nn.Embedding | None = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleDict({str(i): Block(cfg) for i in range(cfg.n_layers)})
+        self.norm: nn.RMSNorm | None = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.output: nn.Linear | None = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.reset_parameters()
+
+    def reset_parameters(self, std: float = 0.02) -> None:
+        for name, p in self.named_parameters():
+            if p.dim() >= 2:
+                # GPT-2 style: residual projections scaled by depth.
+                scale = (2 * self.config.n_layers) ** -0.5 if name.endswith(("wo.weight", "w2.weight")) else 1.0
+                nn.init.normal_(p, mean=0.0, std=std * scale)
+            else:
+                nn.init.ones_(p)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        if self.tok_embeddings is not None:
+            h = self.tok_embeddings(h)
+        for block in self.layers.values():
+            if self.config.activation_checkpoint and torch.is_grad_enabled():
+                h = checkpoint(block, h, use_reentrant=False)
+            else:
+                h = block(h)
+        if self.norm is not None:
+            h = self.norm(h)
+        if self.output is not None:
+            h = self.output(h)
+        return h
+
+
+def stage_layer_ranges(n_layers: int, num_stages: int) -> list[range]:
+    """Contiguous, as-even-as-possible layer ranges per stage (earlier stages get the extra)."""
+    if num_stages < 1 or n_layers < num_stages:
+        raise ValueError(
+            f"cannot split {n_layers} layers over {num_stages} pipeline stages: "
+            "every stage needs at least one layer (lower pipeline_parallel_degree or add layers)"
+        )
+    base, extra = divmod(n_layers, num_stages)
+    bounds = [0]
+    for s in range(num_stages):
+        bounds.append(bounds[-1] + base + (1 if s < extra else 0))
+    return [range(bounds[s], bounds[s + 1]) for s in range(num_stages)]
+
+
+def split_stage(model: GPT, stage_index: int, num_stages: int) -> GPT:
+    """A copy of ``model`` holding only stage ``stage_index``'s part (FQNs unchanged)."""
+    keep = stage_layer_ranges(model.config.n_layers, num_stages)[stage_index]
+    part = copy.deepcopy(model)
+    for i in list(part.layers.keys()):
+        if int(i) not in keep:
+            del part.layers[i]
+    if stage_index != 0:
+        part.tok_embeddings = None
+    if stage_index != num_stages - 1:
+        part.norm = None
+        part.output = None
+    return part
