@@ -13,6 +13,7 @@ from . import _compat
 
 __all__ = [
     "backward_unit_order",
+    "check_order",
     "compute_order",
     "peak_live_units",
     "pipeline_order",
@@ -81,3 +82,29 @@ def peak_live_units(ops: list[tuple[str, int]]) -> int:
         live += 1 if kind == "F" else -1
         peak = max(peak, live)
     return peak
+
+
+def check_order(ops: list[tuple[str, int]], n_microbatches: int, n_seq_chunks: int) -> None:
+    """Raise ValueError unless ``ops`` respects Seq1F1B's per-stage dependencies.
+
+    Forwards in unit order (chunk j reads chunk j-1's K/V); each backward after its
+    forward; within a micro-batch, chunk j+1's backward before chunk j's (it relays K/V
+    gradients to j).
+    """
+    k = n_seq_chunks
+    fwd = [u for t, u in ops if t == "F"]
+    if fwd != list(range(n_microbatches * k)):
+        raise ValueError(f"forwards must run in unit order 0..{n_microbatches * k - 1}, got {fwd}")
+    done_f: set[int] = set()
+    done_b: set[int] = set()
+    for t, u in ops:
+        if t == "F":
+            done_f.add(u)
+            continue
+        if u not in done_f:
+            raise ValueError(f"backward of unit {u} before its forward")
+        if u % k != k - 1 and u + 1 not in done_b:
+            raise ValueError(f"backward of unit {u} (chunk {u % k}) before unit {u + 1}'s: chunks must go LIFO")
+        done_b.add(u)
+    if len(done_b) != len(fwd):
+        raise ValueError(f"{len(fwd)} forwards but {len(done_b)} backwards")

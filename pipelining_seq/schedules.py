@@ -200,7 +200,7 @@ class ScheduleSeq1F1B(PipelineScheduleSingle):
         if static is not None and seq_len is not None and seq_len != static:
             raise ValueError(
                 f"ScheduleSeq1F1B: inputs have sequence length {seq_len} but the schedule was "
-                f"built for {static} (seq_len / seq_partition)"
+                f"built for {static}: pass inputs of that length, or change seq_partition / seq_len"
             )
         local = resolve_partition(self._seq_partition, seq_len or static, self._n_seq_chunks) if (
             seq_len or static

@@ -95,5 +95,5 @@ def parity_worker(rank: int, world: int, configs: list[dict]) -> list[dict]:
         ediff = (torch.stack(evals) - ref_losses).abs().max().item() if evals else 0.0
         results.append(dict(cfg=cfg, grad=gdiff, loss=ldiff, eval=ediff, n_losses=len(losses),
                             n_evals=len(evals), leftover=leftover, lengths=sched.chunk_lengths,
-                            n_params=len(grads)))
+                            n_params=len(grads), n_params_full=len(list(full.parameters()))))
     return results

@@ -1,0 +1,38 @@
+"""Fails loudly when a private torch API that _compat wraps moves or changes."""
+
+import inspect
+
+import torch
+
+from pipelining_seq import _compat
+
+
+def test_private_pipelining_apis_present():
+    for name in ("Action", "ComputationType", "batch_p2p", "wait_batch_p2p", "add_send_recv",
+                 "validate_schedule", "simulate_comms_compute", "format_pipeline_order", "add_reduce_grad"):
+        assert getattr(_compat, name) is not None, name
+    assert str(_compat.Action(0, _compat.FORWARD, 3)) == "0F3"
+    assert "buffer" in inspect.signature(_compat.RecvInfo.__init__).parameters
+
+
+def test_attention_kernel_schemas():
+    fwd = str(torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default._schema)
+    bwd = str(torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default._schema)
+    assert "-> (Tensor output, Tensor logsumexp)" in fwd
+    assert "Tensor out, Tensor logsumexp, float dropout_p, bool is_causal" in bwd
+    cuda_fwd = str(torch.ops.aten._scaled_dot_product_flash_attention.default._schema)
+    assert "(Tensor output, Tensor logsumexp, Tensor cum_seq_q" in cuda_fwd
+
+
+def test_kernels_agree_with_math_reference():
+    g = torch.Generator().manual_seed(0)
+    q, k, v, do = (torch.randn(2, 3, 7, 8, dtype=torch.float64, generator=g) for _ in range(4))
+    for causal in (False, True):
+        kk = k if not causal else k
+        out, lse = _compat.flash_forward(q, kk, v, causal=causal, scale=0.3)
+        mout, mlse = _compat._math_forward(q, kk, v, causal, 0.3)
+        assert (out - mout).abs().max() < 1e-12 and (lse - mlse).abs().max() < 1e-12
+        grads = _compat.flash_backward(do, q, kk, v, out, lse, causal=causal, scale=0.3)
+        mgrads = _compat._math_backward(do, q, kk, v, out, lse, causal, 0.3)
+        for a, b in zip(grads, mgrads):
+            assert (a - b).abs().max() < 1e-12

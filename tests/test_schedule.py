@@ -1,0 +1,137 @@
+"""ScheduleSeq1F1B on a single rank (in-process gloo): outputs, loss conventions, bad input,
+and the negative control for backward order. Multi-rank parity is in test_parity.py."""
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from parity_worker import ce_loss, make_batch, make_model, reference
+from torch.distributed.pipelining import PipelineStage
+
+from pipelining_seq import ScheduleSeq1F1B, SequencePipelineStage, schedule_ir
+from pipelining_seq.testing import free_port
+
+
+@pytest.fixture(scope="module", autouse=True)
+def world_of_one():
+    if dist.is_initialized():
+        yield
+        return
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ["MASTER_PORT"] = str(free_port())
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def build(m=2, k=2, loss=ce_loss, **kw):
+    model = make_model()
+    stage = SequencePipelineStage(model, 0, 1, torch.device("cpu"))
+    return model, stage, ScheduleSeq1F1B(stage, m, loss, n_seq_chunks=k, **kw)
+
+
+def test_single_stage_outputs_losses_and_grads():
+    model, stage, sched = build(m=2, k=3, seq_partition=[7, 5, 4])
+    x, y = make_batch(4, 16)
+    losses = []
+    out = sched.step(x, target=y, losses=losses)
+    ref_losses, ref_grads = reference({}, 4, 16, 2)
+    ref_model = make_model()
+    assert (out - ref_model(x)).abs().max() < 1e-12
+    assert (torch.stack(losses) - ref_losses).abs().max() < 1e-12
+    for n, p in model.named_parameters():
+        assert (p.grad - ref_grads[n]).abs().max() < 1e-12
+    assert len(stage.kv_cache) == 0 and sched.chunk_lengths == [7, 5, 4]
+
+
+def test_sum_loss_with_scale_grads_false():
+    def sum_loss(logits, target):
+        return F.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction="sum")
+
+    model, _, sched = build(m=2, k=4, loss=sum_loss, scale_grads=False, seq_partition=[6, 4, 3, 3])
+    x, y = make_batch(4, 16)
+    losses = []
+    sched.step(x, target=y, losses=losses)
+    ref = make_model()
+    total = sum_loss(ref(x), y)
+    total.backward()
+    assert abs(torch.stack(losses).sum() - total.detach()) < 1e-9
+    for (n, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
+        assert (p.grad - q.grad).abs().max() < 1e-10, n
+
+
+def test_presplit_step_form():
+    model, _, sched = build(m=2, k=2)
+    x, y = make_batch(4, 16)
+    losses = []
+    sched.step(arg_mbs=[(xs,) for xs in x.chunk(2)], target_mbs=list(y.chunk(2)), losses=losses)
+    ref_losses, ref_grads = reference({}, 4, 16, 2)
+    assert (torch.stack(losses) - ref_losses).abs().max() < 1e-12
+    for n, p in model.named_parameters():
+        assert (p.grad - ref_grads[n]).abs().max() < 1e-12
+
+
+class FifoChunks(ScheduleSeq1F1B):
+    """A deliberately wrong schedule: chunks' backwards in forward order."""
+
+    def _run_1f1b(self, *args):
+        orig = schedule_ir.backward_unit_order
+        schedule_ir.backward_unit_order = lambda m, k: list(range(m * k))
+        try:
+            super()._run_1f1b(*args)
+        finally:
+            schedule_ir.backward_unit_order = orig
+
+
+def test_wrong_backward_order_is_caught():
+    model = make_model()
+    stage = SequencePipelineStage(model, 0, 1, torch.device("cpu"))
+    sched = FifoChunks(stage, 2, ce_loss, n_seq_chunks=2)
+    x, y = make_batch(2, 16)
+    with pytest.raises(RuntimeError, match="out of order"):
+        sched.step(x, target=y)
+
+
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        (dict(m=1, k=2, num_stages=4), r"n_microbatches \(1\) \* n_seq_chunks \(2\) = 2 units cannot fill 4"),
+        (dict(m=2, k=3, seq_partition=[4, 4, 4], seq_len=16), "sums to 12"),
+        (dict(m=2, k=3, seq_partition=[8, 0, 8]), "zero-length"),
+        (dict(m=2, k=2, seq_partition=[8, 4, 4]), "n_seq_chunks=2"),
+        (dict(m=2, k=2, seq_partition="balanced"), "use 'uniform'"),
+        (dict(m=0, k=2), "n_microbatches=0"),
+    ],
+)
+def test_constructor_errors(kw, match):
+    num_stages = kw.pop("num_stages", 1)
+    stage = SequencePipelineStage(make_model(), 0, 1, torch.device("cpu"))
+    stage.num_stages = num_stages
+    with pytest.raises(ValueError, match=match):
+        ScheduleSeq1F1B(stage, kw.pop("m"), ce_loss, n_seq_chunks=kw.pop("k"), **kw)
+
+
+def test_plain_stage_needs_k1():
+    stage = PipelineStage(make_model(), 0, 1, torch.device("cpu"))
+    with pytest.raises(TypeError, match="SequencePipelineStage"):
+        ScheduleSeq1F1B(stage, 2, ce_loss, n_seq_chunks=2)
+    ScheduleSeq1F1B(stage, 2, ce_loss, n_seq_chunks=1)
+
+
+@pytest.mark.parametrize(
+    "batch,seq,kw,match",
+    [
+        (3, 16, dict(m=2, k=2), "batch size 3 is not divisible by n_microbatches=2"),
+        (2, 14, dict(m=2, k=4), r"divisible by n_seq_chunks \(4\).*such as 12 or 16"),
+        (2, 3, dict(m=2, k=4), "lower n_seq_chunks"),
+        (2, 12, dict(m=2, k=2, seq_partition=[8, 8]), "built for 16: pass inputs of that length"),
+    ],
+)
+def test_step_errors_before_any_work(batch, seq, kw, match):
+    model, stage, sched = build(kw.pop("m"), kw.pop("k"), **kw)
+    x, y = make_batch(batch, seq)
+    with pytest.raises(ValueError, match=match):
+        sched.step(x, target=y)
+    assert all(p.grad is None for p in model.parameters())
