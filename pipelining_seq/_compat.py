@@ -113,13 +113,12 @@ def _cuda_backward(dout, q, k, v, out, lse, causal, scale):
 
 def _math_forward(q, k, v, causal, scale):
     # Reference path for dtypes/devices without a fused kernel (e.g. CUDA float32).
-    scores = (q @ k.transpose(-2, -1)).float() * scale
+    work = torch.float64 if q.dtype == torch.float64 else torch.float32
+    scores = (q @ k.transpose(-2, -1)).to(work) * scale
     if causal:
         lq, lk = q.shape[-2], k.shape[-2]
         mask = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril(lk - lq)
         scores = scores.masked_fill(~mask, float("-inf"))
-    if q.dtype == torch.float64:
-        scores = scores.double() if scores.dtype != torch.float64 else scores
     lse = torch.logsumexp(scores, dim=-1)
     p = torch.exp(scores - lse.unsqueeze(-1))
     return (p.to(v.dtype) @ v), lse
