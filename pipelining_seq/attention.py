@@ -71,14 +71,15 @@ class _BlockwiseChunkAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, kv: _LayerKV, j: int, scale: float, groups: int):
         kv.store(j, k.detach(), v.detach())
-        outs, lses = [], []
+        outs, lses, auxes = [], [], []
         for i in range(j + 1):
-            o, lse = _compat.flash_forward(
+            o, lse, aux = _compat.flash_forward(
                 q, _expand_heads(kv.k[i], groups), _expand_heads(kv.v[i], groups),
                 causal=(i == j), scale=scale,
             )
             outs.append(o)
             lses.append(lse)
+            auxes.append(aux)
         if j == 0:
             out, lse = outs[0], lses[0]
         else:
@@ -88,7 +89,7 @@ class _BlockwiseChunkAttention(torch.autograd.Function):
                 for o_i, l_i in zip(outs, lses)
             ).to(q.dtype)
         ctx.save_for_backward(q, out, lse)
-        ctx.kv, ctx.j, ctx.scale, ctx.groups = kv, j, scale, groups
+        ctx.kv, ctx.j, ctx.scale, ctx.groups, ctx.auxes = kv, j, scale, groups, auxes
         return out
 
     @staticmethod
@@ -106,7 +107,7 @@ class _BlockwiseChunkAttention(torch.autograd.Function):
         for i in range(j + 1):
             dq_i, dk_i, dv_i = _compat.flash_backward(
                 dout, q, _expand_heads(kv.k[i], groups), _expand_heads(kv.v[i], groups),
-                out, lse, causal=(i == j), scale=scale,
+                out, lse, ctx.auxes[i], causal=(i == j), scale=scale,
             )
             dq = dq_i if dq is None else dq + dq_i
             dk_i, dv_i = _reduce_heads(dk_i, groups), _reduce_heads(dv_i, groups)
