@@ -1,0 +1,129 @@
+"""Rank functions for the FSDP2 / tensor-parallel parity tests (spawned by run_ranks)."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from pipelining_seq import ScheduleSeq1F1B, SequencePipelineStage
+from pipelining_seq.models import GPT, GPTConfig, split_stage
+from pipelining_seq.parallel import apply_fsdp, build_mesh, parallelize_stage
+
+VOCAB = 64
+MODEL = dict(vocab_size=VOCAB, n_layers=4, dim=32, n_heads=4, n_kv_heads=2, mlp="swiglu")
+LR, WD = 1e-2, 0.1
+
+
+def make_model(dtype: torch.dtype) -> GPT:
+    torch.manual_seed(0)
+    return GPT(GPTConfig(**MODEL)).to(dtype)
+
+
+def make_batch(batch: int, seq: int):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(0, VOCAB, (batch, seq), generator=g)
+    y = torch.randint(0, VOCAB, (batch, seq), generator=g)
+    return x, y
+
+
+def ce_loss(logits, target):
+    if logits.dtype != torch.float64:
+        logits = logits.float()  # bf16 logits under mixed precision
+    return F.cross_entropy(logits.flatten(0, 1), target.flatten())
+
+
+def reference(dtype: torch.dtype, batch: int, seq: int, n_mb: int):
+    """Whole-sequence loss per micro-batch, mean gradients, and weights after one AdamW step."""
+    model = make_model(dtype)
+    x, y = make_batch(batch, seq)
+    losses = []
+    for xs, ys in zip(x.chunk(n_mb), y.chunk(n_mb)):
+        loss = ce_loss(model(xs), ys)
+        (loss / n_mb).backward()
+        losses.append(loss.detach())
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WD).step()
+    return torch.stack(losses), grads, {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+class CountAllGathers(TorchDispatchMode):
+    """Counts c10d all-gathers (FSDP2's; DTensor's tensor-parallel ones are functional)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func)
+        if name.startswith("c10d.") and "allgather" in name:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _step(sched, stage: int, pp: int, x, y, losses):
+    if stage == 0:
+        return sched.step(x)
+    if stage == pp - 1:
+        return sched.step(target=y, losses=losses)
+    return sched.step()
+
+
+def layout_worker(rank: int, world: int, configs: list[dict]) -> list[dict]:
+    """Run each layout on this rank; return max differences against the local reference."""
+    results = []
+    for cfg in configs:
+        t0 = time.perf_counter()
+        pp, dp, tp = cfg["pp"], cfg["dp"], cfg["tp"]
+        m, batch, seq, partition = cfg["m"], cfg["batch"], cfg["seq"], cfg["partition"]
+        mixed = cfg.get("mixed_precision", False)
+        dtype = torch.float32 if mixed else torch.float64
+        mesh = build_mesh(pp=pp, dp_shard=dp, tp=tp, device_type="cpu")
+        s, d = mesh["pp"].get_local_rank(), mesh["dp_shard"].get_local_rank()
+        part = split_stage(make_model(dtype), s, pp)
+        if cfg.get("reshard_after_forward"):  # negative control for the all-gather count
+            apply_fsdp(part, dp_mesh=mesh["dp_shard"], mixed_precision=mixed, reshard_after_forward=True)
+        else:
+            parallelize_stage(part, mesh=mesh, mixed_precision=mixed, sequence_parallel=cfg.get("sp", False))
+        stage = SequencePipelineStage(part, s, pp, torch.device("cpu"), group=mesh["pp"].get_group())
+        sched = ScheduleSeq1F1B(stage, m, ce_loss, n_seq_chunks=len(partition), seq_partition=list(partition))
+        x, y = make_batch(batch, seq)
+        rows = slice(d * batch // dp, (d + 1) * batch // dp)
+
+        losses: list = []
+        out = _step(sched, s, pp, x[rows], y[rows], losses)
+        grads = {n: _full(p.grad) for n, p in part.named_parameters()}
+        opt = torch.optim.AdamW(part.parameters(), lr=LR, weight_decay=WD)
+        opt.step()
+        weights = {n: _full(p.detach()) for n, p in part.named_parameters()}
+        # A second step under CommDebugMode counts FSDP all-gathers: one per parameter
+        # group per step, however many units the schedule runs.
+        opt.zero_grad(set_to_none=True)
+        comm = CountAllGathers()
+        with comm:
+            _step(sched, s, pp, x[rows], y[rows], [])
+        ref_losses, ref_grads, ref_weights = reference(dtype, batch, seq, dp * m)
+        ref_losses = ref_losses[d * m:(d + 1) * m]
+        n_groups = sum(1 for mod in part.modules() if type(mod).__name__.startswith("FSDP"))
+        results.append(dict(
+            name=cfg["name"], rank=rank, stage=s, lengths=sched.chunk_lengths,
+            loss=(torch.stack(losses) - ref_losses).abs().max().item() if losses else None,
+            rel_loss=((torch.stack(losses) - ref_losses).abs() / ref_losses).max().item() if losses else None,
+            grad=max((grads[n] - ref_grads[n]).abs().max().item() for n in grads),
+            grad_scale=max(ref_grads[n].abs().max().item() for n in grads),
+            weight=max((weights[n] - ref_weights[n]).abs().max().item() for n in weights),
+            n_params=len(grads), expected_params=len([n for n in ref_grads if n in grads]),
+            dtensor_params=sum(isinstance(p, DTensor) for p in part.parameters()),
+            param_dtype=str(next(part.parameters()).dtype),
+            output_dtype=str(out.dtype) if out is not None else None,
+            fsdp_groups=n_groups, fsdp_all_gathers=comm.count,
+            units=m * len(partition), seconds=time.perf_counter() - t0,
+        ))
+    return results
