@@ -73,6 +73,24 @@ def test_presplit_step_form():
         assert (p.grad - ref_grads[n]).abs().max() < 1e-12
 
 
+def test_torchtitan_step_call():
+    # torchtitan 0.3: sum / global tokens loss, scale_grads=False, pre-split step with loss_kwargs.
+    def titan_loss(logits, target, global_valid_tokens):
+        return F.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction="sum") / global_valid_tokens
+
+    model, _, sched = build(m=2, k=4, loss=titan_loss, scale_grads=False, seq_partition=[6, 4, 3, 3])
+    x, y = make_batch(4, 16)
+    losses = []
+    sched.step(arg_mbs=[(xs,) for xs in x.chunk(2)], kwarg_mbs=[{}, {}], target_mbs=list(y.chunk(2)),
+               losses=losses, loss_kwargs={"global_valid_tokens": y.numel()}, return_outputs=False)
+    ref = make_model()
+    total = titan_loss(ref(x), y, y.numel())
+    total.backward()
+    assert abs(torch.stack(losses).sum() - total.detach()) < 1e-12
+    for (n, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
+        assert (p.grad - q.grad).abs().max() < 1e-12, n
+
+
 class FifoChunks(ScheduleSeq1F1B):
     """A deliberately wrong schedule: chunks' backwards in forward order."""
 
