@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import gc
 import time
+import weakref
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -18,9 +21,9 @@ MODEL = dict(vocab_size=VOCAB, n_layers=4, dim=32, n_heads=4, n_kv_heads=2, mlp=
 LR, WD = 1e-2, 0.1
 
 
-def make_model(dtype: torch.dtype) -> GPT:
+def make_model(dtype: torch.dtype, **over) -> GPT:
     torch.manual_seed(0)
-    return GPT(GPTConfig(**MODEL)).to(dtype)
+    return GPT(GPTConfig(**{**MODEL, **over})).to(dtype)
 
 
 def make_batch(batch: int, seq: int):
@@ -36,9 +39,9 @@ def ce_loss(logits, target):
     return F.cross_entropy(logits.flatten(0, 1), target.flatten())
 
 
-def reference(dtype: torch.dtype, batch: int, seq: int, n_mb: int):
+def reference(dtype: torch.dtype, batch: int, seq: int, n_mb: int, **over):
     """Whole-sequence loss per micro-batch, mean gradients, and weights after one AdamW step."""
-    model = make_model(dtype)
+    model = make_model(dtype, **over)
     x, y = make_batch(batch, seq)
     losses = []
     for xs, ys in zip(x.chunk(n_mb), y.chunk(n_mb)):
@@ -76,10 +79,29 @@ def _step(sched, stage: int, pp: int, x, y, losses):
     return sched.step()
 
 
+def gathered_inputs_kept(mlp: str) -> list[bool]:
+    """Forward a sequence-parallel model; is each column-parallel input's gathered copy still alive?"""
+    mesh = build_mesh(pp=1, dp_shard=dist.get_world_size() // 2, tp=2, device_type="cpu")
+    model = make_model(torch.float64, mlp=mlp)
+    parallelize_stage(model, mesh=mesh, mixed_precision=False, sequence_parallel=True)
+    refs: list = []
+    for blk in model.layers.values():
+        for lin in (blk.attention.wq, blk.feed_forward.w1):
+            lin.register_forward_pre_hook(lambda mod, args: refs.append(weakref.ref(args[0]._local_tensor)))
+    out = model(make_batch(2, 16)[0])
+    gc.collect()
+    kept = [r() is not None for r in refs]
+    out.sum().backward()
+    return kept
+
+
 def layout_worker(rank: int, world: int, configs: list[dict]) -> list[dict]:
     """Run each layout on this rank; return max differences against the local reference."""
     results = []
     for cfg in configs:
+        if "probe" in cfg:
+            results.append(dict(name=cfg["name"], kept=gathered_inputs_kept(cfg["probe"])))
+            continue
         t0 = time.perf_counter()
         pp, dp, tp = cfg["pp"], cfg["dp"], cfg["tp"]
         m, batch, seq, partition = cfg["m"], cfg["batch"], cfg["seq"], cfg["partition"]
@@ -87,7 +109,8 @@ def layout_worker(rank: int, world: int, configs: list[dict]) -> list[dict]:
         dtype = torch.float32 if mixed else torch.float64
         mesh = build_mesh(pp=pp, dp_shard=dp, tp=tp, device_type="cpu")
         s, d = mesh["pp"].get_local_rank(), mesh["dp_shard"].get_local_rank()
-        part = split_stage(make_model(dtype), s, pp)
+        over = cfg.get("model", {})
+        part = split_stage(make_model(dtype, **over), s, pp)
         if cfg.get("reshard_after_forward"):  # negative control for the all-gather count
             apply_fsdp(part, dp_mesh=mesh["dp_shard"], mixed_precision=mixed, reshard_after_forward=True)
         else:
@@ -109,7 +132,7 @@ def layout_worker(rank: int, world: int, configs: list[dict]) -> list[dict]:
         comm = CountAllGathers()
         with comm:
             _step(sched, s, pp, x[rows], y[rows], [])
-        ref_losses, ref_grads, ref_weights = reference(dtype, batch, seq, dp * m)
+        ref_losses, ref_grads, ref_weights = reference(dtype, batch, seq, dp * m, **over)
         ref_losses = ref_losses[d * m:(d + 1) * m]
         n_groups = sum(1 for mod in part.modules() if type(mod).__name__.startswith("FSDP"))
         results.append(dict(

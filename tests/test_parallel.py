@@ -16,17 +16,19 @@ from pipelining_seq.testing import run_ranks
 LAYOUTS_4 = [
     dict(name="pp2xdp2", pp=2, dp=2, tp=1, m=2, batch=8, seq=16, partition=(7, 5, 4)),
     dict(name="pp2xtp2", pp=2, dp=1, tp=2, m=2, batch=4, seq=16, partition=(5, 11)),
-    dict(name="pp2xtp2-sp", pp=2, dp=1, tp=2, m=2, batch=4, seq=16, partition=(6, 4, 6), sp=True),
+    dict(name="pp2xtp2-sp", pp=2, dp=1, tp=2, m=2, batch=4, seq=16, partition=(6, 4, 6), sp=True,
+         model=dict(mlp="gelu", n_kv_heads=4)),
     # Negative control: resharding after forward all-gathers once per unit.
     dict(name="pp2xdp2-reshard", pp=2, dp=2, tp=1, m=2, batch=8, seq=16, partition=(7, 5, 4),
          reshard_after_forward=True),
     dict(name="pp2xdp2-bf16", pp=2, dp=2, tp=1, m=2, batch=8, seq=16, partition=(10, 6),
          mixed_precision=True),
+    dict(name="probe-gelu", probe="gelu"),
 ]
 LAYOUTS_8 = [
     dict(name="pp2xdp2xtp2-sp", pp=2, dp=2, tp=2, m=2, batch=8, seq=16, partition=(6, 4, 6), sp=True),
 ]
-EXACT = [c["name"] for c in LAYOUTS_4 + LAYOUTS_8 if not c.get("mixed_precision")]
+EXACT = [c["name"] for c in LAYOUTS_4 + LAYOUTS_8 if not c.get("mixed_precision") and "probe" not in c]
 
 
 @pytest.fixture(scope="module")
@@ -71,6 +73,14 @@ def test_reshard_after_forward_would_gather_per_unit(results):
     # The control shows the count above can fail: every unit's forward and backward regather.
     for r in results["pp2xdp2-reshard"]:
         assert r["fsdp_all_gathers"] > r["units"], r
+
+
+@pytest.mark.slow
+def test_sequence_parallel_saves_only_the_shard(results):
+    # input_reshard: the all-gathered input of a column-parallel projection is freed after
+    # forward (its rank's slice is saved and gathered again in backward).
+    for r in results["probe-gelu"]:
+        assert r["kept"] and not any(r["kept"]), r
 
 
 @pytest.mark.slow

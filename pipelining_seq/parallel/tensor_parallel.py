@@ -14,7 +14,10 @@ With sequence parallelism the residual stream inside a stage is a plain tensor h
 this rank's slice of the chunk along the sequence: the norms run on ``1/tp`` of the
 tokens, and each column-parallel projection all-gathers its input. The first block of
 a stage that received activations slices them (no communication), the last block of
-a non-final stage all-gathers its output before the send.
+a non-final stage all-gathers its output before the send. As in Megatron, the
+column-parallel projections then save only their rank's slice of the gathered input
+and gather it again in backward (torch's ``input_reshard``); otherwise every layer
+would keep two whole-chunk copies of the hidden state per unit in flight.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from torch.distributed.tensor.parallel import (
     SequenceParallel,
     parallelize_module,
 )
+from torch.distributed.tensor.parallel.input_reshard import input_reshard
 
 __all__ = ["COLWISE", "ROWWISE", "apply_tensor_parallel", "tp_shard_dim"]
 
@@ -59,11 +63,20 @@ def tp_shard_dim(param_name: str) -> int | None:
     return None
 
 
-def _block_plan(sequence_parallel: bool) -> dict[str, object]:
+def _submodule(module: nn.Module, name: str) -> nn.Module | None:
+    for part in name.split("."):
+        module = getattr(module, part, None)
+        if not isinstance(module, nn.Module):
+            return None
+    return module
+
+
+def _block_plan(block: nn.Module, sequence_parallel: bool) -> dict[str, object]:
     seq = Shard(1)
     plan: dict[str, object] = {}
     for name in COLWISE:
-        plan[name] = ColwiseParallel()
+        if _submodule(block, name) is not None:  # w3 exists only with SwiGLU
+            plan[name] = ColwiseParallel()
     for name in ROWWISE:
         plan[name] = RowwiseParallel(output_layouts=seq if sequence_parallel else Replicate())
     if sequence_parallel:
@@ -91,7 +104,12 @@ def apply_tensor_parallel(module: nn.Module, *, tp_mesh: DeviceMesh, sequence_pa
             input_layouts=Shard(1) if sp else Replicate(), output_layouts=Replicate()
         )
     for _, block in blocks:
-        parallelize_module(block, tp_mesh, _block_plan(sp))
+        parallelize_module(block, tp_mesh, _block_plan(block, sp))
+        if sp:
+            for name in COLWISE:
+                linear = _submodule(block, name)
+                if linear is not None:
+                    input_reshard(linear, tp_mesh, input_reshard_dim=1)
     if sp:
         # Stage boundaries carry whole chunks; the residual stream inside is sharded.
         first, last = blocks[0][0], blocks[-1][0]
@@ -109,6 +127,8 @@ def apply_tensor_parallel(module: nn.Module, *, tp_mesh: DeviceMesh, sequence_pa
             if gather_out:
                 plan[f"layers.{last}"] = PrepareModuleOutput(**boundary_out, use_local_output=True)
     parallelize_module(module, tp_mesh, plan)
+    if sp and module.output is not None:
+        input_reshard(module.output, tp_mesh, input_reshard_dim=1)
     logger.info(
         "tensor parallel over %d ranks (sequence parallel: %s) on %d blocks",
         tp_mesh.size(), sp, len(blocks),
