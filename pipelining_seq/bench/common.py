@@ -1,0 +1,237 @@
+"""Shared pieces of the benchmarks: model, stages per schedule, environment, output."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import json
+import logging
+import os
+import platform
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.distributed.pipelining import PipelineStage
+
+from .. import _compat
+from ..calibration import default_samples, fit_chunk_cost, linear_fit_partition, time_chunk
+from ..models import GPT, GPTConfig, split_stage
+from ..partition import balanced_partition, uniform_partition
+from ..schedules import ScheduleSeq1F1B
+from ..stage import SequencePipelineStage
+
+__all__ = [
+    "BenchModel",
+    "add_model_arguments",
+    "build_schedule",
+    "ce_loss",
+    "env_info",
+    "make_batch",
+    "make_model",
+    "out_dir",
+    "partition_lengths",
+    "model_from_args",
+    "print_table",
+    "run_step",
+    "write_results",
+]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BenchModel:
+    """The GPT a benchmark runs (float32, GELU MLP, byte vocabulary)."""
+
+    n_layers: int = 4
+    """Transformer blocks (split evenly over the stages)."""
+    dim: int = 128
+    """Hidden size."""
+    n_heads: int = 4
+    """Attention heads (MHA)."""
+    seq_len: int = 2048
+    """Tokens per sequence."""
+    vocab_size: int = 256
+    """Vocabulary size."""
+    attn_backend: str = "auto"
+    """ChunkedCausalAttention backend under Seq1F1B (auto = blockwise)."""
+
+    def gpt_config(self) -> GPTConfig:
+        return GPTConfig(vocab_size=self.vocab_size, n_layers=self.n_layers, dim=self.dim,
+                         n_heads=self.n_heads, mlp="gelu", attn_backend=self.attn_backend)
+
+    def flop_dims(self) -> dict:
+        return dict(num_layers=self.n_layers, hidden_size=self.dim, num_heads=self.n_heads,
+                    ffn_hidden_size=4 * self.dim, vocab_size=self.vocab_size)
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, defaults: BenchModel) -> None:
+    g = parser.add_argument_group("model")
+    g.add_argument("--layers", type=int, default=defaults.n_layers, help=f"blocks (default {defaults.n_layers})")
+    g.add_argument("--dim", type=int, default=defaults.dim, help=f"hidden size (default {defaults.dim})")
+    g.add_argument("--heads", type=int, default=defaults.n_heads, help=f"attention heads (default {defaults.n_heads})")
+    g.add_argument("--seq-len", type=int, default=defaults.seq_len, help=f"sequence length (default {defaults.seq_len})")
+    g.add_argument("--vocab", type=int, default=defaults.vocab_size, help=f"vocabulary (default {defaults.vocab_size})")
+    g.add_argument("--attn-backend", default=defaults.attn_backend, choices=["auto", "blockwise", "sdpa"],
+                   help="chunked attention backend for Seq1F1B (default auto = blockwise)")
+    g.add_argument("--out", default=None, help="output folder (default $OUT, else outputs/bench)")
+
+
+def model_from_args(args: argparse.Namespace) -> BenchModel:
+    return BenchModel(n_layers=args.layers, dim=args.dim, n_heads=args.heads, seq_len=args.seq_len,
+                      vocab_size=args.vocab, attn_backend=args.attn_backend)
+
+
+def make_model(cfg: BenchModel, seed: int = 0) -> GPT:
+    torch.manual_seed(seed)
+    return GPT(cfg.gpt_config())
+
+
+def make_batch(cfg: BenchModel, batch: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, cfg.vocab_size, (batch, cfg.seq_len), generator=g)
+    y = torch.randint(0, cfg.vocab_size, (batch, cfg.seq_len), generator=g)
+    return x, y
+
+
+def ce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-token mean cross-entropy (what every schedule here is given)."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), target.flatten())
+
+
+# ------------------------------------------------------------------------- partitions
+def calibrated_partition(cfg: BenchModel, n_chunks: int, *, repeats: int = 3, multiple_of: int = 8,
+                         diagonal: bool = True) -> tuple[list[int], dict]:
+    """Profile (length, end) chunk times of the whole model on this process and re-cut."""
+    model = make_model(cfg)
+    x, y = make_batch(cfg, 1)
+    samples = []
+    for s, end in default_samples(cfg.seq_len, multiple_of=multiple_of):
+        t = time_chunk(model, x, length=s, end=end, loss_fn=ce_loss, target=y, repeats=repeats)
+        samples.append((s, end, t))
+    cost = fit_chunk_cost(samples, diagonal=diagonal)
+    lengths = linear_fit_partition(cfg.seq_len, n_chunks, cost, multiple_of=multiple_of)
+    return lengths, dict(samples=samples, coefficients=asdict(cost))
+
+
+def partition_lengths(name: str, cfg: BenchModel, n_chunks: int, calibrated: dict | None = None) -> list[int]:
+    """Chunk lengths for ``uniform``, ``balanced`` (FLOP model) or ``calibrated``."""
+    if name == "uniform":
+        return uniform_partition(cfg.seq_len, n_chunks)
+    if name == "balanced":
+        return balanced_partition(cfg.seq_len, n_chunks, **cfg.flop_dims(), multiple_of=min(8, cfg.seq_len // n_chunks))
+    if name == "calibrated":
+        if calibrated is None or n_chunks not in calibrated:
+            raise ValueError(f"no calibrated partition for k={n_chunks}")
+        return list(calibrated[n_chunks])
+    raise ValueError(f"partition {name!r}: use uniform, balanced or calibrated")
+
+
+# ------------------------------------------------------------------------- schedules
+def build_schedule(name: str, model: GPT, rank: int, world: int, *, m: int, k: int = 1,
+                   lengths: Sequence[int] | None = None, stages_per_rank: int = 2) -> tuple[Any, list]:
+    """A schedule of ``name`` for this rank and the stages it drives.
+
+    ``Seq1F1B`` uses a :class:`SequencePipelineStage`; torch's schedules get plain
+    ``PipelineStage``\\ s, cut into ``world * stages_per_rank`` stages for the
+    multi-stage ones (V placement for ZBV).
+    """
+    device = torch.device("cpu")
+    if name == "Seq1F1B":
+        stage = SequencePipelineStage(split_stage(model, rank, world), rank, world, device)
+        part = list(lengths) if lengths is not None else "uniform"
+        return ScheduleSeq1F1B(stage, m, ce_loss, n_seq_chunks=k, seq_partition=part), [stage]
+    cls = _compat.torch_schedule_class(name)
+    if issubclass(cls, torch.distributed.pipelining.schedules.PipelineScheduleSingle):
+        stage = PipelineStage(split_stage(model, rank, world), rank, world, device)
+        return cls(stage, m, ce_loss, scale_grads=True), [stage]
+    ids = _compat.torch_schedule_stages(name, world, rank, stages_per_rank)
+    total = world * len(ids)
+    stages = [PipelineStage(split_stage(model, s, total), s, total, device) for s in ids]
+    return cls(stages, m, ce_loss, scale_grads=True), stages
+
+
+def run_step(sched: Any, stages: list, x: torch.Tensor, y: torch.Tensor) -> None:
+    """One training step with the inputs/targets each rank needs."""
+    first = any(s.is_first for s in stages)
+    last = any(s.is_last for s in stages)
+    kwargs: dict[str, Any] = {}
+    if last:
+        kwargs["target"] = y
+        kwargs["losses"] = []
+    if first:
+        sched.step(x, **kwargs)
+    else:
+        sched.step(**kwargs)
+    for s in stages:
+        for p in s.submod.parameters():
+            p.grad = None
+
+
+# ------------------------------------------------------------------------ environment
+def env_info() -> dict:
+    """Where and when a benchmark ran."""
+    try:
+        load = os.getloadavg()
+    except OSError:
+        load = (float("nan"),) * 3
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    info = dict(
+        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        host=platform.node(), cpu=cpu, cpu_count=os.cpu_count(), python=platform.python_version(),
+        torch=torch.__version__, load_avg=[round(x, 2) for x in load],
+    )
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def out_dir(args: argparse.Namespace) -> str:
+    path = args.out or os.environ.get("OUT") or os.path.join("outputs", "bench")
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+def write_results(path: str, name: str, rows: list[dict], meta: dict, **extra: Any) -> tuple[str, str]:
+    """``name.json`` (meta, rows and ``extra`` keys) and ``name.csv`` (rows) under ``path``."""
+    jpath, cpath = os.path.join(path, f"{name}.json"), os.path.join(path, f"{name}.csv")
+    with open(jpath, "w") as f:
+        json.dump(dict(meta=meta, rows=rows, **extra), f, indent=1, default=str)
+    keys: list[str] = []
+    for r in rows:
+        keys += [key for key in r if key not in keys]
+    with open(cpath, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        for r in rows:
+            w.writerow({key: json.dumps(v) if isinstance(v, (list, dict)) else v for key, v in r.items()})
+    return jpath, cpath
+
+
+def print_table(rows: list[dict], columns: Sequence[str], *, formats: dict | None = None) -> None:
+    formats = formats or {}
+
+    def fmt(col: str, v: Any) -> str:
+        if v is None:
+            return "-"
+        if col in formats and isinstance(v, (int, float)):
+            return format(v, formats[col])
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        return str(v)
+
+    cells = [[fmt(c, r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) if cells else len(c) for i, c in enumerate(columns)]
+    print("  ".join(c.rjust(w) for c, w in zip(columns, widths)))
+    for row in cells:
+        print("  ".join(v.rjust(w) for v, w in zip(row, widths)))

@@ -1,0 +1,388 @@
+"""``bench gpu``: a one-GPU check of the pieces Seq1F1B's speed and memory rest on.
+
+Sections (each catches and reports its own failure, so one broken piece does not hide
+the others):
+
+1. ``parity``: chunked attention (blockwise, sdpa, flash if importable) against full
+   causal attention, fp32 and bf16, forward and gradients, measured against a float64
+   reference next to the unchunked kernel's own error in the same dtype.
+2. ``chunk_times``: forward+backward time per chunk of a stack of real-size layers
+   (hidden 4096, 32 heads, S=32k, k=4 by default) for the whole sequence and for
+   uniform, FLOP-balanced and calibrated (``linear_fit``) partitions.
+3. ``stage_memory``: peak ``torch.cuda.max_memory_allocated`` of one stage (rank 0 of
+   p) running its Seq1F1B action list against its 1F1B action list, in one process:
+   the stage's module is driven directly, received activations and output gradients
+   are random local tensors.
+4. ``simulate``: the simulator fed with section 2's measured per-chunk times.
+
+``--smoke`` runs everything on CPU at toy sizes (the test suite does, so it cannot rot).
+Writes ``gpu.json`` under ``--out`` / ``$OUT`` and prints one table at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import time
+import traceback
+from dataclasses import asdict, dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import schedule_ir, simulate
+from ..attention import ChunkedCausalAttention, flash_attn_available
+from ..calibration import default_samples, fit_chunk_cost, linear_fit_partition, time_chunk, time_chunks
+from ..context import ChunkContext, KVCache, chunk_context
+from ..memory import ActivationMemoryMeter
+from ..models.gpt import Block, GPTConfig
+from ..partition import balanced_partition, uniform_partition
+from .common import env_info, out_dir, print_table, write_results
+
+__all__ = ["GpuCheckConfig", "add_arguments", "main", "run_checks"]
+
+logger = logging.getLogger(__name__)
+
+GIB = 2**30
+
+
+@dataclass(frozen=True)
+class GpuCheckConfig:
+    """Sizes of the GPU check (defaults: real size; see ``SMOKE`` for the CPU toy)."""
+
+    hidden: int = 4096
+    """Model width of the timed layers."""
+    heads: int = 32
+    """Attention heads of the timed layers."""
+    seq_len: int = 32768
+    """Sequence length of the timed layers and the stage-memory run."""
+    chunks: int = 4
+    """Seq1F1B chunks k."""
+    layers: int = 4
+    """Layers in the chunk-timing stack."""
+    mem_layers: int = 1
+    """Layers in the stage of the memory section."""
+    pp: int = 4
+    """Pipeline size p the stage-memory and simulator sections assume (stage 0 is run)."""
+    microbatches: int = 8
+    """Micro-batches m for the stage-memory and simulator sections."""
+    parity_seq: int = 4096
+    """Sequence length of the attention parity check."""
+    parity_heads: int = 8
+    """Heads of the attention parity check."""
+    parity_head_dim: int = 128
+    """Head dim of the attention parity check."""
+    repeats: int = 3
+    """Timed repeats per partition (medians)."""
+    calib_repeats: int = 2
+    """Repeats per calibration sample."""
+    dtype: str = "bfloat16"
+    """Compute dtype of the timing and memory sections."""
+
+
+SMOKE = GpuCheckConfig(hidden=64, heads=4, seq_len=256, chunks=4, layers=2, mem_layers=1, pp=4, microbatches=8,
+                       parity_seq=128, parity_heads=4, parity_head_dim=16, repeats=1, calib_repeats=1,
+                       dtype="float32")
+
+
+def _layer_config(cfg: GpuCheckConfig) -> GPTConfig:
+    return GPTConfig(vocab_size=1, n_layers=cfg.layers, dim=cfg.hidden, n_heads=cfg.heads, ffn_dim=4 * cfg.hidden,
+                     mlp="gelu")
+
+
+def _stack(cfg: GpuCheckConfig, n_layers: int, device: torch.device) -> nn.Module:
+    torch.manual_seed(0)
+    with torch.device(device):
+        stack = nn.Sequential(*[Block(_layer_config(cfg)) for _ in range(n_layers)])
+    return stack.to(getattr(torch, cfg.dtype))
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ------------------------------------------------------------------------ 1. parity
+def _chunked_attention(backend: str, q, k, v, g, lengths):
+    attn = ChunkedCausalAttention(backend=backend)
+    cache = KVCache()
+    offs = [sum(lengths[:j]) for j in range(len(lengths))]
+    outs, leaves = [], []
+    for j, s in enumerate(lengths):
+        part = [t[:, :, offs[j]:offs[j] + s].detach().requires_grad_() for t in (q, k, v)]
+        with chunk_context(ChunkContext(0, j, len(lengths), offs[j], s, cache)):
+            outs.append(attn(*part))
+        leaves.append(part)
+    for j in reversed(range(len(lengths))):
+        with chunk_context(ChunkContext(0, j, len(lengths), offs[j], lengths[j], cache, recompute=True)):
+            outs[j].backward(g[:, :, offs[j]:offs[j] + lengths[j]])
+    out = torch.cat([o.detach() for o in outs], 2)
+    return [out] + [torch.cat([lv[i].grad for lv in leaves], 2) for i in range(3)]
+
+
+def _full_attention(q, k, v, g):
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    groups = q.shape[1] // k.shape[1]
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=groups > 1)
+    out.backward(g)
+    return [out.detach(), q.grad, k.grad, v.grad]
+
+
+def _rel_err(got, ref) -> float:
+    return max(((a.double() - b).abs().max() / b.abs().max()).item() for a, b in zip(got, ref))
+
+
+def section_parity(cfg: GpuCheckConfig, device: torch.device) -> list[dict]:
+    rows = []
+    S, H, D = cfg.parity_seq, cfg.parity_heads, cfg.parity_head_dim
+    backends = ["blockwise", "sdpa"] + (["flash"] if flash_attn_available() and device.type == "cuda" else [])
+    partitions = {"uniform": uniform_partition(S, cfg.chunks),
+                  "uneven": [S // 2, S // 4, S // 8, S - S // 2 - S // 4 - S // 8][: cfg.chunks]}
+    if sum(partitions["uneven"]) != S:
+        partitions.pop("uneven")
+    for kv_heads in (H, max(1, H // 4)):
+        g_ = torch.Generator(device="cpu").manual_seed(0)
+        q64 = torch.randn(1, H, S, D, generator=g_, dtype=torch.float64).to(device)
+        k64 = torch.randn(1, kv_heads, S, D, generator=g_, dtype=torch.float64).to(device)
+        v64 = torch.randn(1, kv_heads, S, D, generator=g_, dtype=torch.float64).to(device)
+        g64 = torch.randn(1, H, S, D, generator=g_, dtype=torch.float64).to(device)
+        ref = _full_attention(q64, k64, v64, g64)
+        for dtype in (torch.float32, torch.bfloat16):
+            q, k, v, g = (t.to(dtype) for t in (q64, k64, v64, g64))
+            base = _rel_err(_full_attention(q, k, v, g), ref)
+            for backend in backends:
+                if backend == "flash" and (dtype == torch.float32 or kv_heads != H):
+                    continue
+                for pname, lengths in partitions.items():
+                    err = _rel_err(_chunked_attention(backend, q, k, v, g, lengths), ref)
+                    tol = 2 * base + (1e-5 if dtype == torch.float32 else 2e-3)
+                    rows.append(dict(dtype=str(dtype).replace("torch.", ""), backend=backend, kv_heads=kv_heads,
+                                     partition=pname, lengths=lengths, rel_err=err, unchunked_rel_err=base,
+                                     ok=err <= tol))
+        del q64, k64, v64, g64, ref
+    return rows
+
+
+# -------------------------------------------------------------------- 2. chunk times
+def section_chunk_times(cfg: GpuCheckConfig, device: torch.device) -> dict:
+    stack = _stack(cfg, cfg.layers, device)
+    dtype = getattr(torch, cfg.dtype)
+    x = torch.randn(1, cfg.seq_len, cfg.hidden, device=device, dtype=dtype)
+    t0 = time.perf_counter()
+    samples = [(s, e, time_chunk(stack, x, length=s, end=e, repeats=cfg.calib_repeats))
+               for s, e in default_samples(cfg.seq_len, multiple_of=64 if cfg.seq_len >= 4096 else 8)]
+    cost = fit_chunk_cost(samples, diagonal=True)
+    mult = 64 if cfg.seq_len >= 4096 else 8
+    partitions = {
+        "full": [cfg.seq_len],
+        "uniform": uniform_partition(cfg.seq_len, cfg.chunks),
+        "balanced": balanced_partition(cfg.seq_len, cfg.chunks, num_layers=cfg.layers, hidden_size=cfg.hidden,
+                                       num_heads=cfg.heads, ffn_hidden_size=4 * cfg.hidden, vocab_size=1,
+                                       multiple_of=mult),
+        "calibrated": linear_fit_partition(cfg.seq_len, cfg.chunks, cost, multiple_of=mult),
+    }
+    calib_s = time.perf_counter() - t0
+    entries, rows = {}, []
+    for name, lengths in partitions.items():
+        time_chunks(stack, x, lengths, repeats=1)  # warm-up: kernels and allocator for these shapes
+        f, b = time_chunks(stack, x, lengths, repeats=cfg.repeats)
+        tot = [a + c for a, c in zip(f, b)]
+        entries[name if name == "full" else f"{name}@{cfg.chunks}"] = dict(lengths=lengths, fwd=f, bwd=b)
+        rows.append(dict(partition=name, lengths=lengths, chunk_ms=[round(t * 1e3, 1) for t in tot],
+                         total_ms=sum(tot) * 1e3, max_over_mean=max(tot) / (sum(tot) / len(tot))))
+    del stack, x
+    return dict(rows=rows, partitions=entries, calibration=dict(
+        coefficients=asdict(cost), seconds=calib_s,
+        samples=[dict(length=s, end=e, seconds=t) for s, e, t in samples]))
+
+
+# ------------------------------------------------------------------- 3. stage memory
+def _run_order(stack, ops, lengths, cfg: GpuCheckConfig, device: torch.device) -> float:
+    """Drive ``stack`` through one stage's (kind, unit) list; peak extra bytes."""
+    dtype = getattr(torch, cfg.dtype)
+    k = len(lengths)
+    offs = [sum(lengths[:j]) for j in range(k)]
+    cache = KVCache()
+    for p in stack.parameters():
+        p.grad = torch.zeros_like(p)
+    live: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    meter = None
+    if device.type == "cuda":
+        _sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+    else:
+        meter = ActivationMemoryMeter(modules=[stack], kv_cache=cache).__enter__()
+        base = 0
+    try:
+        for kind, u in ops:
+            n, j = divmod(u, k)
+            if kind == "F":
+                # The activation the previous stage would have sent.
+                x = torch.randn(1, lengths[j], cfg.hidden, device=device, dtype=dtype, requires_grad=True)
+                with chunk_context(ChunkContext(n, j, k, offs[j], lengths[j], cache)):
+                    live[u] = (x, stack(x))
+            else:
+                x, out = live.pop(u)
+                with chunk_context(ChunkContext(n, j, k, offs[j], lengths[j], cache, recompute=True)):
+                    out.backward(torch.randn_like(out))
+                del x, out  # the input gradient would be sent on and freed
+                if j == 0:
+                    cache.drop(n)
+        if meter is not None:
+            meter.sample()
+    finally:
+        if meter is not None:
+            meter.__exit__(None, None, None)
+    if device.type == "cuda":
+        return float(torch.cuda.max_memory_allocated(device) - base)
+    return float(meter.peak_bytes)
+
+
+def section_stage_memory(cfg: GpuCheckConfig, device: torch.device) -> list[dict]:
+    stack = _stack(cfg, cfg.mem_layers, device)
+    p, m, k, S = cfg.pp, cfg.microbatches, cfg.chunks, cfg.seq_len
+    mult = 64 if S >= 4096 else 8
+    runs = {
+        "1F1B": (schedule_ir.compute_order(p, 0, m, 1), [S]),
+        "Seq1F1B uniform": (schedule_ir.compute_order(p, 0, m, k), uniform_partition(S, k)),
+        "Seq1F1B balanced": (schedule_ir.compute_order(p, 0, m, k), balanced_partition(
+            S, k, num_layers=cfg.mem_layers, hidden_size=cfg.hidden, num_heads=cfg.heads,
+            ffn_hidden_size=4 * cfg.hidden, vocab_size=1, multiple_of=mult)),
+    }
+    rows = []
+    for name, (ops, lengths) in runs.items():
+        peak = _run_order(stack, ops, lengths, cfg, device)
+        rows.append(dict(schedule=name, lengths=lengths, peak_gib=peak / GIB,
+                         peak_live_units=schedule_ir.peak_live_units(ops)))
+    ref = rows[0]["peak_gib"]
+    for r in rows:
+        r["vs_1F1B"] = r["peak_gib"] / ref if ref else math.nan
+        if r["schedule"] == "Seq1F1B uniform":
+            r["ideal_vs_1F1B"] = (p + k - 1) / (k * p)
+    del stack
+    return rows
+
+
+# --------------------------------------------------------------------- 4. simulator
+def section_simulate(cfg: GpuCheckConfig, entries: dict) -> list[dict]:
+    rows = []
+    base_plan = simulate.build_plan("1F1B", pp=cfg.pp, microbatches=cfg.microbatches)
+    base = simulate.simulate(base_plan, simulate.measured_costs(base_plan, entries["full"]))
+    for name in ("uniform", "balanced", "calibrated"):
+        key = f"{name}@{cfg.chunks}"
+        if key not in entries:
+            continue
+        plan = simulate.build_plan("Seq1F1B", pp=cfg.pp, microbatches=cfg.microbatches, chunks=cfg.chunks)
+        res = simulate.simulate(plan, simulate.measured_costs(plan, entries[key]))
+        rows.append(dict(partition=name, seq_makespan_s=res.makespan, seq_bubble=res.bubble,
+                         f1b_makespan_s=base.makespan, f1b_bubble=base.bubble,
+                         speedup_vs_1F1B=base.makespan / res.makespan))
+    return rows
+
+
+# ------------------------------------------------------------------------------ main
+def run_checks(cfg: GpuCheckConfig, device: torch.device, *, budget_s: float = 280.0) -> dict:
+    """Run the four sections; every failure is recorded, not raised."""
+    t_start = time.perf_counter()
+    report: dict = dict(config=asdict(cfg), device=str(device), sections={})
+
+    def run(name, fn, *a):
+        elapsed = time.perf_counter() - t_start
+        if elapsed > budget_s:
+            report["sections"][name] = dict(status="skipped", reason=f"time budget spent ({elapsed:.0f} s)")
+            return None
+        t0 = time.perf_counter()
+        try:
+            out = fn(*a)
+            report["sections"][name] = dict(status="ok", seconds=time.perf_counter() - t0, result=out)
+            return out
+        except Exception as exc:  # noqa: BLE001 - a section's failure is a finding, not a crash
+            report["sections"][name] = dict(status="failed", seconds=time.perf_counter() - t0,
+                                            error=f"{type(exc).__name__}: {exc}",
+                                            traceback=traceback.format_exc(limit=6))
+            logger.warning("section %s failed: %s", name, exc)
+            return None
+        finally:
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+
+    run("parity", section_parity, cfg, device)
+    times = run("chunk_times", section_chunk_times, cfg, device)
+    run("stage_memory", section_stage_memory, cfg, device)
+    if times is not None:
+        run("simulate", section_simulate, cfg, times["partitions"])
+    else:
+        report["sections"]["simulate"] = dict(status="skipped", reason="no measured chunk times")
+    report["seconds"] = time.perf_counter() - t_start
+    if device.type == "cuda":
+        report["max_memory_allocated_gib"] = torch.cuda.max_memory_allocated(device) / GIB
+    return report
+
+
+def _table(report: dict) -> list[dict]:
+    rows = []
+    for name, sec in report["sections"].items():
+        if sec["status"] != "ok":
+            rows.append(dict(section=name, item=sec["status"], value=sec.get("error") or sec.get("reason")))
+            continue
+        res = sec["result"]
+        if name == "parity":
+            bad = [r for r in res if not r["ok"]]
+            worst = max(res, key=lambda r: r["rel_err"] / max(r["unchunked_rel_err"], 1e-12))
+            rows.append(dict(section=name, item=f"{len(res) - len(bad)}/{len(res)} cases within tolerance",
+                             value=f"worst {worst['backend']} {worst['dtype']} kv={worst['kv_heads']}: "
+                                   f"{worst['rel_err']:.2e} vs unchunked {worst['unchunked_rel_err']:.2e}"))
+        elif name == "chunk_times":
+            for r in res["rows"]:
+                rows.append(dict(section=name, item=f"{r['partition']} {r['lengths']}",
+                                 value=f"chunks {r['chunk_ms']} ms, total {r['total_ms']:.0f} ms, "
+                                       f"max/mean {r['max_over_mean']:.3f}"))
+        elif name == "stage_memory":
+            for r in res:
+                ideal = f" (ideal {r['ideal_vs_1F1B']:.3f})" if "ideal_vs_1F1B" in r else ""
+                rows.append(dict(section=name, item=f"{r['schedule']} {r['lengths']}",
+                                 value=f"peak {r['peak_gib']:.3f} GiB, {r['vs_1F1B']:.3f} x 1F1B{ideal}"))
+        elif name == "simulate":
+            for r in res:
+                rows.append(dict(section=name, item=f"Seq1F1B {r['partition']} vs 1F1B",
+                                 value=f"speed-up {r['speedup_vs_1F1B']:.3f}, bubble {r['seq_bubble']:.3f} "
+                                       f"vs {r['f1b_bubble']:.3f}"))
+    return rows
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = __doc__.splitlines()[0]
+    parser.add_argument("--smoke", action="store_true", help="toy sizes on CPU (what the tests run)")
+    parser.add_argument("--out", default=None, help="output folder (default $OUT, else outputs/bench)")
+    parser.add_argument("--budget-s", type=float, default=280.0,
+                        help="skip the remaining sections after this many seconds (default 280)")
+    parser.add_argument("--seq-len", type=int, help="override the sequence length")
+    parser.add_argument("--layers", type=int, help="override the chunk-timing stack depth")
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.smoke:
+        cfg, device = SMOKE, torch.device("cpu")
+    else:
+        if not torch.cuda.is_available():
+            raise SystemExit("bench gpu needs a CUDA device; use --smoke for the CPU toy run")
+        cfg, device = GpuCheckConfig(), torch.device("cuda")
+    if args.seq_len:
+        cfg = replace(cfg, seq_len=args.seq_len)
+    if args.layers:
+        cfg = replace(cfg, layers=args.layers)
+    if cfg.seq_len % cfg.chunks:
+        raise SystemExit(f"--seq-len {cfg.seq_len} must be divisible by k={cfg.chunks}")
+    meta = dict(env=env_info(), flash_attn=flash_attn_available())
+    report = run_checks(cfg, device, budget_s=args.budget_s)
+    table = _table(report)
+    path = out_dir(args)
+    jpath, _ = write_results(path, "gpu", table, meta, report=report)
+    print(f"bench gpu on {meta['env'].get('gpu', 'cpu')}, torch {torch.__version__}, "
+          f"{report['seconds']:.0f} s; wrote {jpath}")
+    print_table(table, ["section", "item", "value"])
+    failed = [n for n, s in report["sections"].items() if s["status"] == "failed"]
+    return 1 if failed else 0

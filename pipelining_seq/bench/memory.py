@@ -1,0 +1,186 @@
+"""``bench memory``: peak activation memory per rank, measured and expected.
+
+Each of ``--ranks`` CPU ranks runs every schedule (same model, same batch) for one
+warm-up step, then one step inside :class:`~pipelining_seq.memory.ActivationMemoryMeter`
+(live bytes of tensors saved for backward plus the K/V cache, each storage counted
+once). Ranks holding two stages (Interleaved1F1B, ZBV) are measured as a whole.
+
+The expectation printed next to it walks the rank's action list with the measured
+activation ``A`` of one micro-batch through the rank's stage(s): a forward adds its
+share (``A·s_j/S`` for a chunk of ``s_j`` tokens), a full or weight backward removes
+it, and under Seq1F1B the K/V gradients relayed to a micro-batch's earlier chunks are
+added while its backward is in progress. For uniform chunks that is
+``(p-r+k-1)/k·A`` on rank r against ``(p-r)·A`` for 1F1B.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from dataclasses import asdict, replace
+
+import torch
+
+from .. import _compat, schedule_ir
+from ..memory import ActivationMemoryMeter
+from ..models import split_stage
+from ..testing import run_ranks
+from .common import (
+    BenchModel,
+    add_model_arguments,
+    build_schedule,
+    ce_loss,
+    env_info,
+    make_batch,
+    make_model,
+    model_from_args,
+    out_dir,
+    partition_lengths,
+    print_table,
+    run_step,
+    write_results,
+)
+
+__all__ = ["add_arguments", "expected_peak", "main", "memory_worker"]
+
+logger = logging.getLogger(__name__)
+
+TORCH_SCHEDULES = ("1F1B", "GPipe", "Interleaved1F1B", "ZBVZeroBubble")
+MIB = 2**20
+
+
+def _stage_activation(cfg: BenchModel, stage_index: int, num_stages: int) -> tuple[int, int]:
+    """(saved bytes, K/V bytes) of one micro-batch through one stage, measured alone."""
+    part = split_stage(make_model(cfg), stage_index, num_stages)
+    x, y = make_batch(cfg, 1)
+    inp = x if stage_index == 0 else torch.randn(1, cfg.seq_len, cfg.dim, requires_grad=True)
+    meter = ActivationMemoryMeter(modules=[part])
+    with meter:
+        out = part(inp)
+        if stage_index == num_stages - 1:
+            out = ce_loss(out, y)
+    kv = 2 * len(part.layers) * cfg.seq_len * cfg.dim * 4
+    return meter.peak_bytes, kv
+
+
+def expected_peak(ops: list[tuple[int, str, int]], stage_bytes: dict[int, tuple[int, int]],
+                  lengths: list[int]) -> float:
+    """Peak bytes of a rank's ``(stage, kind, unit)`` list (see module docs)."""
+    k = len(lengths)
+    seq = sum(lengths)
+    offsets = [sum(lengths[:j]) for j in range(k)]
+    live = peak = 0.0
+    relay: dict[tuple[int, int], float] = {}
+    for stage, kind, unit in ops:
+        act, kv = stage_bytes[stage]
+        n, j = divmod(unit, k)
+        share = act * lengths[j] / seq
+        if kind == "F":
+            live += share
+        elif kind in ("B", "W"):
+            live -= share
+            if kind == "B" and k > 1:
+                relay[(stage, n)] = kv * offsets[j] / seq
+        peak = max(peak, live + sum(relay.values()))
+    return peak
+
+
+def memory_worker(rank: int, world: int, cfg: BenchModel, configs: list[dict]) -> list[dict]:
+    out = []
+    for c in configs:
+        m = c["m"]
+        x, y = make_batch(cfg, m)
+        mcfg = replace(cfg, attn_backend=c.get("backend", cfg.attn_backend))
+        sched, stages = build_schedule(c["schedule"], make_model(mcfg), rank, world, m=m, k=c["k"],
+                                       lengths=c.get("lengths"))
+        run_step(sched, stages, x, y)  # warm-up: metadata inference and p2p set-up
+        meter = ActivationMemoryMeter(modules=[s.submod for s in stages],
+                                      kv_cache=getattr(stages[0], "kv_cache", None))
+        with meter:
+            run_step(sched, stages, x, y)
+        num_stages = stages[0].num_stages
+        stage_bytes = {s.stage_index: _stage_activation(mcfg, s.stage_index, num_stages) for s in stages}
+        if c["schedule"] == "Seq1F1B":
+            ops = [(rank, kind, u) for kind, u in schedule_ir.compute_order(world, rank, m, c["k"])]
+            lengths = list(c["lengths"])
+        else:
+            ops = _compat.torch_schedule_actions(c["schedule"], world, m)[rank] if c["schedule"] != "1F1B" else [
+                (rank, kind, u) for kind, u in schedule_ir.compute_order(world, rank, m, 1)]
+            lengths = [cfg.seq_len]
+        out.append(dict(
+            c, rank=rank, peak_mib=meter.peak_bytes / MIB, saved_mib=meter.peak_saved_bytes / MIB,
+            kv_mib=meter.peak_kv_bytes / MIB,
+            act_per_mb_mib=sum(a for a, _ in stage_bytes.values()) / MIB,
+            expected_mib=expected_peak(ops, stage_bytes, lengths) / MIB,
+        ))
+    return out
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = __doc__.splitlines()[0]
+    add_model_arguments(parser, BenchModel(n_layers=8, dim=64, n_heads=4, seq_len=512))
+    parser.add_argument("--ranks", type=int, default=4, help="pipeline ranks (default 4)")
+    parser.add_argument("--microbatches", default="4,8", help="comma-separated m values (default 4,8)")
+    parser.add_argument("--chunks", default="2,4,8", help="comma-separated Seq1F1B k values (default 2,4,8)")
+    parser.add_argument("--partitions", default="uniform,balanced", help="Seq1F1B partitions (default uniform,balanced)")
+    parser.add_argument("--schedules", default=",".join(TORCH_SCHEDULES),
+                        help=f"torch schedules (default {','.join(TORCH_SCHEDULES)})")
+    parser.add_argument("--backends", default=None,
+                        help="extra Seq1F1B attention backends to compare, e.g. sdpa (the concatenating design)")
+    parser.add_argument("--timeout", type=float, default=900, help="process-group timeout, seconds")
+
+
+def _summary(rows: list[dict], world: int) -> list[dict]:
+    base = {(r["m"], r["rank"]): r for r in rows if r["schedule"] == "1F1B"}
+    out = []
+    keys = []
+    for r in rows:
+        key = (r["schedule"], r["m"], r["k"], r.get("partition", "-"), r.get("backend", "-"))
+        if key not in keys:
+            keys.append(key)
+    for key in keys:
+        sched, m, k, part, backend = key
+        per_rank = sorted((r for r in rows if (r["schedule"], r["m"], r["k"], r.get("partition", "-"),
+                                               r.get("backend", "-")) == key), key=lambda r: r["rank"])
+        row = dict(schedule=sched, m=m, k=k, partition=part, backend=backend,
+                   peak_mib=[round(r["peak_mib"], 2) for r in per_rank],
+                   expected_mib=[round(r["expected_mib"], 2) for r in per_rank])
+        b0 = base.get((m, 0))
+        if b0:
+            row["rank0_vs_1F1B"] = per_rank[0]["peak_mib"] / b0["peak_mib"]
+            row["rank0_expected_vs_1F1B"] = per_rank[0]["expected_mib"] / b0["expected_mib"]
+            row["max_vs_1F1B_max"] = max(r["peak_mib"] for r in per_rank) / max(
+                base[(m, r)]["peak_mib"] for r in range(world))
+        out.append(row)
+    return out
+
+
+def main(args: argparse.Namespace) -> int:
+    cfg = model_from_args(args)
+    ms = [int(v) for v in args.microbatches.split(",")]
+    ks = [int(v) for v in args.chunks.split(",")]
+    parts = [p for p in args.partitions.split(",") if p]
+    torch_names = [s for s in args.schedules.split(",") if s]
+    if "1F1B" not in torch_names:
+        torch_names.insert(0, "1F1B")  # the ratios' reference
+    if cfg.n_layers < 2 * args.ranks:
+        raise SystemExit(f"--layers {cfg.n_layers} < 2 x --ranks: the two-stage-per-rank schedules need more layers")
+    configs = []
+    backends = [cfg.attn_backend] + [b for b in (args.backends or "").split(",") if b]
+    for m in ms:
+        configs += [dict(schedule=n, m=m, k=1) for n in torch_names]
+        for k in ks:
+            for p in parts:
+                for b in backends:
+                    configs.append(dict(schedule="Seq1F1B", m=m, k=k, partition=p, backend=b,
+                                        lengths=partition_lengths(p, cfg, k)))
+    meta = dict(env=env_info(), model=asdict(cfg), ranks=args.ranks)
+    per_rank = run_ranks(memory_worker, args.ranks, cfg, configs, timeout_s=args.timeout)
+    rows = [r for rank_rows in per_rank for r in rank_rows]
+    summary = _summary(rows, args.ranks)
+    cols = ["schedule", "m", "k", "partition", "backend", "peak_mib", "expected_mib", "rank0_vs_1F1B",
+            "rank0_expected_vs_1F1B", "max_vs_1F1B_max"]
+    print_table(summary, cols, formats={c: ".3f" for c in cols[-3:]})
+    jpath, _ = write_results(out_dir(args), "memory", summary, meta, per_rank=rows)
+    print(f"wrote {jpath}")
+    return 0

@@ -1,0 +1,153 @@
+"""``bench time``: step time of Seq1F1B against torch's schedules on CPU ranks.
+
+Every schedule of one micro-batch count is built in the same process group (same
+weights, same batch) and they run interleaved, A B C A B C ..., so load changes hit
+them alike; each step is bracketed by barriers and timed on rank 0. Figures are
+medians after warm-up, reported as ratios: a torch schedule's step time over
+Seq1F1B's with k chunks, and ``ScheduleSeq1F1B(k=1)`` over ``Schedule1F1B`` (the
+cost of our machinery, which should be noise).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import time
+from dataclasses import asdict
+
+import torch
+import torch.distributed as dist
+
+from ..testing import run_ranks
+from .common import (
+    BenchModel,
+    add_model_arguments,
+    build_schedule,
+    env_info,
+    make_batch,
+    make_model,
+    model_from_args,
+    out_dir,
+    partition_lengths,
+    print_table,
+    run_step,
+    write_results,
+)
+from .partition import calibrate
+
+__all__ = ["add_arguments", "main", "time_worker"]
+
+logger = logging.getLogger(__name__)
+
+TORCH_SCHEDULES = ("1F1B", "GPipe", "Interleaved1F1B", "ZBVZeroBubble")
+
+
+def time_worker(rank: int, world: int, cfg: BenchModel, groups: list[list[dict]], warmup: int,
+                repeats: int) -> list[dict]:
+    """Per group (one micro-batch count), build every schedule, then time them interleaved."""
+    out = []
+    for group in groups:
+        m = group[0]["m"]
+        x, y = make_batch(cfg, m)
+        built = []
+        for c in group:
+            try:
+                sched, stages = build_schedule(c["schedule"], make_model(cfg), rank, world, m=m, k=c["k"],
+                                               lengths=c.get("lengths"))
+                built.append((c, sched, stages, None))
+            except (ValueError, RuntimeError) as exc:
+                built.append((c, None, None, f"{type(exc).__name__}: {exc}"))
+        times: dict[int, list[float]] = {i: [] for i in range(len(built))}
+        errors: dict[int, str] = {i: e for i, (_, _, _, e) in enumerate(built) if e}
+        for rep in range(warmup + repeats):
+            for i, (_c, sched, stages, _) in enumerate(built):
+                if i in errors:
+                    continue
+                dist.barrier()
+                t0 = time.perf_counter()
+                try:
+                    run_step(sched, stages, x, y)
+                except Exception as exc:  # noqa: BLE001 - reported per schedule, like a build error
+                    errors[i] = f"{type(exc).__name__}: {exc}"
+                    raise
+                dist.barrier()
+                if rep >= warmup:
+                    times[i].append(time.perf_counter() - t0)
+        for i, (c, *_rest) in enumerate(built):
+            out.append(dict(c, times=times[i], error=errors.get(i)))
+    return out
+
+
+def _ratio_rows(results: list[dict], ms: list[int], ks: list[int]) -> list[dict]:
+    med = {}
+    for r in results:
+        if r["times"]:
+            med[(r["schedule"], r["m"], r["k"])] = statistics.median(r["times"])
+    rows = []
+    for m in ms:
+        for k in ks:
+            seq = med.get(("Seq1F1B", m, k))
+            row = dict(m=m, k=k, seq1f1b_s=seq)
+            for name in TORCH_SCHEDULES:
+                t = med.get((name, m, 1))
+                row[f"{name}/Seq1F1B"] = (t / seq) if (t and seq) else None
+            rows.append(row)
+        t1, s1 = med.get(("1F1B", m, 1)), med.get(("Seq1F1B", m, 1))
+        if t1 and s1:
+            rows.append(dict(m=m, k="1 vs 1F1B", seq1f1b_s=s1, overhead=s1 / t1 - 1))
+    return rows
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = __doc__.splitlines()[0]
+    add_model_arguments(parser, BenchModel())
+    parser.add_argument("--ranks", type=int, default=2, help="pipeline ranks (default 2)")
+    parser.add_argument("--microbatches", default="1,2,4", help="comma-separated m values (default 1,2,4)")
+    parser.add_argument("--chunks", default="1,2,4,8", help="comma-separated Seq1F1B k values (default 1,2,4,8)")
+    parser.add_argument("--schedules", default=",".join(TORCH_SCHEDULES),
+                        help=f"torch schedules to compare (default {','.join(TORCH_SCHEDULES)})")
+    parser.add_argument("--partition", default="calibrated", choices=["uniform", "balanced", "calibrated"],
+                        help="Seq1F1B chunk lengths (default calibrated: measured on one process first)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per schedule (default 2)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed steps per schedule (default 5)")
+    parser.add_argument("--timeout", type=float, default=900, help="process-group timeout, seconds")
+
+
+def main(args: argparse.Namespace) -> int:
+    cfg = model_from_args(args)
+    ms = [int(v) for v in args.microbatches.split(",")]
+    ks = [int(v) for v in args.chunks.split(",")]
+    torch_names = [s.strip() for s in args.schedules.split(",") if s.strip()]
+    for k in ks:
+        if cfg.seq_len % k:
+            raise SystemExit(f"--seq-len {cfg.seq_len} is not divisible by k={k}: change --chunks or --seq-len")
+    if cfg.n_layers < 2 * args.ranks:
+        raise SystemExit(f"--layers {cfg.n_layers} < 2 x --ranks: the two-stage-per-rank schedules need more layers")
+    meta = dict(env=env_info(), model=asdict(cfg), ranks=args.ranks, threads_per_rank=1,
+                warmup=args.warmup, repeats=args.repeats, partition=args.partition)
+    calib = None
+    if args.partition == "calibrated":
+        torch.set_num_threads(1)
+        calib = calibrate(cfg, [k for k in ks if k > 1], repeats=3, diagonal=True)
+        meta["calibration"] = calib
+        print(f"calibrated partitions: {calib['lengths']}")
+    groups = []
+    for m in ms:
+        group = [dict(schedule="Seq1F1B", m=m, k=k,
+                      lengths=partition_lengths(args.partition, cfg, k, calib["lengths"] if calib else None)
+                      if k > 1 else None) for k in ks]
+        group += [dict(schedule=name, m=m, k=1) for name in torch_names]
+        groups.append(group)
+    per_rank = run_ranks(time_worker, args.ranks, cfg, groups, args.warmup, args.repeats, timeout_s=args.timeout)
+    results = per_rank[0]
+    meta["env_after"] = env_info()
+    for r in results:
+        r["median_s"] = statistics.median(r["times"]) if r["times"] else None
+    print_table(results, ["schedule", "m", "k", "lengths", "median_s", "error"], formats={"median_s": ".4f"})
+    rows = _ratio_rows(results, ms, ks)
+    cols = ["m", "k", "seq1f1b_s"] + [f"{n}/Seq1F1B" for n in torch_names] + ["overhead"]
+    print_table(rows, cols, formats={c: ".3f" for c in cols[2:]})
+    jpath, _ = write_results(out_dir(args), "time", rows, meta, runs=results)
+    print(f"load average before/after: {meta['env']['load_avg']} / {meta['env_after']['load_avg']}; wrote {jpath}")
+    return 0

@@ -1,0 +1,542 @@
+"""A pipeline-schedule simulator: play action lists through their dependencies.
+
+Every rank runs its compute actions in the order its schedule lists them; an action
+starts when the rank is free and its inputs exist:
+
+* ``F(s, u)`` after ``F(s-1, u)`` (the activation) and, for chunk ``j > 0`` of a
+  micro-batch, ``F(s, u-1)`` (the K/V of the earlier chunk);
+* ``B(s, u)`` / ``I(s, u)`` after the input-gradient of ``(s+1, u)``, after ``F(s, u)``
+  and, for chunk ``j < k-1``, after the input-gradient of ``(s, u+1)`` (the K/V
+  gradients relayed from the later chunk);
+* ``W(s, u)`` after ``I(s, u)``.
+
+Seq1F1B's lists come from :mod:`pipelining_seq.schedule_ir`; torch's schedules are
+built for real on probe stages (through :mod:`pipelining_seq._compat`) and read back.
+Durations come from a :class:`CostModel`: equal-cost units (backward twice forward),
+the paper's FLOP model for a preset model, or measured per-chunk times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+
+from . import _compat, schedule_ir
+from .partition import balanced_partition, chunk_cost, uniform_partition
+
+__all__ = [
+    "CostModel",
+    "ModelShape",
+    "MODEL_PRESETS",
+    "Op",
+    "Plan",
+    "SimResult",
+    "add_arguments",
+    "build_plan",
+    "draw_timeline",
+    "equal_costs",
+    "flop_costs",
+    "main",
+    "measured_costs",
+    "schedule_names",
+    "simulate",
+]
+
+logger = logging.getLogger(__name__)
+
+SEQ1F1B = "Seq1F1B"
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """Dimensions the FLOP model needs (GPT style, as in the paper's ``exp.sh``)."""
+
+    num_layers: int
+    """Transformer blocks."""
+    hidden_size: int
+    """Model width H."""
+    num_heads: int
+    """Attention heads."""
+    ffn_hidden_size: int
+    """MLP width (4H, non-gated, in the paper's models)."""
+    vocab_size: int
+    """Padded vocabulary (51200 for GPT-2 BPE in the paper's runs)."""
+
+
+def _paper_model(layers: int, hidden: int, heads: int) -> ModelShape:
+    return ModelShape(layers, hidden, heads, 4 * hidden, 51200)
+
+
+MODEL_PRESETS: dict[str, ModelShape] = {
+    "2.7b": _paper_model(32, 2560, 32),
+    "7b": _paper_model(32, 4096, 32),
+    "13b": _paper_model(40, 5120, 40),
+    "30b": _paper_model(64, 6144, 64),
+    # The CPU step-time benchmark's GPT (attention is most of its cost).
+    "cpu-bench": ModelShape(4, 128, 4, 512, 256),
+}
+
+
+# ----------------------------------------------------------------------------- plans
+@dataclass(frozen=True)
+class Op:
+    """One compute action: ``kind`` of unit ``unit`` on pipeline stage ``stage``."""
+
+    rank: int
+    stage: int
+    kind: str
+    unit: int
+
+
+@dataclass
+class Plan:
+    """Every rank's action list for one schedule."""
+
+    name: str
+    num_ranks: int
+    num_stages: int
+    n_microbatches: int
+    n_chunks: int
+    ops: dict[int, list[Op]]
+
+    @property
+    def stages_per_rank(self) -> int:
+        return self.num_stages // self.num_ranks
+
+
+def schedule_names() -> list[str]:
+    return [SEQ1F1B, *_compat.torch_schedule_names()]
+
+
+def build_plan(name: str, *, pp: int, microbatches: int, chunks: int = 1, stages_per_rank: int = 2) -> Plan:
+    """The action lists of schedule ``name`` (``Seq1F1B`` or a torch schedule)."""
+    if pp < 1 or microbatches < 1 or chunks < 1:
+        raise ValueError(f"pp={pp}, microbatches={microbatches}, chunks={chunks}: all must be >= 1")
+    if name in (SEQ1F1B, "1F1B"):
+        # Schedule1F1B runs exactly Seq1F1B's order with k=1. Its own IR
+        # (_get_pipeline_order) is off by one on the last rank in torch 2.13 (F1..F8
+        # instead of F0..F7), so it is not read back.
+        if name == "1F1B" and chunks != 1:
+            raise ValueError(f"schedule 1F1B has no sequence chunks; got chunks={chunks}")
+        if name == "1F1B" and microbatches < pp:
+            raise ValueError(f"1F1B needs microbatches ({microbatches}) >= pp ({pp}): raise --microbatches")
+        ops = {
+            r: [Op(r, r, kind, u) for kind, u in schedule_ir.compute_order(pp, r, microbatches, chunks)]
+            for r in range(pp)
+        }
+        return Plan(name, pp, pp, microbatches, chunks, ops)
+    if name not in _compat.torch_schedule_names():
+        raise ValueError(f"--schedule {name!r}: choose from {', '.join(schedule_names())}")
+    if chunks != 1:
+        raise ValueError(f"schedule {name} has no sequence chunks; got chunks={chunks}")
+    actions = _compat.torch_schedule_actions(name, pp, microbatches, stages_per_rank=stages_per_rank)
+    ops = {r: [Op(r, s, kind, mb) for s, kind, mb in acts] for r, acts in actions.items()}
+    num_stages = 1 + max(op.stage for acts in ops.values() for op in acts)
+    return Plan(name, pp, num_stages, microbatches, 1, ops)
+
+
+# ------------------------------------------------------------------------ cost models
+@dataclass
+class CostModel:
+    """Durations and activation sizes of one stage's work on one chunk.
+
+    ``fwd[s][j]`` / ``bwd[s][j]``: time of chunk ``j`` on stage ``s``; a split backward
+    spends ``w_fraction`` of ``bwd`` in ``W`` and the rest in ``I``. ``act[s][j]`` is the
+    activation memory chunk ``j`` keeps on stage ``s``, in micro-batches of one rank's
+    activations (1.0 = a whole micro-batch through all the rank's layers).
+    """
+
+    fwd: list[list[float]]
+    bwd: list[list[float]]
+    act: list[list[float]]
+    lengths: list[int] = field(default_factory=list)
+    w_fraction: float = 0.5
+    source: str = "equal"
+
+    def duration(self, op: Op) -> float:
+        j = op.unit % len(self.fwd[op.stage])
+        if op.kind == "F":
+            return self.fwd[op.stage][j]
+        if op.kind == "B":
+            return self.bwd[op.stage][j]
+        if op.kind == "I":
+            return self.bwd[op.stage][j] * (1 - self.w_fraction)
+        return self.bwd[op.stage][j] * self.w_fraction
+
+
+def _per_stage(values: Sequence[float], num_stages: int, scale: float) -> list[list[float]]:
+    return [[v * scale for v in values] for _ in range(num_stages)]
+
+
+def equal_costs(plan: Plan, *, lengths: Sequence[int] | None = None, bwd_ratio: float = 2.0) -> CostModel:
+    """Every unit costs the same: a micro-batch's forward through one rank is 1."""
+    k, v = plan.n_chunks, plan.stages_per_rank
+    lengths = list(lengths or [1] * k)
+    act = [[s / sum(lengths) / v for s in lengths] for _ in range(plan.num_stages)]
+    f = 1.0 / (k * v)
+    return CostModel(
+        _per_stage([f] * k, plan.num_stages, 1.0), _per_stage([f * bwd_ratio] * k, plan.num_stages, 1.0),
+        act, lengths, source="equal",
+    )
+
+
+def flop_costs(plan: Plan, shape: ModelShape, lengths: Sequence[int], *, bwd_ratio: float = 2.0) -> CostModel:
+    """The paper's forward-FLOP model, per stage: layers split evenly, head on the last.
+
+    A chunk of ``s`` tokens ending at ``P`` costs ``α(sP - s²/2) + βs`` per layer
+    (:func:`pipelining_seq.partition.chunk_cost`); the last stage adds the output
+    projection ``2sHV``. Backward is ``bwd_ratio`` times forward. Units: GFLOP.
+    """
+    S = plan.num_stages
+    if shape.num_layers < S:
+        raise ValueError(f"{shape.num_layers} layers cannot fill {S} stages: lower --pp or --stages-per-rank")
+    layer_dims = dict(
+        num_layers=1, hidden_size=shape.hidden_size, num_heads=shape.num_heads,
+        ffn_hidden_size=shape.ffn_hidden_size, vocab_size=1,
+    )
+    ends = [sum(lengths[: j + 1]) for j in range(len(lengths))]
+    # chunk_cost of one layer with a 1-token vocabulary carries 4sH of embedding/head cost.
+    per_layer = [
+        chunk_cost(s, e, **layer_dims) - 4 * s * shape.hidden_size for s, e in zip(lengths, ends)
+    ]
+    base, extra = divmod(shape.num_layers, S)
+    fwd = []
+    for st in range(S):
+        n_layers = base + (1 if st < extra else 0)
+        row = [n_layers * c for c in per_layer]
+        if st == S - 1:
+            row = [c + 2 * s * shape.hidden_size * shape.vocab_size for c, s in zip(row, lengths)]
+        fwd.append([c / 1e9 for c in row])
+    bwd = [[c * bwd_ratio for c in row] for row in fwd]
+    v = plan.stages_per_rank
+    act = [[s / sum(lengths) / v for s in lengths] for _ in range(S)]
+    return CostModel(fwd, bwd, act, list(lengths), source="flop")
+
+
+def measured_costs(plan: Plan, entry: dict) -> CostModel:
+    """Measured per-chunk times of one stage (``{"lengths", "fwd", "bwd"}``, seconds).
+
+    Every stage is assumed to run what was measured; with several stages per rank
+    each stage runs ``1/stages_per_rank`` of it.
+    """
+    lengths, fwd, bwd = list(entry["lengths"]), list(entry["fwd"]), list(entry["bwd"])
+    if not (len(lengths) == len(fwd) == len(bwd) == plan.n_chunks):
+        raise ValueError(
+            f"measured times have {len(lengths)} chunks but the {plan.name} plan has {plan.n_chunks}: "
+            "pass --chunks equal to the benchmark's"
+        )
+    v = plan.stages_per_rank
+    act = [[s / sum(lengths) / v for s in lengths] for _ in range(plan.num_stages)]
+    return CostModel(_per_stage(fwd, plan.num_stages, 1 / v), _per_stage(bwd, plan.num_stages, 1 / v),
+                     act, lengths, source="measured")
+
+
+# ------------------------------------------------------------------------- simulation
+@dataclass
+class SimResult:
+    """A played schedule."""
+
+    plan: Plan
+    cost: CostModel
+    timeline: dict[int, list[tuple[Op, float, float]]]
+    makespan: float
+    busy: list[float]
+    peak_live_units: list[int]
+    peak_activation: list[float]
+
+    @property
+    def bubble(self) -> float:
+        """Idle share of all ranks' time: ``1 - busy / (ranks * makespan)``."""
+        return 1.0 - sum(self.busy) / (self.plan.num_ranks * self.makespan)
+
+    def summary(self) -> dict:
+        p = self.plan
+        return dict(
+            schedule=p.name, pp=p.num_ranks, stages=p.num_stages, microbatches=p.n_microbatches,
+            chunks=p.n_chunks, lengths=self.cost.lengths, cost=self.cost.source,
+            makespan=self.makespan, bubble=self.bubble, peak_live_units=self.peak_live_units,
+            peak_activation=[round(a, 4) for a in self.peak_activation],
+        )
+
+
+def _deps(op: Op, k: int, last_stage: int) -> list[tuple[int, str, int]]:
+    s, u, j = op.stage, op.unit, op.unit % k
+    if op.kind == "F":
+        out = [(s - 1, "F", u)] if s > 0 else []
+        return out + ([(s, "F", u - 1)] if j > 0 else [])
+    if op.kind == "W":
+        return [(s, "G", u)]
+    out = [(s, "F", u)]
+    if s < last_stage:
+        out.append((s + 1, "G", u))
+    if j < k - 1:
+        out.append((s, "G", u + 1))
+    return out
+
+
+def simulate(plan: Plan, cost: CostModel, *, comm: float = 0.0) -> SimResult:
+    """Play ``plan`` with durations from ``cost``; ``comm`` delays every cross-rank edge."""
+    k, last = plan.n_chunks, plan.num_stages - 1
+    stage_rank = {op.stage: r for r, ops in plan.ops.items() for op in ops}
+    done: dict[tuple[int, str, int], float] = {}
+    free = [0.0] * plan.num_ranks
+    ptr = [0] * plan.num_ranks
+    timeline: dict[int, list[tuple[Op, float, float]]] = {r: [] for r in plan.ops}
+    remaining = sum(len(v) for v in plan.ops.values())
+    while remaining:
+        progressed = False
+        for r, ops in plan.ops.items():
+            while ptr[r] < len(ops):
+                op = ops[ptr[r]]
+                deps = _deps(op, k, last)
+                if any(d not in done for d in deps):
+                    break
+                ready = max(
+                    [free[r]] + [done[d] + (comm if stage_rank.get(d[0], r) != r else 0.0) for d in deps]
+                )
+                end = ready + cost.duration(op)
+                timeline[r].append((op, ready, end))
+                free[r] = end
+                if op.kind in ("F", "W"):
+                    done[(op.stage, op.kind, op.unit)] = end
+                if op.kind in ("B", "I"):
+                    done[(op.stage, "G", op.unit)] = end
+                ptr[r] += 1
+                remaining -= 1
+                progressed = True
+        if not progressed:
+            blocked = [str(ops[ptr[r]]) for r, ops in plan.ops.items() if ptr[r] < len(ops)]
+            raise RuntimeError(f"{plan.name}: schedule deadlocks; blocked actions: {blocked}")
+    busy = [sum(e - s for _, s, e in timeline[r]) for r in sorted(timeline)]
+    live_units, live_act = [], []
+    for r in sorted(plan.ops):
+        n = peak_n = 0
+        a = peak_a = 0.0
+        for op in plan.ops[r]:
+            j = op.unit % k
+            if op.kind == "F":
+                n, a = n + 1, a + cost.act[op.stage][j]
+            elif op.kind in ("B", "W"):  # activations live until the weight gradient
+                n, a = n - 1, a - cost.act[op.stage][j]
+            peak_n, peak_a = max(peak_n, n), max(peak_a, a)
+        live_units.append(peak_n)
+        live_act.append(peak_a)
+    makespan = max(free)
+    return SimResult(plan, cost, timeline, makespan, busy, live_units, live_act)
+
+
+def closed_form_bubble(pp: int, microbatches: int, chunks: int = 1) -> float:
+    """Equal-cost bubble of 1F1B (``chunks=1``) and Seq1F1B: ``(p-1)/(mk+p-1)``."""
+    return (pp - 1) / (microbatches * chunks + pp - 1)
+
+
+# ---------------------------------------------------------------------------- drawing
+def draw_timeline(results: Sequence[SimResult], path: str, *, title: str | None = None) -> None:
+    """One panel per schedule, one row per rank, shared time axis; F light, B dark."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        from matplotlib.patches import Patch
+    except ImportError as exc:  # optional dependency
+        raise SystemExit(
+            "--png needs matplotlib: pip install 'pipelining_seq[viz]' (or drop --png)"
+        ) from exc
+    cmap = plt.get_cmap("tab10")
+    heights = [r.plan.num_ranks * 0.42 + 0.7 for r in results]
+    fig, axes = plt.subplots(len(results), 1, figsize=(12, sum(heights)), squeeze=False,
+                             gridspec_kw={"height_ratios": heights}, sharex=True)
+    span = max(r.makespan for r in results)
+    for ax, res in zip(axes[:, 0], results):
+        k = res.plan.n_chunks
+        for r, items in res.timeline.items():
+            for op, start, end in items:
+                colour = cmap((op.unit // k) % 10)
+                alpha = {"F": 0.45, "B": 1.0, "I": 0.8, "W": 0.6}[op.kind]
+                ax.barh(r, end - start, left=start, height=0.8, color=colour, alpha=alpha,
+                        edgecolor="black", linewidth=0.3, hatch="//" if op.kind == "W" else None)
+                label = f"{op.unit // k}.{op.unit % k}" if k > 1 else str(op.unit)
+                if res.plan.stages_per_rank > 1:
+                    label = f"s{op.stage}:{label}"
+                if (end - start) > span * 0.012 * len(label) / 2:
+                    ax.text((start + end) / 2, r, label, ha="center", va="center", fontsize=6)
+        ax.set_yticks(range(res.plan.num_ranks))
+        ax.set_yticklabels([f"rank {r}" for r in range(res.plan.num_ranks)], fontsize=7)
+        ax.invert_yaxis()
+        lens = f", chunks {res.cost.lengths}" if k > 1 else ""
+        ax.set_title(
+            f"{res.plan.name}: p={res.plan.num_ranks}, m={res.plan.n_microbatches}, k={k}{lens}; "
+            f"makespan {res.makespan:.3g}, bubble {res.bubble:.1%}", fontsize=8, loc="left",
+        )
+        ax.tick_params(axis="x", labelsize=7)
+    handles = [Patch(facecolor="grey", alpha=0.45, label="forward"), Patch(facecolor="grey", label="backward")]
+    axes[0, 0].legend(handles=handles, fontsize=7, loc="upper right")
+    axes[-1, 0].set_xlabel(f"time ({results[0].cost.source} cost model)", fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------ paper check
+# §5.3 of the reference: 7B on 32 A100s, TFLOPS per GPU (TP/PP split not stated).
+PAPER_7B = {
+    (32768, 8): {"1F1B": 99.67, "Interleaved1F1B": 109.55, "Seq1F1B": 110.62},
+    (32768, 16): {"1F1B": 114.45, "Interleaved1F1B": 116.46, "Seq1F1B": 115.34},
+    (65536, 8): {"1F1B": 107.49, "Interleaved1F1B": 119.96, "Seq1F1B": 124.62},
+    (65536, 16): {"1F1B": 123.95, "Interleaved1F1B": 128.70, "Seq1F1B": 123.05},
+}
+
+
+def paper_comparison(*, pps: Sequence[int] = (4, 8), chunks: int = 4, bwd_ratio: float = 2.0,
+                     comm: float = 0.0) -> list[dict]:
+    """Simulated Seq1F1B/1F1B and Seq1F1B/1F1B-interleaved for the paper's 7B runs."""
+    shape = MODEL_PRESETS["7b"]
+    rows = []
+    for (seq, m), measured in PAPER_7B.items():
+        for pp in pps:
+            lengths = balanced_partition(seq, chunks, **asdict(shape), multiple_of=8)
+            seq_plan = build_plan(SEQ1F1B, pp=pp, microbatches=m, chunks=chunks)
+            seq_res = simulate(seq_plan, flop_costs(seq_plan, shape, lengths, bwd_ratio=bwd_ratio), comm=comm)
+            times = {}
+            for name in ("1F1B", "Interleaved1F1B"):
+                plan = build_plan(name, pp=pp, microbatches=m)
+                times[name] = simulate(plan, flop_costs(plan, shape, [seq], bwd_ratio=bwd_ratio), comm=comm)
+            rows.append(dict(
+                seq_len=seq, microbatches=m, pp=pp, chunks=chunks, lengths=lengths,
+                bubble_1f1b=times["1F1B"].bubble, bubble_i1f1b=times["Interleaved1F1B"].bubble,
+                bubble_seq=seq_res.bubble,
+                sim_vs_1f1b=times["1F1B"].makespan / seq_res.makespan,
+                sim_vs_i1f1b=times["Interleaved1F1B"].makespan / seq_res.makespan,
+                paper_vs_1f1b=measured["Seq1F1B"] / measured["1F1B"],
+                paper_vs_i1f1b=measured["Seq1F1B"] / measured["Interleaved1F1B"],
+            ))
+    return rows
+
+
+# -------------------------------------------------------------------------------- CLI
+def add_arguments(parser: argparse.ArgumentParser, *, command: str) -> None:
+    parser.description = "Play pipeline schedules through a cost model; print bubble and live units."
+    parser.add_argument("--pp", type=int, default=4, help="pipeline ranks (default 4)")
+    parser.add_argument("--microbatches", "-m", type=int, default=8, help="micro-batches per step (default 8)")
+    parser.add_argument("--chunks", "-k", type=int, default=4, help="Seq1F1B sequence chunks (default 4)")
+    parser.add_argument("--schedule", default="Seq1F1B,1F1B",
+                        help=f"comma-separated schedules among {', '.join(schedule_names())}, or 'all'")
+    parser.add_argument("--stages-per-rank", type=int, default=2,
+                        help="virtual stages per rank for Interleaved1F1B/InterleavedZeroBubble (default 2)")
+    parser.add_argument("--partition", default="uniform",
+                        help="Seq1F1B chunk lengths: uniform, balanced (needs --model), or comma-separated lengths; "
+                             "with --times, the benchmark entry to use (uniform, balanced, calibrated)")
+    parser.add_argument("--model", choices=sorted(MODEL_PRESETS), help="FLOP cost model for this preset")
+    parser.add_argument("--seq-len", type=int, help="sequence length for --model (default 32768)")
+    parser.add_argument("--times", help="JSON written by 'bench partition' or 'bench gpu': measured per-chunk times")
+    parser.add_argument("--bwd-ratio", type=float, default=2.0, help="backward/forward time ratio (default 2)")
+    parser.add_argument("--comm", type=float, default=0.0, help="delay added to every cross-rank dependency")
+    parser.add_argument("--png", help="draw the timelines into this PNG (needs matplotlib)")
+    parser.add_argument("--json", help="write the results as JSON here")
+    parser.add_argument("--paper", action="store_true",
+                        help="reproduce the paper's 7B comparison (32k/64k, m=8/16) and exit")
+
+
+def _lengths_for(args: argparse.Namespace, seq_len: int) -> list[int]:
+    k, part = args.chunks, args.partition
+    if part == "uniform":
+        return uniform_partition(seq_len, k) if seq_len % k == 0 else [1] * k
+    if part == "balanced":
+        if not args.model:
+            raise SystemExit("--partition balanced needs --model (the FLOP model it balances)")
+        return balanced_partition(seq_len, k, **asdict(MODEL_PRESETS[args.model]), multiple_of=8)
+    try:
+        lengths = [int(x) for x in part.split(",")]
+    except ValueError:
+        raise SystemExit(f"--partition {part!r}: use uniform, balanced or comma-separated lengths") from None
+    if len(lengths) != k:
+        raise SystemExit(f"--partition gives {len(lengths)} lengths but --chunks is {k}")
+    return lengths
+
+
+def _costs(args: argparse.Namespace, plan: Plan, times: dict | None) -> CostModel:
+    if times is not None:
+        parts = times.get("partitions", {})
+        if plan.n_chunks == 1 and plan.name != SEQ1F1B:
+            keys = ["full"]
+        else:
+            keys = [f"{args.partition}@{plan.n_chunks}", args.partition]
+        for key in keys:
+            if key in parts:
+                return measured_costs(plan, parts[key])
+        raise SystemExit(f"--times file has no {' or '.join(repr(k) for k in keys)} entry (has {sorted(parts)})")
+    if args.model:
+        seq_len = args.seq_len or 32768
+        lengths = _lengths_for(args, seq_len) if plan.n_chunks > 1 else [seq_len]
+        return flop_costs(plan, MODEL_PRESETS[args.model], lengths, bwd_ratio=args.bwd_ratio)
+    # Equal-cost units: explicit chunk lengths only weight the activation count.
+    if plan.n_chunks > 1 and args.partition != "uniform":
+        return equal_costs(plan, lengths=_lengths_for(args, 0), bwd_ratio=args.bwd_ratio)
+    return equal_costs(plan, bwd_ratio=args.bwd_ratio)
+
+
+def _print_paper(rows: list[dict]) -> None:
+    print(f"{'S':>6} {'m':>3} {'pp':>3} | {'bubble 1F1B':>11} {'1F1B-I':>7} {'Seq1F1B':>8} | "
+          f"{'sim Seq/1F1B':>12} {'paper':>6} | {'sim Seq/1F1B-I':>14} {'paper':>6}")
+    for r in rows:
+        print(f"{r['seq_len']:>6} {r['microbatches']:>3} {r['pp']:>3} | {r['bubble_1f1b']:>11.3f} "
+              f"{r['bubble_i1f1b']:>7.3f} {r['bubble_seq']:>8.3f} | {r['sim_vs_1f1b']:>12.3f} "
+              f"{r['paper_vs_1f1b']:>6.3f} | {r['sim_vs_i1f1b']:>14.3f} {r['paper_vs_i1f1b']:>6.3f}")
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.paper:
+        rows = paper_comparison(pps=(4, 8), chunks=args.chunks, bwd_ratio=args.bwd_ratio, comm=args.comm)
+        _print_paper(rows)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(rows, f, indent=1)
+        return 0
+    if args.partition == "calibrated" and not args.times:
+        raise SystemExit("--partition calibrated needs --times (a 'bench partition' JSON with calibrated chunks)")
+    if args.partition == "balanced" and not (args.model or args.times):
+        raise SystemExit("--partition balanced needs --model (the FLOP model it balances) or --times")
+    names = schedule_names() if args.schedule == "all" else [s.strip() for s in args.schedule.split(",") if s.strip()]
+    for n in names:
+        if n not in schedule_names():
+            raise SystemExit(f"--schedule {n!r}: choose from {', '.join(schedule_names())} or 'all'")
+    times = None
+    if args.times:
+        with open(args.times) as f:
+            times = json.load(f)
+    results: list[SimResult] = []
+    for name in names:
+        k = args.chunks if name == SEQ1F1B else 1
+        try:
+            plan = build_plan(name, pp=args.pp, microbatches=args.microbatches, chunks=k,
+                              stages_per_rank=args.stages_per_rank)
+        except ValueError as exc:
+            print(f"{name}: skipped ({exc})")
+            continue
+        results.append(simulate(plan, _costs(args, plan, times), comm=args.comm))
+    if not results:
+        return 1
+    ref = next((r for r in results if r.plan.name == SEQ1F1B), results[0])
+    print(f"{'schedule':<22} {'k':>2} {'makespan':>10} {'bubble':>7} {'closed form':>11} {'vs ' + ref.plan.name:>12} "
+          f"{'peak live units / rank':<24} peak activation (micro-batches) / rank")
+    for res in results:
+        p = res.plan
+        closed = closed_form_bubble(p.num_ranks, p.n_microbatches, p.n_chunks) if (
+            p.name in (SEQ1F1B, "1F1B", "GPipe") and res.cost.source == "equal") else math.nan
+        print(f"{p.name:<22} {p.n_chunks:>2} {res.makespan:>10.4g} {res.bubble:>7.3f} {closed:>11.3f} "
+              f"{res.makespan / ref.makespan:>12.3f} {str(res.peak_live_units):<24} "
+              f"{[round(a, 3) for a in res.peak_activation]}")
+    if args.png:
+        draw_timeline(results, args.png)
+        print(f"timeline written to {args.png}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([r.summary() for r in results], f, indent=1)
+    return 0

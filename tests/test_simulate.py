@@ -1,0 +1,168 @@
+"""The schedule simulator: closed forms, dependencies, torch schedules, cost models, CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pipelining_seq import _compat, schedule_ir
+from pipelining_seq.cli import main as cli_main
+from pipelining_seq.partition import balanced_partition
+from pipelining_seq.simulate import (
+    MODEL_PRESETS,
+    Op,
+    Plan,
+    build_plan,
+    closed_form_bubble,
+    equal_costs,
+    flop_costs,
+    measured_costs,
+    paper_comparison,
+    simulate,
+)
+
+
+@pytest.mark.parametrize("p", [2, 4, 8])
+@pytest.mark.parametrize("m", [1, 3, 8])
+@pytest.mark.parametrize("k", [1, 2, 4])
+def test_seq1f1b_equal_cost_closed_form(p, m, k):
+    plan = build_plan("Seq1F1B", pp=p, microbatches=m, chunks=k)
+    res = simulate(plan, equal_costs(plan))
+    # A unit costs 1/k forward and 2/k backward: makespan (mk + p - 1) * 3 / k.
+    assert res.makespan == pytest.approx((m * k + p - 1) * 3 / k, rel=1e-12)
+    assert res.bubble == pytest.approx(closed_form_bubble(p, m, k), rel=1e-12)
+    assert res.bubble == pytest.approx((p - 1) / (m * k + p - 1), rel=1e-12)
+    for r in range(p):
+        assert res.peak_live_units[r] == min(p - r + k - 1, m * k)
+        assert res.peak_live_units[r] == schedule_ir.peak_live_units(schedule_ir.compute_order(p, r, m, k))
+
+
+@pytest.mark.parametrize("name", ["1F1B", "GPipe"])
+@pytest.mark.parametrize("p,m", [(2, 2), (4, 4), (4, 8), (8, 16)])
+def test_torch_single_stage_closed_form(name, p, m):
+    plan = build_plan(name, pp=p, microbatches=m)
+    res = simulate(plan, equal_costs(plan))
+    assert res.bubble == pytest.approx((p - 1) / (m + p - 1), rel=1e-12)
+    expected_live = [min(p - r, m) for r in range(p)] if name == "1F1B" else [m] * p
+    assert res.peak_live_units == expected_live
+
+
+def test_dependencies_hold_in_the_timeline():
+    plan = build_plan("Seq1F1B", pp=3, microbatches=3, chunks=3)
+    res = simulate(plan, equal_costs(plan), comm=0.1)
+    end = {}
+    for items in res.timeline.values():
+        for op, start, stop in items:
+            end[(op.stage, op.kind, op.unit)] = (start, stop)
+    k = 3
+    for (s, kind, u), (start, _) in end.items():
+        if kind == "F":
+            if s > 0:
+                assert start >= end[(s - 1, "F", u)][1] + 0.1 - 1e-12  # activation, over the wire
+            if u % k:
+                assert start >= end[(s, "F", u - 1)][1]  # K/V of the earlier chunk
+        else:
+            assert start >= end[(s, "F", u)][1]
+            if s < 2:
+                assert start >= end[(s + 1, "B", u)][1] + 0.1 - 1e-12
+            if u % k < k - 1:
+                assert start >= end[(s, "B", u + 1)][1]  # K/V gradients of the later chunk
+
+
+def test_forward_chunk_order_backward_deadlocks():
+    # Backward in forward chunk order cannot satisfy the K/V-gradient dependency.
+    p, m, k = 2, 1, 2
+    ops = {r: [Op(r, r, "F", 0), Op(r, r, "F", 1), Op(r, r, "B", 0), Op(r, r, "B", 1)] for r in range(p)}
+    plan = Plan("bad", p, p, m, k, ops)
+    with pytest.raises(RuntimeError, match="deadlocks"):
+        simulate(plan, equal_costs(plan))
+
+
+@pytest.mark.parametrize("name", ["Interleaved1F1B", "ZBVZeroBubble", "InterleavedZeroBubble"])
+def test_torch_multi_stage_schedules_play(name):
+    p, m = 4, 8
+    plan = build_plan(name, pp=p, microbatches=m)
+    assert plan.num_stages == 2 * p
+    res = simulate(plan, equal_costs(plan))
+    # Every rank does m micro-batches of forward (1) and backward (2) work.
+    assert res.busy == pytest.approx([3.0 * m] * p)
+    assert res.bubble < closed_form_bubble(p, m)  # both beat plain 1F1B
+    if name == "ZBVZeroBubble":
+        assert plan.ops[0][0].stage == 0 and {op.stage for op in plan.ops[0]} == {0, 2 * p - 1}
+
+
+def test_torch_schedule_actions_cover_every_microbatch():
+    for name in ("GPipe", "Interleaved1F1B", "ZBVZeroBubble"):
+        acts = _compat.torch_schedule_actions(name, 4, 5)
+        for r, ops in acts.items():
+            for s in _compat.torch_schedule_stages(name, 4, r):
+                assert sorted(mb for st, kind, mb in ops if st == s and kind == "F") == list(range(5))
+
+
+def test_flop_model_balanced_beats_uniform():
+    shape = MODEL_PRESETS["7b"]
+    plan = build_plan("Seq1F1B", pp=4, microbatches=8, chunks=4)
+    dims = dict(num_layers=32, hidden_size=4096, num_heads=32, ffn_hidden_size=16384, vocab_size=51200)
+    uni = simulate(plan, flop_costs(plan, shape, [8192] * 4))
+    bal = simulate(plan, flop_costs(plan, shape, balanced_partition(32768, 4, **dims, multiple_of=8)))
+    base_plan = build_plan("1F1B", pp=4, microbatches=8)
+    base = simulate(base_plan, flop_costs(base_plan, shape, [32768]))
+    assert bal.makespan < uni.makespan < base.makespan
+    assert bal.bubble < 0.5 * base.bubble
+    # Same total work whatever the schedule: the layer FLOPs of the sequence.
+    assert sum(bal.busy) == pytest.approx(sum(base.busy), rel=1e-9)
+    assert sum(uni.busy) == pytest.approx(sum(base.busy), rel=1e-9)
+
+
+def test_measured_costs_and_chunk_mismatch():
+    plan = build_plan("Seq1F1B", pp=2, microbatches=2, chunks=2)
+    cost = measured_costs(plan, dict(lengths=[6, 4], fwd=[1.0, 1.0], bwd=[2.0, 2.0]))
+    assert simulate(plan, cost).bubble == pytest.approx(closed_form_bubble(2, 2, 2))
+    assert cost.act[0] == pytest.approx([0.6, 0.4])
+    with pytest.raises(ValueError, match="chunks"):
+        measured_costs(plan, dict(lengths=[10], fwd=[1.0], bwd=[2.0]))
+
+
+def test_paper_comparison_rows():
+    rows = paper_comparison(pps=(4,), chunks=4)
+    assert len(rows) == 4
+    for r in rows:
+        assert r["sim_vs_1f1b"] > 1.0 and r["bubble_seq"] < r["bubble_1f1b"]
+    m8 = {r["seq_len"]: r for r in rows if r["microbatches"] == 8}
+    assert m8[32768]["paper_vs_1f1b"] == pytest.approx(110.62 / 99.67)
+
+
+def test_cli_table_json_png(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    png, js = tmp_path / "t.png", tmp_path / "t.json"
+    rc = cli_main(["simulate", "--pp", "4", "-m", "8", "-k", "4", "--schedule", "Seq1F1B,1F1B,ZBVZeroBubble",
+                   "--png", str(png), "--json", str(js)])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "Seq1F1B" in out and "0.086" in out and "0.273" in out
+    rows = json.loads(js.read_text())
+    assert [r["schedule"] for r in rows] == ["Seq1F1B", "1F1B", "ZBVZeroBubble"]
+    assert png.stat().st_size > 1000
+
+
+def test_cli_times_file(tmp_path, capsys):
+    times = dict(partitions={
+        "full": dict(lengths=[8], fwd=[4.0], bwd=[8.0]),
+        "uniform@2": dict(lengths=[4, 4], fwd=[1.5, 2.5], bwd=[3.0, 5.0]),
+    })
+    path = tmp_path / "times.json"
+    path.write_text(json.dumps(times))
+    assert cli_main(["simulate", "--pp", "2", "-m", "2", "-k", "2", "--times", str(path)]) == 0
+    assert "measured" not in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="balanced"):
+        cli_main(["simulate", "--pp", "2", "-m", "2", "-k", "2", "--times", str(path), "--partition", "balanced"])
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="microbatches"):
+        build_plan("1F1B", pp=4, microbatches=2)
+    with pytest.raises(ValueError, match="choose from"):
+        build_plan("Nope", pp=2, microbatches=2)
+    with pytest.raises(SystemExit, match="needs --model"):
+        cli_main(["simulate", "--partition", "balanced"])
