@@ -57,25 +57,40 @@ class LinearChunkCost:
 
 
 def fit_chunk_cost(samples: Sequence[tuple[int, int, float]], *, diagonal: bool = False) -> LinearChunkCost:
-    """Least-squares fit of ``(length, end, seconds)`` samples (relative error weighting)."""
-    n_coef = 4 if diagonal else 3
-    if len(samples) < n_coef:
-        raise ValueError(f"fit_chunk_cost needs at least {n_coef} samples, got {len(samples)}")
-    rows, ys = [], []
+    """Non-negative least-squares fit of ``(length, end, seconds)`` samples (relative error).
+
+    Coefficients are kept >= 0 (a term that fits negative is dropped and the rest
+    refitted), so the fitted cost never falls as a chunk grows, which the partition
+    solver relies on; noise-dominated timings degrade to fewer terms, not to nonsense.
+    """
+    names = ["a1", "a2", "b"] + (["a3"] if diagonal else [])
+    if len(samples) < len(names):
+        raise ValueError(f"fit_chunk_cost needs at least {len(names)} samples, got {len(samples)}")
+    feats, ys = [], []
     for s, p, t in samples:
         if not 0 < s <= p or t <= 0:
             raise ValueError(f"sample (length={s}, end={p}, time={t}): need 0 < length <= end and time > 0")
-        feats = [s * p - s * s / 2, s, 1.0] + ([s * s] if diagonal else [])
-        # Weight by 1/t so short chunks count as much as long ones (relative error).
-        rows.append([f / t for f in feats])
+        row = {"a1": s * p - s * s / 2, "a2": float(s), "b": 1.0, "a3": float(s * s)}
+        # Divide by t so short chunks count as much as long ones (relative error).
+        feats.append([row[n] / t for n in names])
         ys.append(1.0)
-    sol = torch.linalg.lstsq(torch.tensor(rows, dtype=torch.float64), torch.tensor(ys, dtype=torch.float64)[:, None])
-    coef = sol.solution[:, 0].tolist()
-    return LinearChunkCost(a1=coef[0], a2=coef[1], b=coef[2], a3=coef[3] if diagonal else 0.0)
+    active = list(range(len(names)))
+    coef = dict.fromkeys(names, 0.0)
+    while active:
+        a = torch.tensor([[r[i] for i in active] for r in feats], dtype=torch.float64)
+        sol = torch.linalg.lstsq(a, torch.tensor(ys, dtype=torch.float64)[:, None]).solution[:, 0].tolist()
+        if min(sol) >= 0:
+            coef.update({names[i]: c for i, c in zip(active, sol)})
+            break
+        active.pop(sol.index(min(sol)))
+    return LinearChunkCost(a1=coef["a1"], a2=coef["a2"], b=coef["b"], a3=coef.get("a3", 0.0))
 
 
-def _lengths_for_target(seq_len: int, n_chunks: int, cost: LinearChunkCost, target: float) -> list[float] | None:
-    """Continuous lengths of chunks k-1..1 costing ``target`` each (last first); None if they overflow."""
+def _lengths_for_target(seq_len: int, n_chunks: int, cost: LinearChunkCost, target: float) -> list[float] | str:
+    """Continuous lengths with chunks k-1..1 costing ``target`` each, the first taking the rest.
+
+    Returns ``"low"`` if no chunk can be that cheap, ``"high"`` if the chunks overflow.
+    """
     qa = cost.a3 - cost.a1 / 2
     parts: list[float] = []
     end = float(seq_len)
@@ -88,14 +103,16 @@ def _lengths_for_target(seq_len: int, n_chunks: int, cost: LinearChunkCost, targ
         else:
             disc = qb * qb - 4 * qa * qc
             if disc < 0:
-                return None
+                return "low" if qc > 0 else "high"
             roots = [(-qb + sign * math.sqrt(disc)) / (2 * qa) for sign in (1, -1)]
             positive = [r for r in roots if r > 0]
             if not positive:
-                return None
+                return "low"
             s = min(positive)
+        if s <= 0:
+            return "low"
         if s >= end:
-            return None
+            return "high"
         parts.insert(0, s)
         end -= s
     return [end, *parts]
@@ -118,12 +135,17 @@ def linear_fit_partition(
         )
     if n_chunks == 1:
         return [seq_len]
+    if cost.predict(seq_len, seq_len) - cost.b <= 0:  # no size-dependent cost: any cut is equal
+        base, extra = divmod(seq_len // multiple_of, n_chunks)
+        return [(base + (j < extra)) * multiple_of + (seq_len % multiple_of if j == 0 else 0) for j in range(n_chunks)]
     lo, hi = 0.0, cost.predict(seq_len, seq_len) + n_chunks * abs(cost.b)
     best = None
     for _ in range(200):
         mid = (lo + hi) / 2
         parts = _lengths_for_target(seq_len, n_chunks, cost, mid)
-        if parts is None or cost.predict(parts[0], parts[0]) < mid:
+        if parts == "low":
+            lo = mid
+        elif parts == "high" or cost.predict(parts[0], parts[0]) < mid:
             hi = mid  # later chunks took too much: lower the target
         else:
             lo, best = mid, parts
