@@ -1,0 +1,159 @@
+"""``pipelining-seq run | validate | ls``: recipes from the command line.
+
+``run`` checks the recipe with the requested process count first (so a bad recipe fails
+before any process starts), then runs ``torchrun ... -m pipelining_seq.train recipe
+key=value ...``. ``validate`` is the same check without processes, ``ls`` lists the
+shipped recipes. A recipe is a YAML path or the name of a file in ``recipes/``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+from .config import (
+    ConfigError,
+    JobConfig,
+    chunk_lengths,
+    load_config,
+    n_microbatches,
+    resolve_schedule,
+    stage_ranks,
+    to_yaml,
+    validate_config,
+)
+
+__all__ = ["add_arguments", "find_recipe", "main", "recipe_dirs", "torchrun_command"]
+
+logger = logging.getLogger(__name__)
+
+
+def recipe_dirs() -> list[Path]:
+    """Where recipe names are looked up: ./recipes, then the repository's recipes/."""
+    dirs = [Path.cwd() / "recipes", Path(__file__).resolve().parents[1] / "recipes"]
+    return [d for i, d in enumerate(dirs) if d.is_dir() and d.resolve() not in [x.resolve() for x in dirs[:i]]]
+
+
+def find_recipe(name: str) -> str:
+    """A recipe path from a path or a bare name (``gpt_tiny_cpu``)."""
+    if os.path.isfile(name):
+        return name
+    for d in recipe_dirs():
+        for candidate in (d / name, d / f"{name}.yaml"):
+            if candidate.is_file():
+                return str(candidate)
+    raise ConfigError(f"recipe {name!r} not found (not a file, nor in {[str(d) for d in recipe_dirs()]}); see `pipelining-seq ls`")
+
+
+def world_size(cfg: JobConfig) -> int:
+    p = cfg.parallelism
+    return p.pipeline_parallel_degree * p.data_parallel_shard_degree * p.tensor_parallel_degree
+
+
+def torchrun_command(
+    recipe: str, overrides: list[str], *, nproc_per_node: int, nnodes: int = 1, node_rank: int = 0,
+    rdzv_endpoint: str | None = None,
+) -> list[str]:
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc_per_node}"]
+    if nnodes == 1:
+        cmd.append("--standalone")
+    else:
+        if rdzv_endpoint is None:
+            raise ConfigError("--nnodes > 1 needs --rdzv-endpoint host:port")
+        cmd += [f"--nnodes={nnodes}", f"--node-rank={node_rank}", "--rdzv-backend=c10d", f"--rdzv-endpoint={rdzv_endpoint}"]
+    return cmd + ["-m", "pipelining_seq.train", recipe, *overrides]
+
+
+def add_arguments(parser, *, command: str) -> None:
+    if command == "ls":
+        parser.description = "List the shipped recipes, one line each."
+        return
+    parser.add_argument("config", help="recipe YAML, or a recipe name from `pipelining-seq ls`")
+    parser.add_argument("overrides", nargs="*", help="section.field=value overrides (e.g. training.steps=50)")
+    parser.add_argument(
+        "--nproc-per-node", "--nproc_per_node", type=int, default=None,
+        help="processes per node (default: pipeline * dp_shard * tp degrees of the recipe)",
+    )
+    if command == "run":
+        parser.description = "Validate a recipe, then train it with torchrun."
+        parser.add_argument("--nnodes", type=int, default=1, help="nodes (torchrun --nnodes)")
+        parser.add_argument("--node-rank", type=int, default=0, help="this node's rank (torchrun --node-rank)")
+        parser.add_argument("--rdzv-endpoint", default=None, help="host:port of the rendezvous (multi-node)")
+        parser.add_argument("--dry-run", action="store_true", help="print the torchrun command instead of running it")
+    else:
+        parser.description = "Check a recipe and its overrides without starting processes."
+        parser.add_argument("--print-config", action="store_true", help="print the merged recipe as YAML")
+    # Options may come after the overrides; argparse leaves those to the caller.
+    parser.set_defaults(_accepts_extra=True)
+
+
+def _split_extra(args) -> list[str]:
+    extra = list(getattr(args, "extra", []) or [])
+    bad = [e for e in extra if "=" not in e or e.startswith("-")]
+    if bad:
+        raise ConfigError(f"unrecognized arguments {bad}: overrides look like section.field=value")
+    return list(args.overrides) + extra
+
+
+def _describe(cfg: JobConfig, world: int) -> str:
+    info = resolve_schedule(cfg.parallelism.pipeline_parallel_schedule)
+    chunks = f", k={cfg.seq1f1b.num_seq_chunks} chunks {chunk_lengths(cfg)}" if info.name == "Seq1F1B" else ""
+    return (
+        f"{world} process(es); {info.name} over {len(stage_ranks(cfg))} stages, {n_microbatches(cfg)} micro-batches"
+        f"{chunks}; model {cfg.model.n_layers}x{cfg.model.dim}, seq {cfg.training.seq_len}, {cfg.training.steps} steps"
+    )
+
+
+def _ls() -> int:
+    dirs = recipe_dirs()
+    if not dirs:
+        print("no recipes/ folder here or next to the package", file=sys.stderr)
+        return 1
+    for d in dirs:
+        for path in sorted(d.glob("*.yaml")):
+            try:
+                cfg = load_config(str(path))
+                info = resolve_schedule(cfg.parallelism.pipeline_parallel_schedule)
+                line = f"{world_size(cfg)} proc  {info.name:<14} {cfg.job.description}"
+            except ConfigError as e:
+                line = f"(invalid: {e})"
+            print(f"{path.stem:<28} {line}")
+    return 0
+
+
+def main(args) -> int:
+    if args.command == "ls":
+        return _ls()
+    try:
+        recipe = find_recipe(args.config)
+        overrides = _split_extra(args)
+        cfg = load_config(recipe, overrides)
+        nproc = args.nproc_per_node or world_size(cfg)
+        nnodes = getattr(args, "nnodes", 1)
+        validate_config(cfg, world_size=nproc * nnodes)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.command == "validate":
+        if args.print_config:
+            print(to_yaml(cfg), end="")
+        print(f"ok: {recipe}: {_describe(cfg, nproc * nnodes)}")
+        return 0
+    cmd = torchrun_command(
+        recipe, overrides, nproc_per_node=nproc, nnodes=nnodes, node_rank=args.node_rank, rdzv_endpoint=args.rdzv_endpoint,
+    )
+    if args.dry_run:
+        print(shlex.join(cmd))
+        return 0
+    env = dict(os.environ)
+    # torchrun forces OMP_NUM_THREADS=1 (with a warning) unless set; the trainer sets its own.
+    env.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // nproc)))
+    # Let the workers import this package even when it is not installed (run from a clone).
+    root = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    print(f"+ {shlex.join(cmd)}", flush=True)
+    return subprocess.call(cmd, env=env)
