@@ -247,6 +247,12 @@ class SimResult:
     busy: list[float]
     peak_live_units: list[int]
     peak_activation: list[float]
+    label: str = ""
+    """Display name (defaults to the schedule's)."""
+
+    @property
+    def name(self) -> str:
+        return self.label or self.plan.name
 
     @property
     def bubble(self) -> float:
@@ -256,7 +262,7 @@ class SimResult:
     def summary(self) -> dict:
         p = self.plan
         return dict(
-            schedule=p.name, pp=p.num_ranks, stages=p.num_stages, microbatches=p.n_microbatches,
+            schedule=self.name, pp=p.num_ranks, stages=p.num_stages, microbatches=p.n_microbatches,
             chunks=p.n_chunks, lengths=self.cost.lengths, cost=self.cost.source,
             makespan=self.makespan, bubble=self.bubble, peak_live_units=self.peak_live_units,
             peak_activation=[round(a, 4) for a in self.peak_activation],
@@ -370,7 +376,7 @@ def draw_timeline(results: Sequence[SimResult], path: str, *, title: str | None 
         ax.invert_yaxis()
         lens = f", chunks {res.cost.lengths}" if k > 1 else ""
         ax.set_title(
-            f"{res.plan.name}: p={res.plan.num_ranks}, m={res.plan.n_microbatches}, k={k}{lens}; "
+            f"{res.name}: p={res.plan.num_ranks}, m={res.plan.n_microbatches}, k={k}{lens}; "
             f"makespan {res.makespan:.3g}, bubble {res.bubble:.1%}", fontsize=8, loc="left",
         )
         ax.tick_params(axis="x", labelsize=7)
@@ -430,9 +436,10 @@ def add_arguments(parser: argparse.ArgumentParser, *, command: str) -> None:
                         help=f"comma-separated schedules among {', '.join(schedule_names())}, or 'all'")
     parser.add_argument("--stages-per-rank", type=int, default=2,
                         help="virtual stages per rank for Interleaved1F1B/InterleavedZeroBubble (default 2)")
-    parser.add_argument("--partition", default="uniform",
-                        help="Seq1F1B chunk lengths: uniform, balanced (needs --model), or comma-separated lengths; "
-                             "with --times, the benchmark entry to use (uniform, balanced, calibrated)")
+    parser.add_argument("--partition", nargs="+", default=["uniform"],
+                        help="Seq1F1B chunk lengths, one simulated run each: uniform, balanced (needs --model), "
+                             "or comma-separated lengths; with --times, the benchmark entries to use "
+                             "(uniform, balanced, calibrated)")
     parser.add_argument("--model", choices=sorted(MODEL_PRESETS), help="FLOP cost model for this preset")
     parser.add_argument("--seq-len", type=int, help="sequence length for --model (default 32768)")
     parser.add_argument("--times", help="JSON written by 'bench partition' or 'bench gpu': measured per-chunk times")
@@ -444,51 +451,60 @@ def add_arguments(parser: argparse.ArgumentParser, *, command: str) -> None:
                         help="reproduce the paper's 7B comparison (32k/64k, m=8/16) and exit")
 
 
-def _lengths_for(args: argparse.Namespace, seq_len: int) -> list[int]:
-    k, part = args.chunks, args.partition
+def _lengths_for(args: argparse.Namespace, part: str, seq_len: int) -> list[int]:
+    k = args.chunks
     if part == "uniform":
         return uniform_partition(seq_len, k) if seq_len % k == 0 else [1] * k
     if part == "balanced":
-        if not args.model:
-            raise SystemExit("--partition balanced needs --model (the FLOP model it balances)")
         return balanced_partition(seq_len, k, **asdict(MODEL_PRESETS[args.model]), multiple_of=8)
     try:
         lengths = [int(x) for x in part.split(",")]
     except ValueError:
-        raise SystemExit(f"--partition {part!r}: use uniform, balanced or comma-separated lengths") from None
+        raise SystemExit(f"--partition {part!r}: use uniform, balanced, calibrated or comma-separated lengths") from None
     if len(lengths) != k:
-        raise SystemExit(f"--partition gives {len(lengths)} lengths but --chunks is {k}")
+        raise SystemExit(f"--partition {part} gives {len(lengths)} lengths but --chunks is {k}")
     return lengths
 
 
-def _costs(args: argparse.Namespace, plan: Plan, times: dict | None) -> CostModel:
+def _costs(args: argparse.Namespace, plan: Plan, part: str, times: dict | None) -> CostModel:
     if times is not None:
-        parts = times.get("partitions", {})
-        if plan.n_chunks == 1 and plan.name != SEQ1F1B:
-            keys = ["full"]
-        else:
-            keys = [f"{args.partition}@{plan.n_chunks}", args.partition]
+        entries = times.get("partitions", {})
+        keys = ["full"] if plan.n_chunks == 1 and plan.name != SEQ1F1B else [f"{part}@{plan.n_chunks}", part]
         for key in keys:
-            if key in parts:
-                return measured_costs(plan, parts[key])
-        raise SystemExit(f"--times file has no {' or '.join(repr(k) for k in keys)} entry (has {sorted(parts)})")
+            if key in entries:
+                return measured_costs(plan, entries[key])
+        raise SystemExit(f"--times file has no {' or '.join(repr(k) for k in keys)} entry (has {sorted(entries)})")
     if args.model:
         seq_len = args.seq_len or 32768
-        lengths = _lengths_for(args, seq_len) if plan.n_chunks > 1 else [seq_len]
+        lengths = _lengths_for(args, part, seq_len) if plan.n_chunks > 1 else [seq_len]
         return flop_costs(plan, MODEL_PRESETS[args.model], lengths, bwd_ratio=args.bwd_ratio)
     # Equal-cost units: explicit chunk lengths only weight the activation count.
-    if plan.n_chunks > 1 and args.partition != "uniform":
-        return equal_costs(plan, lengths=_lengths_for(args, 0), bwd_ratio=args.bwd_ratio)
+    if plan.n_chunks > 1 and part != "uniform":
+        return equal_costs(plan, lengths=_lengths_for(args, part, 0), bwd_ratio=args.bwd_ratio)
     return equal_costs(plan, bwd_ratio=args.bwd_ratio)
 
 
 def _print_paper(rows: list[dict]) -> None:
     print(f"{'S':>6} {'m':>3} {'pp':>3} | {'bubble 1F1B':>11} {'1F1B-I':>7} {'Seq1F1B':>8} | "
-          f"{'sim Seq/1F1B':>12} {'paper':>6} | {'sim Seq/1F1B-I':>14} {'paper':>6}")
+          f"{'sim Seq/1F1B':>12} {'paper':>6} {'paper/sim':>9} | {'sim Seq/1F1B-I':>14} {'paper':>6} {'paper/sim':>9}")
     for r in rows:
         print(f"{r['seq_len']:>6} {r['microbatches']:>3} {r['pp']:>3} | {r['bubble_1f1b']:>11.3f} "
               f"{r['bubble_i1f1b']:>7.3f} {r['bubble_seq']:>8.3f} | {r['sim_vs_1f1b']:>12.3f} "
-              f"{r['paper_vs_1f1b']:>6.3f} | {r['sim_vs_i1f1b']:>14.3f} {r['paper_vs_i1f1b']:>6.3f}")
+              f"{r['paper_vs_1f1b']:>6.3f} {r['paper_vs_1f1b'] / r['sim_vs_1f1b']:>9.3f} | "
+              f"{r['sim_vs_i1f1b']:>14.3f} {r['paper_vs_i1f1b']:>6.3f} {r['paper_vs_i1f1b'] / r['sim_vs_i1f1b']:>9.3f}")
+    # Throughput gain from m=8 to m=16 per schedule: the bubble's share, paper vs simulation.
+    print(f"\n{'S':>6} {'pp':>3} | m=16 / m=8 throughput: {'1F1B sim':>8} {'paper':>6} | {'1F1B-I sim':>10} "
+          f"{'paper':>6} | {'Seq1F1B sim':>11} {'paper':>6}")
+    for seq in sorted({r["seq_len"] for r in rows}):
+        for pp in sorted({r["pp"] for r in rows}):
+            r8, r16 = ([r for r in rows if r["seq_len"] == seq and r["pp"] == pp and r["microbatches"] == m][0]
+                       for m in (8, 16))
+            paper8, paper16 = PAPER_7B[(seq, 8)], PAPER_7B[(seq, 16)]
+            cells = []
+            for key, name in (("bubble_1f1b", "1F1B"), ("bubble_i1f1b", "Interleaved1F1B"), ("bubble_seq", "Seq1F1B")):
+                cells.append(((1 - r16[key]) / (1 - r8[key]), paper16[name] / paper8[name]))
+            print(f"{seq:>6} {pp:>3} | {'':>22} {cells[0][0]:>8.3f} {cells[0][1]:>6.3f} | {cells[1][0]:>10.3f} "
+                  f"{cells[1][1]:>6.3f} | {cells[2][0]:>11.3f} {cells[2][1]:>6.3f}")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -499,10 +515,11 @@ def main(args: argparse.Namespace) -> int:
             with open(args.json, "w") as f:
                 json.dump(rows, f, indent=1)
         return 0
-    if args.partition == "calibrated" and not args.times:
-        raise SystemExit("--partition calibrated needs --times (a 'bench partition' JSON with calibrated chunks)")
-    if args.partition == "balanced" and not (args.model or args.times):
-        raise SystemExit("--partition balanced needs --model (the FLOP model it balances) or --times")
+    for part in args.partition:
+        if part == "calibrated" and not args.times:
+            raise SystemExit("--partition calibrated needs --times (a 'bench partition' JSON with calibrated chunks)")
+        if part == "balanced" and not (args.model or args.times):
+            raise SystemExit("--partition balanced needs --model (the FLOP model it balances) or --times")
     names = schedule_names() if args.schedule == "all" else [s.strip() for s in args.schedule.split(",") if s.strip()]
     for n in names:
         if n not in schedule_names():
@@ -520,17 +537,21 @@ def main(args: argparse.Namespace) -> int:
         except ValueError as exc:
             print(f"{name}: skipped ({exc})")
             continue
-        results.append(simulate(plan, _costs(args, plan, times), comm=args.comm))
+        for part in args.partition if name == SEQ1F1B else ["uniform"]:
+            res = simulate(plan, _costs(args, plan, part, times), comm=args.comm)
+            if name == SEQ1F1B and len(args.partition) > 1:
+                res.label = f"{name} ({part})"
+            results.append(res)
     if not results:
         return 1
     ref = next((r for r in results if r.plan.name == SEQ1F1B), results[0])
-    print(f"{'schedule':<22} {'k':>2} {'makespan':>10} {'bubble':>7} {'closed form':>11} {'vs ' + ref.plan.name:>12} "
+    print(f"{'schedule':<22} {'k':>2} {'makespan':>10} {'bubble':>7} {'closed form':>11} {'vs ' + ref.name:>12} "
           f"{'peak live units / rank':<24} peak activation (micro-batches) / rank")
     for res in results:
         p = res.plan
         closed = closed_form_bubble(p.num_ranks, p.n_microbatches, p.n_chunks) if (
             p.name in (SEQ1F1B, "1F1B", "GPipe") and res.cost.source == "equal") else math.nan
-        print(f"{p.name:<22} {p.n_chunks:>2} {res.makespan:>10.4g} {res.bubble:>7.3f} {closed:>11.3f} "
+        print(f"{res.name:<22} {p.n_chunks:>2} {res.makespan:>10.4g} {res.bubble:>7.3f} {closed:>11.3f} "
               f"{res.makespan / ref.makespan:>12.3f} {str(res.peak_live_units):<24} "
               f"{[round(a, 3) for a in res.peak_activation]}")
     if args.png:

@@ -133,7 +133,8 @@ def partition_lengths(name: str, cfg: BenchModel, n_chunks: int, calibrated: dic
 
 # ------------------------------------------------------------------------- schedules
 def build_schedule(name: str, model: GPT, rank: int, world: int, *, m: int, k: int = 1,
-                   lengths: Sequence[int] | None = None, stages_per_rank: int = 2) -> tuple[Any, list]:
+                   lengths: Sequence[int] | None = None, seq_len: int | None = None,
+                   stages_per_rank: int = 2) -> tuple[Any, list]:
     """A schedule of ``name`` for this rank and the stages it drives.
 
     ``Seq1F1B`` uses a :class:`SequencePipelineStage`; torch's schedules get plain
@@ -143,7 +144,8 @@ def build_schedule(name: str, model: GPT, rank: int, world: int, *, m: int, k: i
     device = torch.device("cpu")
     if name == "Seq1F1B":
         stage = SequencePipelineStage(split_stage(model, rank, world), rank, world, device)
-        part = list(lengths) if lengths is not None else "uniform"
+        part = list(lengths) if lengths is not None else ("uniform" if seq_len is None else uniform_partition(seq_len, k))
+        # With explicit lengths the chunking is static: no per-step length exchange.
         return ScheduleSeq1F1B(stage, m, ce_loss, n_seq_chunks=k, seq_partition=part), [stage]
     cls = _compat.torch_schedule_class(name)
     if issubclass(cls, torch.distributed.pipelining.schedules.PipelineScheduleSingle):

@@ -92,7 +92,7 @@ def memory_worker(rank: int, world: int, cfg: BenchModel, configs: list[dict]) -
         x, y = make_batch(cfg, m)
         mcfg = replace(cfg, attn_backend=c.get("backend", cfg.attn_backend))
         sched, stages = build_schedule(c["schedule"], make_model(mcfg), rank, world, m=m, k=c["k"],
-                                       lengths=c.get("lengths"))
+                                       lengths=c.get("lengths"), seq_len=cfg.seq_len)
         run_step(sched, stages, x, y)  # warm-up: metadata inference and p2p set-up
         meter = ActivationMemoryMeter(modules=[s.submod for s in stages],
                                       kv_cache=getattr(stages[0], "kv_cache", None))
@@ -128,6 +128,38 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backends", default=None,
                         help="extra Seq1F1B attention backends to compare, e.g. sdpa (the concatenating design)")
     parser.add_argument("--timeout", type=float, default=900, help="process-group timeout, seconds")
+    parser.add_argument("--png", help="draw measured (bars) and expected (ticks) peaks per rank for the largest m")
+
+
+def draw_memory(summary: list[dict], path: str, *, title: str = "") -> None:
+    """Grouped bars: one group per rank, one bar per schedule (largest m, one backend)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:  # optional dependency
+        raise SystemExit("--png needs matplotlib: pip install 'pipelining_seq[viz]'") from exc
+    m = max(r["m"] for r in summary)
+    backend = summary[0]["backend"] if summary[0]["backend"] != "-" else None
+    rows = [r for r in summary if r["m"] == m and r["backend"] in ("-", backend or "-", "auto", "blockwise")]
+    ranks = len(rows[0]["peak_mib"])
+    width = 0.8 / len(rows)
+    fig, ax = plt.subplots(figsize=(11, 4.6))
+    cmap = plt.get_cmap("tab20")
+    for i, r in enumerate(rows):
+        xs = [rank - 0.4 + width * (i + 0.5) for rank in range(ranks)]
+        label = r["schedule"] if r["schedule"] != "Seq1F1B" else f"Seq1F1B k={r['k']} {r['partition']}"
+        ax.bar(xs, r["peak_mib"], width=width * 0.95, color=cmap(i % 20), label=label)
+        ax.scatter(xs, r["expected_mib"], marker="_", color="black", s=60, zorder=3)
+    ax.set_xticks(range(ranks))
+    ax.set_xticklabels([f"rank {r}" for r in range(ranks)])
+    ax.set_ylabel("peak activation memory (MiB)")
+    ax.set_title(title or f"measured peak per rank (bars) and expectation (black ticks), m={m}", fontsize=9)
+    ax.legend(fontsize=7, ncol=5, loc="upper center", bbox_to_anchor=(0.5, -0.08))
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
 
 
 def _summary(rows: list[dict], world: int) -> list[dict]:
@@ -183,4 +215,7 @@ def main(args: argparse.Namespace) -> int:
     print_table(summary, cols, formats={c: ".3f" for c in cols[-3:]})
     jpath, _ = write_results(out_dir(args), "memory", summary, meta, per_rank=rows)
     print(f"wrote {jpath}")
+    if args.png:
+        draw_memory(summary, args.png)
+        print(f"wrote {args.png}")
     return 0

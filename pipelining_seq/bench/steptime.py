@@ -54,7 +54,7 @@ def time_worker(rank: int, world: int, cfg: BenchModel, groups: list[list[dict]]
         for c in group:
             try:
                 sched, stages = build_schedule(c["schedule"], make_model(cfg), rank, world, m=m, k=c["k"],
-                                               lengths=c.get("lengths"))
+                                               lengths=c.get("lengths"), seq_len=cfg.seq_len)
                 built.append((c, sched, stages, None))
             except (ValueError, RuntimeError) as exc:
                 built.append((c, None, None, f"{type(exc).__name__}: {exc}"))
@@ -79,23 +79,24 @@ def time_worker(rank: int, world: int, cfg: BenchModel, groups: list[list[dict]]
     return out
 
 
-def _ratio_rows(results: list[dict], ms: list[int], ks: list[int]) -> list[dict]:
+def _ratio_rows(results: list[dict], ms: list[int], ks: list[int], partitions: list[str]) -> list[dict]:
     med = {}
     for r in results:
         if r["times"]:
-            med[(r["schedule"], r["m"], r["k"])] = statistics.median(r["times"])
+            med[(r["schedule"], r["m"], r["k"], r.get("partition"))] = statistics.median(r["times"])
     rows = []
     for m in ms:
         for k in ks:
-            seq = med.get(("Seq1F1B", m, k))
-            row = dict(m=m, k=k, seq1f1b_s=seq)
-            for name in TORCH_SCHEDULES:
-                t = med.get((name, m, 1))
-                row[f"{name}/Seq1F1B"] = (t / seq) if (t and seq) else None
-            rows.append(row)
-        t1, s1 = med.get(("1F1B", m, 1)), med.get(("Seq1F1B", m, 1))
+            for part in partitions if k > 1 else [None]:
+                seq = med.get(("Seq1F1B", m, k, part))
+                row = dict(m=m, k=k, partition=part or "-", seq1f1b_s=seq)
+                for name in TORCH_SCHEDULES:
+                    t = med.get((name, m, 1, None))
+                    row[f"{name}/Seq1F1B"] = (t / seq) if (t and seq) else None
+                rows.append(row)
+        t1, s1 = med.get(("1F1B", m, 1, None)), med.get(("Seq1F1B", m, 1, None))
         if t1 and s1:
-            rows.append(dict(m=m, k="1 vs 1F1B", seq1f1b_s=s1, overhead=s1 / t1 - 1))
+            rows.append(dict(m=m, k="1 vs 1F1B", partition="-", seq1f1b_s=s1, overhead=s1 / t1 - 1))
     return rows
 
 
@@ -107,8 +108,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--chunks", default="1,2,4,8", help="comma-separated Seq1F1B k values (default 1,2,4,8)")
     parser.add_argument("--schedules", default=",".join(TORCH_SCHEDULES),
                         help=f"torch schedules to compare (default {','.join(TORCH_SCHEDULES)})")
-    parser.add_argument("--partition", default="calibrated", choices=["uniform", "balanced", "calibrated"],
-                        help="Seq1F1B chunk lengths (default calibrated: measured on one process first)")
+    parser.add_argument("--partition", default="calibrated",
+                        help="comma-separated Seq1F1B chunk lengths among uniform, balanced, calibrated (measured on "
+                             "one process first); one Seq1F1B run per partition and k > 1 (default calibrated)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per schedule (default 2)")
     parser.add_argument("--repeats", type=int, default=5, help="timed steps per schedule (default 5)")
     parser.add_argument("--timeout", type=float, default=900, help="process-group timeout, seconds")
@@ -124,19 +126,24 @@ def main(args: argparse.Namespace) -> int:
             raise SystemExit(f"--seq-len {cfg.seq_len} is not divisible by k={k}: change --chunks or --seq-len")
     if cfg.n_layers < 2 * args.ranks:
         raise SystemExit(f"--layers {cfg.n_layers} < 2 x --ranks: the two-stage-per-rank schedules need more layers")
+    partitions = [p.strip() for p in args.partition.split(",") if p.strip()]
+    for p in partitions:
+        if p not in ("uniform", "balanced", "calibrated"):
+            raise SystemExit(f"--partition: unknown {p!r}; use uniform, balanced, calibrated")
     meta = dict(env=env_info(), model=asdict(cfg), ranks=args.ranks, threads_per_rank=1,
                 warmup=args.warmup, repeats=args.repeats, partition=args.partition)
     calib = None
-    if args.partition == "calibrated":
+    if "calibrated" in partitions:
         torch.set_num_threads(1)
         calib = calibrate(cfg, [k for k in ks if k > 1], repeats=3, diagonal=True)
         meta["calibration"] = calib
         print(f"calibrated partitions: {calib['lengths']}")
     groups = []
     for m in ms:
-        group = [dict(schedule="Seq1F1B", m=m, k=k,
-                      lengths=partition_lengths(args.partition, cfg, k, calib["lengths"] if calib else None)
-                      if k > 1 else None) for k in ks]
+        group = [dict(schedule="Seq1F1B", m=m, k=1)] if 1 in ks else []
+        group += [dict(schedule="Seq1F1B", m=m, k=k, partition=p,
+                       lengths=partition_lengths(p, cfg, k, calib["lengths"] if calib else None))
+                  for k in ks if k > 1 for p in partitions]
         group += [dict(schedule=name, m=m, k=1) for name in torch_names]
         groups.append(group)
     per_rank = run_ranks(time_worker, args.ranks, cfg, groups, args.warmup, args.repeats, timeout_s=args.timeout)
@@ -144,10 +151,13 @@ def main(args: argparse.Namespace) -> int:
     meta["env_after"] = env_info()
     for r in results:
         r["median_s"] = statistics.median(r["times"]) if r["times"] else None
-    print_table(results, ["schedule", "m", "k", "lengths", "median_s", "error"], formats={"median_s": ".4f"})
-    rows = _ratio_rows(results, ms, ks)
-    cols = ["m", "k", "seq1f1b_s"] + [f"{n}/Seq1F1B" for n in torch_names] + ["overhead"]
-    print_table(rows, cols, formats={c: ".3f" for c in cols[2:]})
+    print_table(results, ["schedule", "m", "k", "lengths", "median_s"], formats={"median_s": ".4f"})
+    for r in results:
+        if r["error"]:
+            print(f"{r['schedule']} m={r['m']}: {r['error']}")
+    rows = _ratio_rows(results, ms, ks, partitions)
+    cols = ["m", "k", "partition", "seq1f1b_s"] + [f"{n}/Seq1F1B" for n in torch_names] + ["overhead"]
+    print_table(rows, cols, formats={c: ".3f" for c in cols[3:]})
     jpath, _ = write_results(out_dir(args), "time", rows, meta, runs=results)
     print(f"load average before/after: {meta['env']['load_avg']} / {meta['env_after']['load_avg']}; wrote {jpath}")
     return 0
