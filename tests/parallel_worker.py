@@ -144,6 +144,8 @@ def layout_worker(rank: int, world: int, configs: list[dict]) -> list[dict]:
             weight=max((weights[n] - ref_weights[n]).abs().max().item() for n in weights),
             n_params=len(grads), expected_params=len([n for n in ref_grads if n in grads]),
             dtensor_params=sum(isinstance(p, DTensor) for p in part.parameters()),
+            local_numel=sum((p.to_local() if isinstance(p, DTensor) else p).numel() for p in part.parameters()),
+            coords=(s, d, mesh["tp"].get_local_rank()),
             param_dtype=str(next(part.parameters()).dtype),
             output_dtype=str(out.dtype) if out is not None else None,
             fsdp_groups=n_groups, fsdp_all_gathers=comm.count,

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import pytest
 
+from pipelining_seq.models import GPTConfig
 from pipelining_seq.parallel import tp_shard_dim, validate_layout
+from pipelining_seq.planner import stage_param_counts
 from pipelining_seq.testing import run_ranks
 
 LAYOUTS_4 = [
@@ -66,6 +68,23 @@ def test_fsdp_all_gathers_once_per_step(results, name):
     for r in results[name]:
         assert r["fsdp_groups"] == 3  # two blocks + the stage root
         assert r["fsdp_all_gathers"] == r["fsdp_groups"], r
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["pp2xdp2", "pp2xtp2", "pp2xtp2-sp", "pp2xdp2xtp2-sp"])
+def test_planner_counts_the_real_shards(results, name):
+    # The planner's per-rank parameter count (ceil-sharded, as rank 0 of each dimension
+    # holds) equals what parallelize_stage actually left on that rank.
+    from parallel_worker import MODEL
+
+    layout = next(c for c in LAYOUTS_4 + LAYOUTS_8 if c["name"] == name)
+    cfg = GPTConfig(**{**MODEL, **layout.get("model", {})})
+    counts = stage_param_counts(cfg, pp=layout["pp"], tp=layout["tp"], dp_shard=layout["dp"])
+    for r in results[name]:
+        stage, d, t = r["coords"]
+        if d == 0 and t == 0:
+            key = "sharded" if layout["dp"] > 1 else "local"
+            assert r["local_numel"] == counts[stage][key], (r, counts)
 
 
 @pytest.mark.slow
