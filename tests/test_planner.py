@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import glob
 import os
 
 import pytest
@@ -10,7 +11,15 @@ import torch
 
 from pipelining_seq.models import GPT, GPTConfig
 from pipelining_seq.partition import balanced_partition
-from pipelining_seq.planner import calibrate, main, parse_bytes, plan_memory, stage_param_counts
+from pipelining_seq.planner import (
+    calibrate,
+    format_plan,
+    main,
+    parse_bytes,
+    plan_from_config,
+    plan_memory,
+    stage_param_counts,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GiB = 1 << 30
@@ -121,3 +130,29 @@ def test_plan_command_rejects_a_wrong_world_size(capsys):
     args.gpus = 48
     assert main(args) == 2
     assert "48" in capsys.readouterr().out
+
+
+PAPER = sorted(glob.glob(os.path.join(ROOT, "recipes", "paper", "*.yaml")))
+
+
+def test_paper_recipes_come_in_twins():
+    names = {os.path.basename(p) for p in PAPER}
+    assert len(names) == 16  # 4 models x {32k, 64k} x {Seq1F1B, 1F1B}
+    for n in names:
+        twin = n.replace("_seq1f1b", "_1f1b") if "_seq1f1b" in n else n.replace("_1f1b", "_seq1f1b")
+        assert twin in names
+
+
+@pytest.mark.parametrize("path", PAPER, ids=os.path.basename)
+def test_paper_recipe_validates_and_plans(path):
+    from pipelining_seq.config import load_config
+
+    with open(path) as f:
+        first = f.readline()
+    assert first.startswith("# pipelining-seq run ") and first.rstrip().endswith(os.path.relpath(path, ROOT))
+    cfg = load_config(path)
+    plan = plan_from_config(cfg)  # runs validate_config with the recipe's own world size
+    assert plan.gpus % 8 == 0 and plan.mixed_precision and not cfg.model.activation_checkpoint
+    assert cfg.model.vocab_size == 50304 and cfg.model.ffn_dim == 4 * cfg.model.dim
+    if cfg.parallelism.pipeline_parallel_schedule == "Seq1F1B":
+        assert plan.fits, format_plan(plan)
