@@ -9,7 +9,9 @@ imports in one module means a torch upgrade breaks in one place, and
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -18,6 +20,7 @@ from torch.distributed.pipelining import schedules as _schedules
 from torch.distributed.pipelining import stage as _stage
 
 __all__ = [
+    "observe_input_reshard",
     "Action",
     "ComputationType",
     "FORWARD",
@@ -265,3 +268,31 @@ def torch_schedule_actions(
                     f"not micro-batches 0..{n_microbatches - 1}: its _get_pipeline_order is unusable here"
                 )
     return out
+
+
+# --------------------------------------------------------------------------------------
+# Tensor-parallel input resharding (pipelining_seq.parallel): what it saves.
+# --------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def observe_input_reshard(callback: Any) -> Iterator[None]:
+    """Call ``callback(tensor)`` for every slice ``input_reshard`` saves instead of a
+    gathered input (memory calibration). Its saved-tensor hooks are innermost, so an
+    outer ``saved_tensors_hooks`` never sees those tensors; this patches torch's private
+    ``_pack_hook_tp`` for the duration of the ``with`` block."""
+    import torch.distributed.tensor.parallel.input_reshard as mod
+
+    orig = mod._pack_hook_tp
+
+    def hook(mesh: Any, dim: int, x: Any) -> Any:
+        out = orig(mesh, dim, x)
+        if out is not x:
+            callback(out)
+        return out
+
+    mod._pack_hook_tp = hook
+    try:
+        yield
+    finally:
+        mod._pack_hook_tp = orig

@@ -12,9 +12,11 @@ import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from pipelining_seq import ScheduleSeq1F1B, SequencePipelineStage
+from pipelining_seq import ScheduleSeq1F1B, SequencePipelineStage, _compat
+from pipelining_seq.context import ChunkContext, KVCache, chunk_context
 from pipelining_seq.models import GPT, GPTConfig, split_stage
 from pipelining_seq.parallel import apply_fsdp, build_mesh, parallelize_stage
+from pipelining_seq.planner import ActivationModel
 
 VOCAB = 64
 MODEL = dict(vocab_size=VOCAB, n_layers=4, dim=32, n_heads=4, n_kv_heads=2, mlp="swiglu")
@@ -95,12 +97,59 @@ def gathered_inputs_kept(mlp: str) -> list[bool]:
     return kept
 
 
+def tp_saved_bytes(lengths: tuple[int, ...] = (24, 16), batch: int = 2) -> list[dict]:
+    """Bytes a tensor-parallel stack saves per unit (DTensor-aware) next to the planner's count."""
+    mesh = build_mesh(pp=dist.get_world_size() // 2, dp_shard=1, tp=2, device_type="cpu")
+    out = []
+    for sp in (False, True):
+        for mlp in ("gelu", "swiglu"):
+            for dtype in (torch.float32, torch.bfloat16):
+                model = make_model(dtype, mlp=mlp, n_layers=2, dim=64, n_kv_heads=None)
+                model.tok_embeddings = model.norm = model.output = None
+                parallelize_stage(model, mesh=mesh, mixed_precision=False, sequence_parallel=sp)
+                params = {_local(p).untyped_storage().data_ptr() for p in model.parameters()}
+                seen: dict[int, int] = {}
+
+                def count(t, seen=seen, params=params):
+                    storage = _local(t).untyped_storage()
+                    if storage.data_ptr() not in params:
+                        seen.setdefault(storage.data_ptr(), storage.nbytes())
+                    return t
+
+                cache, keep, offset = KVCache(), [], 0
+                am = ActivationModel(dim=64, n_heads=4, n_kv_heads=4, ffn_dim=model.config.ffn_dim, mlp=mlp,
+                                     vocab_size=VOCAB, tp=2, sequence_parallel=sp, act_bytes=dtype.itemsize,
+                                     device="cpu")
+                for j, s in enumerate(lengths):
+                    seen.clear()
+                    x = torch.randn(batch, s, 64, dtype=dtype, requires_grad=True)
+                    with (torch.autograd.graph.saved_tensors_hooks(count, lambda t: t),
+                          _compat.observe_input_reshard(count),
+                          chunk_context(ChunkContext(0, j, len(lengths), offset, s, cache))):
+                        keep.append(model(x))
+                    offset += s
+                    measured = sum(seen.values()) + sum(am.kv_bytes(s, batch) for _ in model.layers)
+                    predicted = sum(am.layer_saved(s, j, batch) + am.kv_bytes(s, batch) for _ in model.layers)
+                    out.append(dict(sp=sp, mlp=mlp, dtype=str(dtype), chunk=j, measured=measured,
+                                    predicted=predicted, kv_cache=cache.nbytes()))
+                cache.clear()
+                keep.clear()
+    return out
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t._local_tensor if isinstance(t, DTensor) else t
+
+
 def layout_worker(rank: int, world: int, configs: list[dict]) -> list[dict]:
     """Run each layout on this rank; return max differences against the local reference."""
     results = []
     for cfg in configs:
         if "probe" in cfg:
             results.append(dict(name=cfg["name"], kept=gathered_inputs_kept(cfg["probe"])))
+            continue
+        if "tp_memory" in cfg:
+            results.append(dict(name=cfg["name"], units=tp_saved_bytes()))
             continue
         t0 = time.perf_counter()
         pp, dp, tp = cfg["pp"], cfg["dp"], cfg["tp"]
