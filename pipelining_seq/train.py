@@ -285,6 +285,13 @@ def train(cfg: JobConfig) -> dict[str, Any]:
     )
     start_step = 0
     load_path = ckpt.resolve_load(cfg)
+    if rank == 0 and cfg.checkpoint.enable and load_path is None:
+        old = [s for s, _ in ckpt.find_checkpoints(resolve_path(cfg, cfg.checkpoint.folder))]
+        if old:
+            logger.warning(
+                "checkpoint.folder holds steps %s of an earlier run; this run starts fresh and replaces them as it "
+                "reaches them (checkpoint.load=latest resumes instead)", old,
+            )
     if load_path is not None:
         start_step = ckpt.load_checkpoint(
             load_path, cfg=cfg, stage_ids=stage_ids, parts=parts, optimizers=optimizers, schedulers=schedulers,
