@@ -114,14 +114,14 @@ def _ls() -> int:
         print("no recipes/ folder here or next to the package", file=sys.stderr)
         return 1
     for d in dirs:
-        for path in sorted(d.glob("*.yaml")):
+        for path in sorted(d.rglob("*.yaml")):
             try:
                 cfg = load_config(str(path))
                 info = resolve_schedule(cfg.parallelism.pipeline_parallel_schedule)
                 line = f"{world_size(cfg)} proc  {info.name:<14} {cfg.job.description}"
             except ConfigError as e:
                 line = f"(invalid: {e})"
-            print(f"{path.stem:<28} {line}")
+            print(f"{str(path.relative_to(d).with_suffix('')):<28} {line}")
     return 0
 
 

@@ -14,10 +14,16 @@ from collections.abc import Iterable
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from .context import KVCache
 
 __all__ = ["ActivationMemoryMeter"]
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    # A DTensor has no storage of its own; its bytes on this rank are its local shard's.
+    return t._local_tensor if isinstance(t, DTensor) else t
 
 
 class _Packed:
@@ -44,9 +50,12 @@ class ActivationMemoryMeter:
     """
 
     def __init__(self, *, modules: Iterable[nn.Module] = (), kv_cache: KVCache | None = None) -> None:
-        self._param_keys = {
-            p.untyped_storage().data_ptr() for m in modules for p in m.parameters() if p.device.type != "meta"
-        }
+        self._modules = list(modules)
+        self._param_keys: set[int] = set()
+        self._refresh_param_keys()
+        # FSDP2 swaps in unsharded parameters (views of its all-gather buffer) for forward;
+        # with sharded parameters the set is refreshed whenever a new storage is saved.
+        self._sharded = any(isinstance(p, DTensor) for m in self._modules for p in m.parameters())
         self.kv_cache = kv_cache
         self._refs: dict[int, int] = {}
         self._bytes: dict[int, int] = {}
@@ -55,6 +64,12 @@ class ActivationMemoryMeter:
         self.peak_saved_bytes = 0
         self.peak_kv_bytes = 0
         self._hooks = None
+
+    def _refresh_param_keys(self) -> None:
+        self._param_keys = {
+            _local(p).untyped_storage().data_ptr()
+            for m in self._modules for p in m.parameters() if p.device.type != "meta"
+        }
 
     def reset_peak(self) -> None:
         self.peak_bytes = self.peak_saved_bytes = self.peak_kv_bytes = 0
@@ -88,8 +103,10 @@ class ActivationMemoryMeter:
     def _pack(self, t: torch.Tensor):
         if t.device.type == "meta" or isinstance(t, nn.Parameter):
             return t
-        storage = t.untyped_storage()
+        storage = _local(t).untyped_storage()
         key = storage.data_ptr()
+        if self._sharded and key not in self._param_keys and key not in self._refs:
+            self._refresh_param_keys()
         if key in self._param_keys or storage.nbytes() == 0:
             return t
         count = self._refs.get(key, 0)

@@ -89,18 +89,12 @@ class StageMemory:
     """Peak memory of this rank's stages during the steps it wraps (see the module docs)."""
 
     def __init__(self, *, device: torch.device, modules: Iterable[nn.Module], kv_caches: Iterable[Any] = ()) -> None:
-        from torch.distributed.tensor import DTensor
-
         self.device = device
         modules = list(modules)
         caches = [c for c in kv_caches if c is not None]
         self._meter = None
         if device.type == "cuda":
             self.kind = "cuda_max_allocated"
-        elif any(isinstance(p, DTensor) for m in modules for p in m.parameters()):
-            # ActivationMemoryMeter keys tensors by storage, which DTensors do not expose.
-            self.kind = "unavailable"
-            logger.info("peak memory is not measured on CPU with FSDP2/tensor-parallel (DTensor) parameters")
         else:
             self.kind = "cpu_activations"
             # One meter per rank: saved-tensor hooks are global, so stages of one rank share it.
@@ -108,7 +102,7 @@ class StageMemory:
 
     @contextlib.contextmanager
     def measure(self, enabled: bool = True):
-        if not enabled or self.kind == "unavailable":
+        if not enabled:
             yield
             return
         if self._meter is None:
@@ -119,9 +113,7 @@ class StageMemory:
         with self._meter:
             yield
 
-    def peak_bytes(self) -> int | None:
-        if self.kind == "unavailable":
-            return None
+    def peak_bytes(self) -> int:
         if self._meter is None:
             return int(torch.cuda.max_memory_allocated(self.device))
         return int(self._meter.peak_bytes)
@@ -163,11 +155,10 @@ class MetricLogger:
                 if value is not None and math.isfinite(value):
                     self.writer.add_scalar(key, value, step)
             for stage, nbytes in memory.items():
-                if nbytes is not None:
-                    self.writer.add_scalar(f"memory/peak_MiB_{stage}", nbytes / 2**20, step)
+                self.writer.add_scalar(f"memory/peak_MiB_{stage}", nbytes / 2**20, step)
             self.writer.flush()
         elapsed = time.perf_counter() - self._t0
-        mem = " ".join(f"{stage} {'n/a' if nbytes is None else f'{nbytes / 2**20:.1f}'}" for stage, nbytes in memory.items())
+        mem = " ".join(f"{stage} {nbytes / 2**20:.1f}" for stage, nbytes in memory.items())
         mfu = scalars.get("throughput/mfu_pct")
         line = (
             f"{_bar(step, self.total_steps)} step {step}/{self.total_steps} | loss {scalars['loss/train']:.4f} | "

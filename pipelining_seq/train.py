@@ -330,6 +330,9 @@ def train(cfg: JobConfig) -> dict[str, Any]:
                 schedule.step(
                     *((x.to(device),) if has_first else ()), target=y.to(device) if has_last else None,
                     losses=losses if has_last else None,
+                    # Merged logits are never used here; keeping them would hold every unit's
+                    # full-vocabulary output until the end of the step.
+                    return_outputs=False,
                 )
             grad_norm = clip_grad_norm_(params, t.max_norm, pp_group=pp_group)
             lr = float(optimizers[0].param_groups[0]["lr"])

@@ -157,5 +157,6 @@ def test_cuda_parity(backend, dtype):
     out, grads, _ = chunked_run(ChunkedCausalAttention(backend=backend), *cuda, [200, 136, 96, 80])
     errs = [((a.double().cpu() - b).abs().max() / b.abs().max()).item()
             for a, b in zip([out, *grads], [ref_out, *ref_grads])]
-    print(f"cuda parity {backend} {dtype}: rel max err out/dq/dk/dv = {['%.2e' % e for e in errs]}")
+    shown = " ".join(f"{e:.2e}" for e in errs)
+    print(f"cuda parity {backend} {dtype}: rel max err out/dq/dk/dv = {shown}")
     assert max(errs) < (2e-5 if dtype == torch.float32 else 3e-2)
