@@ -43,8 +43,9 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from .config import JobConfig, chunk_lengths, pipeline_layout, resolve_path, resolve_schedule, to_dict
+from .config import JobConfig, to_dict
 from .models.gpt import GPT, GPTConfig
+from .validation import chunk_lengths, pipeline_layout, resolve_path, resolve_schedule
 
 __all__ = [
     "CheckpointError",
@@ -172,7 +173,7 @@ def compatibility_problems(manifest: dict[str, Any], cfg: JobConfig, path: str) 
 
 
 def config_problems(cfg: JobConfig) -> list[str]:
-    """Checkpoint checks of :func:`pipelining_seq.config.validate_config` (no processes)."""
+    """Checkpoint checks of :func:`pipelining_seq.validation.validate_config` (no processes)."""
     ck = cfg.checkpoint
     folder = resolve_path(cfg, ck.folder)
     problems: list[str] = []

@@ -15,17 +15,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .config import (
-    ConfigError,
-    JobConfig,
-    chunk_lengths,
-    load_config,
-    n_microbatches,
-    resolve_schedule,
-    stage_ranks,
-    to_yaml,
-    validate_config,
-)
+from .config import ConfigError, JobConfig, load_config, to_yaml
+from .validation import chunk_lengths, n_microbatches, resolve_schedule, stage_ranks, validate_config
 
 __all__ = ["add_arguments", "find_recipe", "main", "recipe_dirs", "torchrun_command"]
 

@@ -37,23 +37,21 @@ from torch.distributed.pipelining import PipelineStage
 from torch.distributed.pipelining.schedules import get_schedule_class
 
 from . import checkpoint as ckpt
-from .config import (
-    ConfigError,
-    JobConfig,
-    chunk_lengths,
-    load_config,
-    n_microbatches,
-    resolve_path,
-    resolve_schedule,
-    stage_ranks,
-    validate_config,
-)
+from .config import ConfigError, JobConfig, load_config
 from .data import TokenBatches, load_tokens
 from .metrics import MetricLogger, StageMemory, build_profiler, device_peak_tflops, model_flops_per_token
 from .models.gpt import GPT, split_stage, stage_layer_ranges
 from .partition import balanced_partition
 from .schedules import ScheduleSeq1F1B
 from .stage import SequencePipelineStage
+from .validation import (
+    chunk_lengths,
+    n_microbatches,
+    resolve_path,
+    resolve_schedule,
+    stage_ranks,
+    validate_config,
+)
 
 __all__ = ["build_optimizer", "clip_grad_norm_", "cross_entropy_loss", "init_weights", "lr_factor", "main", "train"]
 

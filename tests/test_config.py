@@ -12,11 +12,12 @@ import torch
 from train_workers import DEFAULT_RECIPE, ROOT, tiny_config
 
 from pipelining_seq import cli
-from pipelining_seq.config import ConfigError, JobConfig, field_docs, load_config, to_markdown, validate_config
+from pipelining_seq.config import ConfigError, JobConfig, field_docs, load_config, to_markdown
 from pipelining_seq.data import ByteTokenizer, TokenBatches, inspect_dataset, load_tokens, write_token_file
 from pipelining_seq.metrics import model_flops_per_token
 from pipelining_seq.models import GPTConfig
 from pipelining_seq.partition import chunk_cost
+from pipelining_seq.validation import validate_config
 
 RECIPES = sorted(glob.glob(os.path.join(ROOT, "recipes", "*.yaml")))
 

@@ -7,10 +7,11 @@ import os
 
 import torch
 
-from pipelining_seq.config import JobConfig, load_config, n_microbatches
+from pipelining_seq.config import JobConfig, load_config
 from pipelining_seq.data import TokenBatches, load_tokens
 from pipelining_seq.models import GPT
 from pipelining_seq.train import build_optimizer, clip_grad_norm_, cross_entropy_loss, init_weights
+from pipelining_seq.validation import n_microbatches
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_RECIPE = os.path.join(ROOT, "recipes", "gpt_tiny_cpu.yaml")

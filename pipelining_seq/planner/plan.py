@@ -319,7 +319,7 @@ def plan_from_config(
     cfg, *, gpus: int | None = None, gpu_memory: str | int = "80GB", reserve: str | int = "2GiB", title: str = ""
 ) -> MemoryPlan:
     """Plan a loaded recipe (:class:`pipelining_seq.config.JobConfig`); runs its validation first."""
-    from ..config import validate_config
+    from ..validation import validate_config
 
     par, tr = cfg.parallelism, cfg.training
     world = gpus if gpus is not None else par.pipeline_parallel_degree * par.data_parallel_shard_degree * par.tensor_parallel_degree

@@ -1,0 +1,365 @@
+"""Settings derived from a recipe, and the checks that run before any process starts.
+
+:func:`validate_config` checks everything that depends on several fields (stage layout,
+micro-batches, chunk lengths, parallel degrees, data, checkpoints) and names the knob to
+change. The layout helpers (:func:`resolve_schedule`, :func:`stage_ranks`,
+:func:`pipeline_layout`, :func:`chunk_lengths`) are what the training loop, the
+checkpoints and the planner derive from a recipe.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from .config import ConfigError, JobConfig
+
+__all__ = [
+    "ScheduleInfo",
+    "chunk_lengths",
+    "n_microbatches",
+    "pipeline_layout",
+    "resolve_path",
+    "resolve_schedule",
+    "stage_ranks",
+    "stages_per_rank",
+    "validate_config",
+]
+
+
+# ---------------------------------------------------------------- derived settings
+_MULTI_STAGE_V = ("ZBVZeroBubble", "DualPipeV")
+
+
+@dataclass(frozen=True)
+class ScheduleInfo:
+    """What the training loop needs to know about a schedule name."""
+
+    name: str
+    """Canonical name (Seq1F1B or torch's spelling)."""
+    multi_stage: bool
+    """A PipelineScheduleMulti (several stages per rank)."""
+    style: str
+    """Stage placement over ranks: 'loop' (rank r holds r, r+pp, ...) or 'v' (r and 2pp-1-r)."""
+
+
+def resolve_schedule(name: str) -> ScheduleInfo:
+    """Seq1F1B, or a torch built-in schedule by its (case-insensitive) name."""
+    if name.lower() == "seq1f1b":
+        return ScheduleInfo(name="Seq1F1B", multi_stage=False, style="loop")
+    from torch.distributed.pipelining.schedules import PipelineScheduleMulti, PipelineScheduleSingle, get_schedule_class
+
+    try:
+        cls = get_schedule_class(name)
+    except ValueError:
+        cls = None
+    if cls is None or cls in (PipelineScheduleSingle, PipelineScheduleMulti):
+        raise ConfigError(
+            f"parallelism.pipeline_parallel_schedule={name!r} is not a schedule; use Seq1F1B or one of torch's: "
+            "1F1B, GPipe, Interleaved1F1B, LoopedBFS, InterleavedZeroBubble, ZBVZeroBubble, DualPipeV"
+        )
+    canonical = {c.__name__: n for n, c in _torch_schedule_names().items()}[cls.__name__]
+    multi = issubclass(cls, PipelineScheduleMulti)
+    return ScheduleInfo(name=canonical, multi_stage=multi, style="v" if canonical in _MULTI_STAGE_V else "loop")
+
+
+@functools.cache
+def _torch_schedule_names() -> dict[str, type]:
+    from torch.distributed.pipelining import schedules as s
+
+    names = ("1F1B", "GPipe", "Interleaved1F1B", "LoopedBFS", "InterleavedZeroBubble", "ZBVZeroBubble", "DualPipeV")
+    return {n: s.get_schedule_class(n) for n in names}
+
+
+def stages_per_rank(cfg: JobConfig) -> int:
+    spr = cfg.parallelism.pipeline_parallel_stages_per_rank
+    if spr is not None:
+        return spr
+    return 2 if resolve_schedule(cfg.parallelism.pipeline_parallel_schedule).multi_stage else 1
+
+
+def n_microbatches(cfg: JobConfig) -> int:
+    return cfg.training.local_batch_size // cfg.parallelism.pipeline_parallel_microbatch_size
+
+
+def stage_ranks(cfg: JobConfig) -> list[int]:
+    """Pipeline rank (within the pp group) holding each stage."""
+    pp = cfg.parallelism.pipeline_parallel_degree
+    n = pp * stages_per_rank(cfg)
+    if resolve_schedule(cfg.parallelism.pipeline_parallel_schedule).style == "v":
+        return [s if s < pp else n - 1 - s for s in range(n)]
+    return [s % pp for s in range(n)]
+
+
+def pipeline_layout(cfg: JobConfig) -> dict[str, Any]:
+    """How the model is cut into stages: what a checkpoint must match to be loaded."""
+    from .models.gpt import stage_layer_ranges
+
+    ranks = stage_ranks(cfg)
+    ranges = stage_layer_ranges(cfg.model.n_layers, len(ranks))
+    return {
+        "num_stages": len(ranks),
+        "pipeline_parallel_degree": cfg.parallelism.pipeline_parallel_degree,
+        "stage_ranks": ranks,
+        "stage_layers": [[r.start, r.stop] for r in ranges],
+    }
+
+
+def chunk_lengths(cfg: JobConfig) -> list[int]:
+    """Seq1F1B chunk lengths of ``training.seq_len`` (``[seq_len]`` for other schedules)."""
+    from .partition import balanced_partition, resolve_partition
+
+    s, seq = cfg.seq1f1b, cfg.training.seq_len
+    if resolve_schedule(cfg.parallelism.pipeline_parallel_schedule).name != "Seq1F1B":
+        return [seq]
+    if isinstance(s.partition, str) and s.partition == "balanced":
+        g = cfg.model.to_gpt_config()
+        return balanced_partition(
+            seq, s.num_seq_chunks, num_layers=g.n_layers, hidden_size=g.dim, num_heads=g.n_heads,
+            ffn_hidden_size=g.ffn_dim, vocab_size=g.vocab_size, multiple_of=s.multiple_of,
+        )
+    return resolve_partition(s.partition, seq, s.num_seq_chunks)
+
+
+def resolve_path(cfg: JobConfig, path: str) -> str:
+    """``path`` relative to ``job.dump_folder`` unless absolute."""
+    return path if os.path.isabs(path) else os.path.join(cfg.job.dump_folder, path)
+
+
+# ------------------------------------------------------------------------- validation
+def validate_config(cfg: JobConfig, *, world_size: int | None = None) -> None:
+    """Raise :class:`ConfigError` listing every problem of ``cfg``; starts no process.
+
+    ``world_size`` (when known) must equal pp * dp_shard * tp.
+    """
+    errors: list[str] = []
+    for check in (_check_model, _check_training, _check_optimizer, _check_parallelism, _check_outputs):
+        errors += check(cfg, world_size)
+    if not errors:  # these read the combination, so they need the basics right
+        errors += _check_seq1f1b(cfg) + _check_checkpoint(cfg)
+    if errors:
+        raise ConfigError(errors)
+
+
+def _positive(errors: list[str], **knobs: Any) -> None:
+    for knob, value in knobs.items():
+        if not isinstance(value, (int, float)) or value <= 0:
+            errors.append(f"{knob.replace('__', '.')}={value} must be positive")
+
+
+def _one_of(errors: list[str], knob: str, value: Any, choices: Sequence[str]) -> None:
+    if value not in choices:
+        errors.append(f"{knob}={value!r}: use one of {', '.join(choices)}")
+
+
+def _check_model(cfg: JobConfig, world_size: int | None) -> list[str]:
+    errors: list[str] = []
+    m = cfg.model
+    _positive(errors, model__vocab_size=m.vocab_size, model__n_layers=m.n_layers, model__dim=m.dim, model__n_heads=m.n_heads)
+    if m.n_kv_heads is not None:
+        _positive(errors, model__n_kv_heads=m.n_kv_heads)
+    if m.ffn_dim is not None:
+        _positive(errors, model__ffn_dim=m.ffn_dim)
+    _one_of(errors, "model.attn_backend", m.attn_backend, ("auto", "blockwise", "sdpa", "flash"))
+    if not errors:
+        try:
+            m.to_gpt_config()
+        except (ValueError, ZeroDivisionError) as e:
+            errors.append(str(e))
+    return errors
+
+
+def _check_training(cfg: JobConfig, world_size: int | None) -> list[str]:
+    errors: list[str] = []
+    t = cfg.training
+    _positive(errors, training__seq_len=t.seq_len, training__local_batch_size=t.local_batch_size, training__steps=t.steps)
+    if t.max_norm < 0:
+        errors.append(f"training.max_norm={t.max_norm} must be >= 0 (0 disables clipping)")
+    if t.num_threads < 0:
+        errors.append(f"training.num_threads={t.num_threads} must be >= 0 (0 = automatic)")
+    _one_of(errors, "training.mixed_precision_param", t.mixed_precision_param, ("bfloat16", "float32"))
+    _one_of(errors, "training.device", t.device, ("auto", "cpu", "cuda"))
+    if t.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            errors.append("training.device='cuda' but no CUDA device is available: use training.device=cpu or auto")
+    _one_of(errors, "training.dataset_dtype", t.dataset_dtype, ("uint16", "uint32"))
+    if errors:
+        return errors
+    from . import data
+
+    try:
+        info = data.inspect_dataset(t.dataset, dtype=t.dataset_dtype)
+    except (OSError, ValueError) as e:
+        return [f"training.dataset={t.dataset!r}: {e}"]
+    if info.n_tokens < t.seq_len + 1:
+        errors.append(
+            f"training.dataset={t.dataset!r} holds {info.n_tokens} tokens, fewer than training.seq_len + 1 = "
+            f"{t.seq_len + 1}: lower training.seq_len or use a larger dataset"
+        )
+    if info.max_token >= cfg.model.vocab_size:
+        errors.append(
+            f"training.dataset={t.dataset!r} has token id {info.max_token} but model.vocab_size={cfg.model.vocab_size}: "
+            f"raise model.vocab_size to at least {info.max_token + 1} (or check training.dataset_dtype)"
+        )
+    return errors
+
+
+def _check_optimizer(cfg: JobConfig, world_size: int | None) -> list[str]:
+    errors: list[str] = []
+    o, s = cfg.optimizer, cfg.lr_scheduler
+    if o.name.lower() != "adamw":
+        errors.append(f"optimizer.name={o.name!r}: only AdamW is supported")
+    _positive(errors, optimizer__lr=o.lr, optimizer__eps=o.eps)
+    if o.weight_decay < 0:
+        errors.append(f"optimizer.weight_decay={o.weight_decay} must be >= 0")
+    if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
+        errors.append(f"optimizer.betas={list(o.betas)}: need two values in [0, 1)")
+    if s.warmup_steps < 0:
+        errors.append(f"lr_scheduler.warmup_steps={s.warmup_steps} must be >= 0")
+    _one_of(errors, "lr_scheduler.decay_type", s.decay_type, ("cosine", "linear", "constant"))
+    if not 0 <= s.min_lr_factor <= 1:
+        errors.append(f"lr_scheduler.min_lr_factor={s.min_lr_factor} must be in [0, 1]")
+    return errors
+
+
+def _check_parallelism(cfg: JobConfig, world_size: int | None) -> list[str]:
+    errors: list[str] = []
+    p, m = cfg.parallelism, cfg.model
+    pp, dp, tp = p.pipeline_parallel_degree, p.data_parallel_shard_degree, p.tensor_parallel_degree
+    _positive(
+        errors, parallelism__pipeline_parallel_degree=pp, parallelism__data_parallel_shard_degree=dp,
+        parallelism__tensor_parallel_degree=tp, parallelism__pipeline_parallel_microbatch_size=p.pipeline_parallel_microbatch_size,
+    )
+    try:
+        info = resolve_schedule(p.pipeline_parallel_schedule)
+    except ConfigError as e:
+        errors += e.errors
+    if errors:
+        return errors
+    if world_size is not None and world_size != pp * dp * tp:
+        errors.append(
+            f"{world_size} processes but parallelism.pipeline_parallel_degree ({pp}) * data_parallel_shard_degree ({dp}) "
+            f"* tensor_parallel_degree ({tp}) = {pp * dp * tp}: make them agree (--nproc-per-node {pp * dp * tp})"
+        )
+    spr = p.pipeline_parallel_stages_per_rank
+    if spr is not None and spr < 1:
+        errors.append(f"parallelism.pipeline_parallel_stages_per_rank={spr} must be positive (or null)")
+    elif not info.multi_stage and spr not in (None, 1):
+        errors.append(
+            f"parallelism.pipeline_parallel_schedule={info.name} runs one stage per rank but "
+            f"parallelism.pipeline_parallel_stages_per_rank={spr}: set it to 1 or null, or pick Interleaved1F1B"
+        )
+    elif info.multi_stage and spr is not None and (spr < 2 or (info.style == "v" and spr != 2)):
+        need = "exactly 2" if info.style == "v" else "at least 2"
+        errors.append(f"parallelism.pipeline_parallel_stages_per_rank={spr}: {info.name} needs {need} stages per rank")
+    if errors:
+        return errors
+    spr = stages_per_rank(cfg)
+    n_stages = pp * spr
+    if m.n_layers % n_stages:
+        where = "parallelism.pipeline_parallel_degree" + (" * pipeline_parallel_stages_per_rank" if spr > 1 else "")
+        errors.append(
+            f"model.n_layers={m.n_layers} cannot be split evenly over {n_stages} pipeline stages ({where}): "
+            f"use a multiple of {n_stages} layers or change {where.split(' ')[0]}"
+        )
+    mbs = p.pipeline_parallel_microbatch_size
+    if cfg.training.local_batch_size % mbs:
+        errors.append(
+            f"training.local_batch_size={cfg.training.local_batch_size} is not divisible by "
+            f"parallelism.pipeline_parallel_microbatch_size={mbs}: make the batch a multiple of the micro-batch size"
+        )
+        return errors
+    nmb = n_microbatches(cfg)
+    k = cfg.seq1f1b.num_seq_chunks
+    if info.name == "Seq1F1B" and k >= 1 and nmb * k < pp:
+        errors.append(
+            f"Seq1F1B needs micro-batches * seq1f1b.num_seq_chunks >= pipeline stages: {nmb} * {k} < {pp}; raise "
+            "training.local_batch_size, lower parallelism.pipeline_parallel_microbatch_size or raise seq1f1b.num_seq_chunks"
+        )
+    if info.name == "1F1B" and nmb < pp:
+        errors.append(
+            f"1F1B needs at least as many micro-batches as stages: {nmb} < {pp}; raise training.local_batch_size or "
+            "lower parallelism.pipeline_parallel_microbatch_size (Seq1F1B only needs micro-batches * chunks >= stages)"
+        )
+    if info.name == "DualPipeV" and nmb < n_stages:
+        errors.append(f"DualPipeV needs at least {n_stages} micro-batches (one per stage), got {nmb}: raise training.local_batch_size")
+    if info.name in ("Interleaved1F1B", "InterleavedZeroBubble") and nmb % max(1, nmb // pp):
+        errors.append(
+            f"{info.name} needs the micro-batch count ({nmb}) to be a multiple of the rounds ({nmb // pp}): use a "
+            f"multiple of parallelism.pipeline_parallel_degree={pp} micro-batches"
+        )
+    if tp > 1:
+        g = m.to_gpt_config()
+        for knob, val in (("model.n_heads", g.n_heads), ("model.n_kv_heads", g.n_kv_heads), ("model.ffn_dim", g.ffn_dim)):
+            if val % tp:
+                errors.append(f"{knob}={val} is not divisible by parallelism.tensor_parallel_degree={tp}")
+    if p.enable_sequence_parallel and tp == 1:
+        errors.append("parallelism.enable_sequence_parallel=true needs parallelism.tensor_parallel_degree > 1")
+    if dp * tp > 1 and importlib.util.find_spec("pipelining_seq.parallel") is None:
+        errors.append(
+            "parallelism.data_parallel_shard_degree/tensor_parallel_degree > 1 need pipelining_seq.parallel, which this "
+            "install lacks: set both to 1"
+        )
+    return errors
+
+
+def _check_outputs(cfg: JobConfig, world_size: int | None) -> list[str]:
+    errors: list[str] = []
+    mt, pr, ck = cfg.metrics, cfg.profiling, cfg.checkpoint
+    _positive(errors, metrics__log_freq=mt.log_freq, profiling__profile_freq=pr.profile_freq,
+              profiling__profiler_active=pr.profiler_active, checkpoint__interval=ck.interval)
+    if mt.peak_tflops_per_device is not None and mt.peak_tflops_per_device <= 0:
+        errors.append(f"metrics.peak_tflops_per_device={mt.peak_tflops_per_device} must be positive (or null)")
+    if pr.profiler_warmup < 0 or pr.profiler_warmup + pr.profiler_active > pr.profile_freq:
+        errors.append(
+            f"profiling.profiler_warmup ({pr.profiler_warmup}) + profiler_active ({pr.profiler_active}) must fit in "
+            f"profiling.profile_freq ({pr.profile_freq})"
+        )
+    if ck.keep_latest_k < 0:
+        errors.append(f"checkpoint.keep_latest_k={ck.keep_latest_k} must be >= 0 (0 keeps all)")
+    return errors
+
+
+def _check_seq1f1b(cfg: JobConfig) -> list[str]:
+    s, seq = cfg.seq1f1b, cfg.training.seq_len
+    name = resolve_schedule(cfg.parallelism.pipeline_parallel_schedule).name
+    tp = cfg.parallelism.tensor_parallel_degree
+    if name != "Seq1F1B":
+        if cfg.parallelism.enable_sequence_parallel and seq % tp:
+            return [f"training.seq_len={seq} must be a multiple of parallelism.tensor_parallel_degree={tp} with sequence parallelism"]
+        return []
+    errors: list[str] = []
+    _positive(errors, seq1f1b__num_seq_chunks=s.num_seq_chunks, seq1f1b__multiple_of=s.multiple_of)
+    part = s.partition
+    if isinstance(part, str):
+        _one_of(errors, "seq1f1b.partition", part, ("uniform", "balanced"))
+    elif not (isinstance(part, (list, tuple)) and all(isinstance(x, int) and not isinstance(x, bool) for x in part)):
+        errors.append(f"seq1f1b.partition={part!r}: use uniform, balanced or a list of integer chunk lengths")
+    if errors:
+        return errors
+    try:
+        lengths = chunk_lengths(cfg)
+    except ValueError as e:
+        msg = str(e).replace("n_seq_chunks", "seq1f1b.num_seq_chunks").replace("multiple_of=", "seq1f1b.multiple_of=")
+        return [f"seq1f1b.partition={part!r} with seq1f1b.num_seq_chunks={s.num_seq_chunks} and training.seq_len={seq}: {msg}"]
+    if cfg.parallelism.enable_sequence_parallel and any(n % tp for n in lengths):
+        errors.append(
+            f"chunk lengths {lengths} must be multiples of parallelism.tensor_parallel_degree={tp} with sequence "
+            "parallelism: set seq1f1b.multiple_of to a multiple of it (balanced) or pick lengths that are"
+        )
+    return errors
+
+
+def _check_checkpoint(cfg: JobConfig) -> list[str]:
+    ck = cfg.checkpoint
+    if not ck.enable and ck.load is None:
+        return []
+    from . import checkpoint
+
+    return checkpoint.config_problems(cfg)
