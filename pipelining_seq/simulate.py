@@ -217,12 +217,16 @@ def flop_costs(plan: Plan, shape: ModelShape, lengths: Sequence[int], *, bwd_rat
     return CostModel(fwd, bwd, act, list(lengths), source="flop")
 
 
-def measured_costs(plan: Plan, entry: dict) -> CostModel:
-    """Measured per-chunk times of one stage (``{"lengths", "fwd", "bwd"}``, seconds).
+def measured_costs(plan: Plan, entry: dict, *, scope: str = "stage") -> CostModel:
+    """Measured per-chunk times (``{"lengths", "fwd", "bwd"}``, seconds).
 
-    Every stage is assumed to run what was measured; with several stages per rank
-    each stage runs ``1/stages_per_rank`` of it.
+    ``scope="stage"``: what was measured is one rank's share (``bench gpu`` times a
+    stack of layers), and with several stages per rank each stage runs
+    ``1/stages_per_rank`` of it. ``scope="model"``: the whole model was measured
+    (``bench partition``) and every stage runs ``1/num_stages`` of it.
     """
+    if scope not in ("stage", "model"):
+        raise ValueError(f"scope={scope!r}: use 'stage' or 'model'")
     lengths, fwd, bwd = list(entry["lengths"]), list(entry["fwd"]), list(entry["bwd"])
     if not (len(lengths) == len(fwd) == len(bwd) == plan.n_chunks):
         raise ValueError(
@@ -230,8 +234,9 @@ def measured_costs(plan: Plan, entry: dict) -> CostModel:
             "pass --chunks equal to the benchmark's"
         )
     v = plan.stages_per_rank
+    share = 1 / v if scope == "stage" else 1 / plan.num_stages
     act = [[s / sum(lengths) / v for s in lengths] for _ in range(plan.num_stages)]
-    return CostModel(_per_stage(fwd, plan.num_stages, 1 / v), _per_stage(bwd, plan.num_stages, 1 / v),
+    return CostModel(_per_stage(fwd, plan.num_stages, share), _per_stage(bwd, plan.num_stages, share),
                      act, lengths, source="measured")
 
 
@@ -284,8 +289,14 @@ def _deps(op: Op, k: int, last_stage: int) -> list[tuple[int, str, int]]:
     return out
 
 
-def simulate(plan: Plan, cost: CostModel, *, comm: float = 0.0) -> SimResult:
-    """Play ``plan`` with durations from ``cost``; ``comm`` delays every cross-rank edge."""
+def simulate(plan: Plan, cost: CostModel, *, comm: float = 0.0, recv_latency: float = 0.0) -> SimResult:
+    """Play ``plan`` with durations from ``cost``.
+
+    ``comm`` delays every cross-rank edge (transfer time); ``recv_latency`` is what a
+    rank pays after it becomes free before an action with a cross-rank input can
+    start, even when the data was sent long before (a receive posted late, e.g. gloo
+    on oversubscribed cores).
+    """
     k, last = plan.n_chunks, plan.num_stages - 1
     stage_rank = {op.stage: r for r, ops in plan.ops.items() for op in ops}
     done: dict[tuple[int, str, int], float] = {}
@@ -301,8 +312,10 @@ def simulate(plan: Plan, cost: CostModel, *, comm: float = 0.0) -> SimResult:
                 deps = _deps(op, k, last)
                 if any(d not in done for d in deps):
                     break
+                remote = [d for d in deps if stage_rank.get(d[0], r) != r]
                 ready = max(
-                    [free[r]] + [done[d] + (comm if stage_rank.get(d[0], r) != r else 0.0) for d in deps]
+                    [free[r] + (recv_latency if remote else 0.0)]
+                    + [done[d] + (comm if d in remote else 0.0) for d in deps]
                 )
                 end = ready + cost.duration(op)
                 timeline[r].append((op, ready, end))
@@ -445,6 +458,8 @@ def add_arguments(parser: argparse.ArgumentParser, *, command: str) -> None:
     parser.add_argument("--times", help="JSON written by 'bench partition' or 'bench gpu': measured per-chunk times")
     parser.add_argument("--bwd-ratio", type=float, default=2.0, help="backward/forward time ratio (default 2)")
     parser.add_argument("--comm", type=float, default=0.0, help="delay added to every cross-rank dependency")
+    parser.add_argument("--recv-latency", type=float, default=0.0,
+                        help="time a rank spends receiving a cross-rank input after it is free (late-posted receive)")
     parser.add_argument("--png", help="draw the timelines into this PNG (needs matplotlib)")
     parser.add_argument("--json", help="write the results as JSON here")
     parser.add_argument("--paper", action="store_true",
@@ -472,7 +487,7 @@ def _costs(args: argparse.Namespace, plan: Plan, part: str, times: dict | None) 
         keys = ["full"] if plan.n_chunks == 1 and plan.name != SEQ1F1B else [f"{part}@{plan.n_chunks}", part]
         for key in keys:
             if key in entries:
-                return measured_costs(plan, entries[key])
+                return measured_costs(plan, entries[key], scope=times.get("scope", "stage"))
         raise SystemExit(f"--times file has no {' or '.join(repr(k) for k in keys)} entry (has {sorted(entries)})")
     if args.model:
         seq_len = args.seq_len or 32768
@@ -538,7 +553,7 @@ def main(args: argparse.Namespace) -> int:
             print(f"{name}: skipped ({exc})")
             continue
         for part in args.partition if name == SEQ1F1B else ["uniform"]:
-            res = simulate(plan, _costs(args, plan, part, times), comm=args.comm)
+            res = simulate(plan, _costs(args, plan, part, times), comm=args.comm, recv_latency=args.recv_latency)
             if name == SEQ1F1B and len(args.partition) > 1:
                 res.label = f"{name} ({part})"
             results.append(res)

@@ -166,3 +166,26 @@ def test_bad_arguments():
         build_plan("Nope", pp=2, microbatches=2)
     with pytest.raises(SystemExit, match="needs --model"):
         cli_main(["simulate", "--partition", "balanced"])
+
+
+def test_receive_latency_hits_units_received_late():
+    plan = build_plan("Seq1F1B", pp=2, microbatches=2, chunks=4)
+    cost = equal_costs(plan)
+    base = simulate(plan, cost)
+    late = simulate(plan, cost, recv_latency=0.05)
+    first = {(op.kind, op.unit): (a, b) for op, a, b in late.timeline[1]}
+    # Rank 1's second forward waits for its own first one plus the late receive.
+    assert first[("F", 1)][0] == pytest.approx(first[("F", 0)][1] + 0.05)
+    assert late.makespan > base.makespan
+    # A rank with no remote inputs (the first stage's forwards) pays nothing.
+    assert late.timeline[0][1][1] == pytest.approx(base.timeline[0][1][1])
+
+
+def test_measured_scope_model_splits_over_stages():
+    plan = build_plan("Seq1F1B", pp=2, microbatches=1, chunks=2)
+    entry = dict(lengths=[4, 4], fwd=[1.0, 1.0], bwd=[2.0, 2.0])
+    whole = measured_costs(plan, entry, scope="model")
+    stage = measured_costs(plan, entry)
+    assert whole.fwd[0] == [0.5, 0.5] and stage.fwd[0] == [1.0, 1.0]
+    with pytest.raises(ValueError, match="scope"):
+        measured_costs(plan, entry, scope="rank")

@@ -388,7 +388,10 @@ def main(args: argparse.Namespace) -> int:
         torch.set_num_threads(threads)
     table = _table(report)
     path = out_dir(args)
-    jpath, _ = write_results(path, "gpu", table, meta, report=report)
+    parts = report["sections"].get("chunk_times", {}).get("result", {}) or {}
+    # simulate --times reads "partitions"; the timed stack is one stage's worth of layers.
+    jpath, _ = write_results(path, "gpu", table, meta, report=report, partitions=parts.get("partitions", {}),
+                             scope="stage")
     print(f"bench gpu on {meta['env'].get('gpu', 'cpu')}, torch {torch.__version__}, "
           f"{report['seconds']:.0f} s; wrote {jpath}")
     print_table(table, ["section", "item", "value"])

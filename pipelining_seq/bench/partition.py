@@ -129,7 +129,7 @@ def main(args: argparse.Namespace) -> int:
                 formats={"total_ms": ".1f", "max_over_mean": ".3f", "flop_max_over_mean": ".3f"})
     meta["calibration"] = calib
     path = out_dir(args)
-    jpath, _ = write_results(path, "partition", rows, meta, partitions=entries)
+    jpath, _ = write_results(path, "partition", rows, meta, partitions=entries, scope="model")
     # simulate --times reads the top-level "partitions" mapping.
     print(f"wrote {jpath} (use with: pipelining-seq simulate --times {jpath} --chunks {ks[0]} "
           f"--partition calibrated)")
