@@ -387,18 +387,18 @@ def draw_timeline(results: Sequence[SimResult], path: str, *, title: str | None 
         ax.set_yticks(range(res.plan.num_ranks))
         ax.set_yticklabels([f"rank {r}" for r in range(res.plan.num_ranks)], fontsize=7)
         ax.invert_yaxis()
-        lens = f", chunks {res.cost.lengths}" if k > 1 else ""
+        lens = "" if k == 1 else (", equal-cost chunks" if res.cost.source == "equal" else f", chunks {res.cost.lengths}")
         ax.set_title(
             f"{res.name}: p={res.plan.num_ranks}, m={res.plan.n_microbatches}, k={k}{lens}; "
             f"makespan {res.makespan:.3g}, bubble {res.bubble:.1%}", fontsize=8, loc="left",
         )
         ax.tick_params(axis="x", labelsize=7)
     handles = [Patch(facecolor="grey", alpha=0.45, label="forward"), Patch(facecolor="grey", label="backward")]
-    axes[0, 0].legend(handles=handles, fontsize=7, loc="upper right")
+    fig.legend(handles=handles, fontsize=7, loc="upper right", ncol=2)
     axes[-1, 0].set_xlabel(f"time ({results[0].cost.source} cost model)", fontsize=8)
     if title:
-        fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
+        fig.suptitle(title, fontsize=9, x=0.4)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.3 / sum(heights)))
     fig.savefig(path, dpi=90)
     plt.close(fig)
 
@@ -414,7 +414,7 @@ PAPER_7B = {
 
 
 def paper_comparison(*, pps: Sequence[int] = (4, 8), chunks: int = 4, bwd_ratio: float = 2.0,
-                     comm: float = 0.0) -> list[dict]:
+                     comm: float = 0.0, recv_latency: float = 0.0) -> list[dict]:
     """Simulated Seq1F1B/1F1B and Seq1F1B/1F1B-interleaved for the paper's 7B runs."""
     shape = MODEL_PRESETS["7b"]
     rows = []
@@ -422,11 +422,13 @@ def paper_comparison(*, pps: Sequence[int] = (4, 8), chunks: int = 4, bwd_ratio:
         for pp in pps:
             lengths = balanced_partition(seq, chunks, **asdict(shape), multiple_of=8)
             seq_plan = build_plan(SEQ1F1B, pp=pp, microbatches=m, chunks=chunks)
-            seq_res = simulate(seq_plan, flop_costs(seq_plan, shape, lengths, bwd_ratio=bwd_ratio), comm=comm)
+            seq_res = simulate(seq_plan, flop_costs(seq_plan, shape, lengths, bwd_ratio=bwd_ratio), comm=comm,
+                               recv_latency=recv_latency)
             times = {}
             for name in ("1F1B", "Interleaved1F1B"):
                 plan = build_plan(name, pp=pp, microbatches=m)
-                times[name] = simulate(plan, flop_costs(plan, shape, [seq], bwd_ratio=bwd_ratio), comm=comm)
+                times[name] = simulate(plan, flop_costs(plan, shape, [seq], bwd_ratio=bwd_ratio), comm=comm,
+                                       recv_latency=recv_latency)
             rows.append(dict(
                 seq_len=seq, microbatches=m, pp=pp, chunks=chunks, lengths=lengths,
                 bubble_1f1b=times["1F1B"].bubble, bubble_i1f1b=times["Interleaved1F1B"].bubble,
@@ -524,7 +526,8 @@ def _print_paper(rows: list[dict]) -> None:
 
 def main(args: argparse.Namespace) -> int:
     if args.paper:
-        rows = paper_comparison(pps=(4, 8), chunks=args.chunks, bwd_ratio=args.bwd_ratio, comm=args.comm)
+        rows = paper_comparison(pps=(4, 8), chunks=args.chunks, bwd_ratio=args.bwd_ratio, comm=args.comm,
+                                recv_latency=args.recv_latency)
         _print_paper(rows)
         if args.json:
             with open(args.json, "w") as f:
