@@ -151,11 +151,17 @@ class CostModel:
     """
 
     fwd: list[list[float]]
+    """Forward time, ``[stage][chunk]``."""
     bwd: list[list[float]]
+    """Full backward time, ``[stage][chunk]``."""
     act: list[list[float]]
+    """Activations kept, ``[stage][chunk]``, in micro-batches of one rank."""
     lengths: list[int] = field(default_factory=list)
+    """Chunk lengths (tokens) behind the costs."""
     w_fraction: float = 0.5
+    """Share of a split backward spent in W."""
     source: str = "equal"
+    """Which model produced the costs: equal, flop or measured."""
 
     def duration(self, op: Op) -> float:
         j = op.unit % len(self.fwd[op.stage])

@@ -10,7 +10,7 @@ import logging
 import os
 import platform
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -18,7 +18,6 @@ import torch.nn.functional as F
 from torch.distributed.pipelining import PipelineStage
 
 from .. import _compat
-from ..calibration import default_samples, fit_chunk_cost, linear_fit_partition, time_chunk
 from ..models import GPT, GPTConfig, split_stage
 from ..partition import balanced_partition, uniform_partition
 from ..schedules import ScheduleSeq1F1B
@@ -104,20 +103,6 @@ def ce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------- partitions
-def calibrated_partition(cfg: BenchModel, n_chunks: int, *, repeats: int = 3, multiple_of: int = 8,
-                         diagonal: bool = True) -> tuple[list[int], dict]:
-    """Profile (length, end) chunk times of the whole model on this process and re-cut."""
-    model = make_model(cfg)
-    x, y = make_batch(cfg, 1)
-    samples = []
-    for s, end in default_samples(cfg.seq_len, multiple_of=multiple_of):
-        t = time_chunk(model, x, length=s, end=end, loss_fn=ce_loss, target=y, repeats=repeats)
-        samples.append((s, end, t))
-    cost = fit_chunk_cost(samples, diagonal=diagonal)
-    lengths = linear_fit_partition(cfg.seq_len, n_chunks, cost, multiple_of=multiple_of)
-    return lengths, dict(samples=samples, coefficients=asdict(cost))
-
-
 def partition_lengths(name: str, cfg: BenchModel, n_chunks: int, calibrated: dict | None = None) -> list[int]:
     """Chunk lengths for ``uniform``, ``balanced`` (FLOP model) or ``calibrated``."""
     if name == "uniform":

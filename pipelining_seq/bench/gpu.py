@@ -356,7 +356,7 @@ def _table(report: dict) -> list[dict]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.description = __doc__.splitlines()[0]
+    parser.description = __doc__.splitlines()[0].replace("``", "")
     parser.add_argument("--smoke", action="store_true", help="toy sizes on CPU (what the tests run)")
     parser.add_argument("--out", default=None, help="output folder (default $OUT, else outputs/bench)")
     parser.add_argument("--budget-s", type=float, default=280.0,

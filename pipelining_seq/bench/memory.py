@@ -117,7 +117,7 @@ def memory_worker(rank: int, world: int, cfg: BenchModel, configs: list[dict]) -
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.description = __doc__.splitlines()[0]
+    parser.description = __doc__.splitlines()[0].replace("``", "")
     add_model_arguments(parser, BenchModel(n_layers=8, dim=64, n_heads=4, seq_len=512))
     parser.add_argument("--ranks", type=int, default=4, help="pipeline ranks (default 4)")
     parser.add_argument("--microbatches", default="4,8", help="comma-separated m values (default 4,8)")

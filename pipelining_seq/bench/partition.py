@@ -40,7 +40,7 @@ logger = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.description = __doc__.splitlines()[0]
+    parser.description = __doc__.splitlines()[0].replace("``", "")
     add_model_arguments(parser, BenchModel())
     parser.add_argument("--chunks", default="4", help="comma-separated k values (default 4)")
     parser.add_argument("--partitions", default="uniform,balanced,calibrated",

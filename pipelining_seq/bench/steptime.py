@@ -101,7 +101,7 @@ def _ratio_rows(results: list[dict], ms: list[int], ks: list[int], partitions: l
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.description = __doc__.splitlines()[0]
+    parser.description = __doc__.splitlines()[0].replace("``", "")
     add_model_arguments(parser, BenchModel())
     parser.add_argument("--ranks", type=int, default=2, help="pipeline ranks (default 2)")
     parser.add_argument("--microbatches", default="1,2,4", help="comma-separated m values (default 1,2,4)")
