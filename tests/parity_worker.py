@@ -67,6 +67,7 @@ def parity_worker(rank: int, world: int, configs: list[dict]) -> list[dict]:
         sched = ScheduleSeq1F1B(
             stage, m, ce_loss, n_seq_chunks=k,
             seq_partition=partition_for(cfg.get("partition", "uniform"), seq, k),
+            early_recv=cfg.get("early_recv"),
         )
         x, y = make_batch(batch, seq)
         losses: list = []

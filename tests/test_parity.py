@@ -26,6 +26,7 @@ CONFIGS = {
         dict(m=2, k=4, batch=2, seq=24, partition="balanced"),
         dict(m=2, k=3, batch=2, seq=12, partition=(6, 5, 1), model=dict(activation_checkpoint=True)),
         dict(m=2, k=2, batch=2, seq=16, eval=True, model=dict(attn_backend="sdpa")),
+        dict(m=2, k=4, batch=2, seq=16, partition=(5, 4, 4, 3), early_recv=False),
     ],
     4: [
         dict(m=1, k=4, batch=2, seq=16, partition=(7, 5, 3, 1), eval=True),

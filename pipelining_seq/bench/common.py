@@ -119,7 +119,7 @@ def partition_lengths(name: str, cfg: BenchModel, n_chunks: int, calibrated: dic
 # ------------------------------------------------------------------------- schedules
 def build_schedule(name: str, model: GPT, rank: int, world: int, *, m: int, k: int = 1,
                    lengths: Sequence[int] | None = None, seq_len: int | None = None,
-                   stages_per_rank: int = 2) -> tuple[Any, list]:
+                   stages_per_rank: int = 2, early_recv: bool | None = None) -> tuple[Any, list]:
     """A schedule of ``name`` for this rank and the stages it drives.
 
     ``Seq1F1B`` uses a :class:`SequencePipelineStage`; torch's schedules get plain
@@ -131,7 +131,8 @@ def build_schedule(name: str, model: GPT, rank: int, world: int, *, m: int, k: i
         stage = SequencePipelineStage(split_stage(model, rank, world), rank, world, device)
         part = list(lengths) if lengths is not None else ("uniform" if seq_len is None else uniform_partition(seq_len, k))
         # With explicit lengths the chunking is static: no per-step length exchange.
-        return ScheduleSeq1F1B(stage, m, ce_loss, n_seq_chunks=k, seq_partition=part), [stage]
+        sched = ScheduleSeq1F1B(stage, m, ce_loss, n_seq_chunks=k, seq_partition=part, early_recv=early_recv)
+        return sched, [stage]
     cls = _compat.torch_schedule_class(name)
     if issubclass(cls, torch.distributed.pipelining.schedules.PipelineScheduleSingle):
         stage = PipelineStage(split_stage(model, rank, world), rank, world, device)

@@ -54,7 +54,8 @@ def time_worker(rank: int, world: int, cfg: BenchModel, groups: list[list[dict]]
         for c in group:
             try:
                 sched, stages = build_schedule(c["schedule"], make_model(cfg), rank, world, m=m, k=c["k"],
-                                               lengths=c.get("lengths"), seq_len=cfg.seq_len)
+                                               lengths=c.get("lengths"), seq_len=cfg.seq_len,
+                                               early_recv=c.get("early_recv"))
                 built.append((c, sched, stages, None))
             except (ValueError, RuntimeError) as exc:
                 built.append((c, None, None, f"{type(exc).__name__}: {exc}"))
@@ -111,6 +112,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--partition", default="calibrated",
                         help="comma-separated Seq1F1B chunk lengths among uniform, balanced, calibrated (measured on "
                              "one process first); one Seq1F1B run per partition and k > 1 (default calibrated)")
+    parser.add_argument("--early-recv", choices=["auto", "on", "off"], default="auto",
+                        help="ScheduleSeq1F1B(early_recv=...): post each forward receive one unit ahead "
+                             "(auto: on for gloo, the schedule's default)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per schedule (default 2)")
     parser.add_argument("--repeats", type=int, default=5, help="timed steps per schedule (default 5)")
     parser.add_argument("--timeout", type=float, default=900, help="process-group timeout, seconds")
@@ -131,7 +135,8 @@ def main(args: argparse.Namespace) -> int:
         if p not in ("uniform", "balanced", "calibrated"):
             raise SystemExit(f"--partition: unknown {p!r}; use uniform, balanced, calibrated")
     meta = dict(env=env_info(), model=asdict(cfg), ranks=args.ranks, threads_per_rank=1,
-                warmup=args.warmup, repeats=args.repeats, partition=args.partition)
+                warmup=args.warmup, repeats=args.repeats, partition=args.partition, early_recv=args.early_recv)
+    early = {"auto": None, "on": True, "off": False}[args.early_recv]
     calib = None
     if "calibrated" in partitions:
         torch.set_num_threads(1)
@@ -140,8 +145,8 @@ def main(args: argparse.Namespace) -> int:
         print(f"calibrated partitions: {calib['lengths']}")
     groups = []
     for m in ms:
-        group = [dict(schedule="Seq1F1B", m=m, k=1)] if 1 in ks else []
-        group += [dict(schedule="Seq1F1B", m=m, k=k, partition=p,
+        group = [dict(schedule="Seq1F1B", m=m, k=1, early_recv=early)] if 1 in ks else []
+        group += [dict(schedule="Seq1F1B", m=m, k=k, partition=p, early_recv=early,
                        lengths=partition_lengths(p, cfg, k, calib["lengths"] if calib else None))
                   for k in ks if k > 1 for p in partitions]
         group += [dict(schedule=name, m=m, k=1) for name in torch_names]
