@@ -1,29 +1,15 @@
 """ScheduleSeq1F1B on a single rank (in-process gloo): outputs, loss conventions, bad input,
 and the negative control for backward order. Multi-rank parity is in test_parity.py."""
 
-import os
-
 import pytest
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from parity_worker import ce_loss, make_batch, make_model, reference
 from torch.distributed.pipelining import PipelineStage
 
 from pipelining_seq import ScheduleSeq1F1B, SequencePipelineStage, schedule_ir
-from pipelining_seq.testing import free_port
 
-
-@pytest.fixture(scope="module", autouse=True)
-def world_of_one():
-    if dist.is_initialized():
-        yield
-        return
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ["MASTER_PORT"] = str(free_port())
-    dist.init_process_group("gloo", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
+pytestmark = pytest.mark.usefixtures("world_of_one")
 
 
 def build(m=2, k=2, loss=ce_loss, **kw):
