@@ -103,7 +103,13 @@ class ScheduleSeq1F1B(PipelineScheduleSingle):
             )
         if loss_reduction not in (None, "mean", "sum"):
             raise ValueError(f"loss_reduction={loss_reduction!r}: use 'mean' or 'sum'")
-        if not isinstance(seq_partition, str) and not callable(seq_partition):
+        if isinstance(seq_partition, str):
+            # With seq_len known, check the lengths now; otherwise at least the name.
+            resolve_partition(seq_partition, seq_len or n_seq_chunks, n_seq_chunks)
+        elif callable(seq_partition):
+            if seq_len is not None:
+                resolve_partition(seq_partition, seq_len, n_seq_chunks)
+        else:
             resolve_partition(seq_partition, sum(seq_partition), n_seq_chunks)
             if seq_len is not None and seq_len != sum(seq_partition):
                 raise ValueError(
@@ -111,10 +117,6 @@ class ScheduleSeq1F1B(PipelineScheduleSingle):
                     f"{sum(seq_partition)}: drop seq_len or make them agree"
                 )
             seq_len = sum(seq_partition)
-        elif isinstance(seq_partition, str):
-            resolve_partition(seq_partition, n_seq_chunks, n_seq_chunks)  # name check only
-        if seq_len is not None:
-            resolve_partition(seq_partition, seq_len, n_seq_chunks)
         self._n_real_microbatches = n_microbatches
         self._n_seq_chunks = n_seq_chunks
         self._seq_partition = seq_partition
@@ -124,7 +126,6 @@ class ScheduleSeq1F1B(PipelineScheduleSingle):
         self._early_recv = early_recv
         self._fwd_recv_work: dict[int, list] = {}
         self._lengths: list[int] = []
-        self._num_stages_for_ir = p
         super().__init__(
             stage,
             n_microbatches * n_seq_chunks,  # the base class counts units
@@ -150,9 +151,7 @@ class ScheduleSeq1F1B(PipelineScheduleSingle):
 
     def _get_pipeline_order(self) -> dict[int, list]:
         """torch's ``_Action`` IR of every rank, unit ids ``u = microbatch * k + chunk``."""
-        return schedule_ir.pipeline_order(
-            self._num_stages_for_ir, self._n_real_microbatches, self._n_seq_chunks
-        )
+        return schedule_ir.pipeline_order(self._num_stages, self._n_real_microbatches, self._n_seq_chunks)
 
     # ------------------------------------------------------------------ splitting
     def _split_batch(self, tensors: list, what: str) -> None:
