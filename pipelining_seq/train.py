@@ -31,7 +31,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 from torch.distributed.pipelining import PipelineStage
 from torch.distributed.pipelining.schedules import get_schedule_class
@@ -40,7 +39,7 @@ from . import checkpoint as ckpt
 from .config import ConfigError, JobConfig, load_config
 from .data import TokenBatches, load_tokens
 from .metrics import MetricLogger, StageMemory, build_profiler, device_peak_tflops, model_flops_per_token
-from .models.gpt import GPT, split_stage, stage_layer_ranges
+from .models.gpt import GPT, cross_entropy_loss, split_stage, stage_layer_ranges
 from .partition import balanced_partition
 from .schedules import ScheduleSeq1F1B
 from .stage import SequencePipelineStage
@@ -59,11 +58,6 @@ logger = logging.getLogger(__name__)
 
 # Testing hook: SIGKILL every rank right after this step (and its checkpoint) completes.
 KILL_ENV = "PIPELINING_SEQ_KILL_AT_STEP"
-
-
-def cross_entropy_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Per-token mean cross-entropy (float32 logits even under bf16 autocast)."""
-    return F.cross_entropy(logits.flatten(0, 1).float(), target.flatten())
 
 
 def init_weights(module: nn.Module, *, seed: int, n_layers: int, std: float = 0.02) -> None:

@@ -7,10 +7,11 @@ import json
 import pytest
 import torch
 
-from pipelining_seq.bench.common import BenchModel, ce_loss, make_batch, make_model
+from pipelining_seq.bench.common import BenchModel, make_batch, make_model
 from pipelining_seq.bench.memory import expected_peak
 from pipelining_seq.calibration import LinearChunkCost, fit_chunk_cost, linear_fit_partition, time_chunks
 from pipelining_seq.cli import main as cli_main
+from pipelining_seq.models import cross_entropy_loss
 from pipelining_seq.partition import balanced_partition
 from pipelining_seq.schedule_ir import compute_order
 
@@ -59,7 +60,7 @@ def test_time_chunks_runs_like_a_stage():
     cfg = BenchModel(n_layers=2, dim=32, n_heads=2, seq_len=64)
     model = make_model(cfg)
     x, y = make_batch(cfg, 1)
-    fwd, bwd = time_chunks(model, x, [32, 16, 16], loss_fn=ce_loss, target=y, repeats=1)
+    fwd, bwd = time_chunks(model, x, [32, 16, 16], loss_fn=cross_entropy_loss, target=y, repeats=1)
     assert len(fwd) == len(bwd) == 3 and min(fwd + bwd) > 0
     assert all(p.grad is not None for p in model.parameters())
 

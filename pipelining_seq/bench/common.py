@@ -14,11 +14,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch.distributed.pipelining import PipelineStage
 
 from .. import _compat
-from ..models import GPT, GPTConfig, split_stage
+from ..models import GPT, GPTConfig, cross_entropy_loss, split_stage
 from ..partition import balanced_partition, uniform_partition
 from ..schedules import ScheduleSeq1F1B
 from ..stage import SequencePipelineStage
@@ -27,7 +26,6 @@ __all__ = [
     "BenchModel",
     "add_model_arguments",
     "build_schedule",
-    "ce_loss",
     "env_info",
     "make_batch",
     "make_model",
@@ -97,11 +95,6 @@ def make_batch(cfg: BenchModel, batch: int, seed: int = 1) -> tuple[torch.Tensor
     return x, y
 
 
-def ce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Per-token mean cross-entropy (what every schedule here is given)."""
-    return F.cross_entropy(logits.flatten(0, 1).float(), target.flatten())
-
-
 # ------------------------------------------------------------------------- partitions
 def partition_lengths(name: str, cfg: BenchModel, n_chunks: int, calibrated: dict | None = None) -> list[int]:
     """Chunk lengths for ``uniform``, ``balanced`` (FLOP model) or ``calibrated``."""
@@ -131,16 +124,16 @@ def build_schedule(name: str, model: GPT, rank: int, world: int, *, m: int, k: i
         stage = SequencePipelineStage(split_stage(model, rank, world), rank, world, device)
         part = list(lengths) if lengths is not None else ("uniform" if seq_len is None else uniform_partition(seq_len, k))
         # With explicit lengths the chunking is static: no per-step length exchange.
-        sched = ScheduleSeq1F1B(stage, m, ce_loss, n_seq_chunks=k, seq_partition=part, early_recv=early_recv)
+        sched = ScheduleSeq1F1B(stage, m, cross_entropy_loss, n_seq_chunks=k, seq_partition=part, early_recv=early_recv)
         return sched, [stage]
     cls = _compat.torch_schedule_class(name)
     if issubclass(cls, torch.distributed.pipelining.schedules.PipelineScheduleSingle):
         stage = PipelineStage(split_stage(model, rank, world), rank, world, device)
-        return cls(stage, m, ce_loss, scale_grads=True), [stage]
+        return cls(stage, m, cross_entropy_loss, scale_grads=True), [stage]
     ids = _compat.torch_schedule_stages(name, world, rank, stages_per_rank)
     total = world * len(ids)
     stages = [PipelineStage(split_stage(model, s, total), s, total, device) for s in ids]
-    return cls(stages, m, ce_loss, scale_grads=True), stages
+    return cls(stages, m, cross_entropy_loss, scale_grads=True), stages
 
 
 def run_step(sched: Any, stages: list, x: torch.Tensor, y: torch.Tensor) -> None:

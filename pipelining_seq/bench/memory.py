@@ -23,13 +23,12 @@ import torch
 
 from .. import _compat, schedule_ir
 from ..memory import ActivationMemoryMeter
-from ..models import split_stage
+from ..models import cross_entropy_loss, split_stage
 from ..testing import run_ranks
 from .common import (
     BenchModel,
     add_model_arguments,
     build_schedule,
-    ce_loss,
     env_info,
     make_batch,
     make_model,
@@ -58,7 +57,7 @@ def _stage_activation(cfg: BenchModel, stage_index: int, num_stages: int) -> tup
     with meter:
         out = part(inp)
         if stage_index == num_stages - 1:
-            out = ce_loss(out, y)
+            out = cross_entropy_loss(out, y)
     kv = 2 * len(part.layers) * cfg.seq_len * cfg.dim * 4
     return meter.peak_bytes, kv
 

@@ -19,11 +19,11 @@ from dataclasses import asdict
 import torch
 
 from ..calibration import default_samples, fit_chunk_cost, linear_fit_partition, time_chunk, time_chunks
+from ..models import cross_entropy_loss
 from ..partition import chunk_cost
 from .common import (
     BenchModel,
     add_model_arguments,
-    ce_loss,
     env_info,
     make_batch,
     make_model,
@@ -60,7 +60,7 @@ def calibrate(cfg: BenchModel, ks: list[int], *, repeats: int, diagonal: bool, m
     model = model or make_model(cfg).to(device)
     x, y = (t.to(device) for t in make_batch(cfg, 1))
     samples = [
-        (s, end, time_chunk(model, x, length=s, end=end, loss_fn=ce_loss, target=y, repeats=repeats))
+        (s, end, time_chunk(model, x, length=s, end=end, loss_fn=cross_entropy_loss, target=y, repeats=repeats))
         for s, end in default_samples(cfg.seq_len, multiple_of=multiple_of)
     ]
     cost = fit_chunk_cost(samples, diagonal=diagonal)
@@ -87,7 +87,7 @@ def run(cfg: BenchModel, *, ks: list[int], partitions: list[str], repeats: int, 
     bwd: dict[int, list] = {i: [] for i in range(len(configs))}
     for rep in range(warmup + repeats):
         for i, (_, _, lengths) in enumerate(configs):  # interleaved: A B C A B C ...
-            f, b = time_chunks(model, x, lengths, loss_fn=ce_loss, target=y, repeats=1)
+            f, b = time_chunks(model, x, lengths, loss_fn=cross_entropy_loss, target=y, repeats=1)
             if rep >= warmup:
                 fwd[i].append(f)
                 bwd[i].append(b)

@@ -19,7 +19,7 @@ from torch.utils.checkpoint import checkpoint
 from ..attention import ChunkedCausalAttention
 from ..context import chunk_positions
 
-__all__ = ["GPT", "GPTConfig", "split_stage", "stage_layer_ranges"]
+__all__ = ["GPT", "GPTConfig", "cross_entropy_loss", "split_stage", "stage_layer_ranges"]
 
 
 @dataclass(kw_only=True)
@@ -167,6 +167,13 @@ class GPT(nn.Module):
         if self.output is not None:
             h = self.output(h)
         return h
+
+
+def cross_entropy_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-token mean cross-entropy of ``[B, T, vocab]`` logits (half precision upcast to float32)."""
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    return F.cross_entropy(logits.flatten(0, 1), target.flatten())
 
 
 def stage_layer_ranges(n_layers: int, num_stages: int) -> list[range]:
