@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention.bias import causal_lower_right
 
-from . import _compat
+from . import kernels
 from .context import ContractError, _LayerKV, current_chunk
 
 __all__ = ["ChunkedCausalAttention", "flash_attn_available"]
@@ -73,7 +73,7 @@ class _BlockwiseChunkAttention(torch.autograd.Function):
         kv.store(j, k.detach(), v.detach())
         outs, lses, auxes = [], [], []
         for i in range(j + 1):
-            o, lse, aux = _compat.flash_forward(
+            o, lse, aux = kernels.flash_forward(
                 q, _expand_heads(kv.k[i], groups), _expand_heads(kv.v[i], groups),
                 causal=(i == j), scale=scale,
             )
@@ -105,7 +105,7 @@ class _BlockwiseChunkAttention(torch.autograd.Function):
         dq = None
         dk_own = dv_own = None
         for i in range(j + 1):
-            dq_i, dk_i, dv_i = _compat.flash_backward(
+            dq_i, dk_i, dv_i = kernels.flash_backward(
                 dout, q, _expand_heads(kv.k[i], groups), _expand_heads(kv.v[i], groups),
                 out, lse, ctx.auxes[i], causal=(i == j), scale=scale,
             )

@@ -16,7 +16,7 @@ from pipelining_seq import ScheduleSeq1F1B, SequencePipelineStage, _compat
 from pipelining_seq.context import ChunkContext, KVCache, chunk_context
 from pipelining_seq.models import GPT, GPTConfig, split_stage
 from pipelining_seq.parallel import apply_fsdp, build_mesh, parallelize_stage
-from pipelining_seq.planner import ActivationModel
+from pipelining_seq.tools.planner import ActivationModel
 
 VOCAB = 64
 MODEL = dict(vocab_size=VOCAB, n_layers=4, dim=32, n_heads=4, n_kv_heads=2, mlp="swiglu")

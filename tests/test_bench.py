@@ -7,13 +7,13 @@ import json
 import pytest
 import torch
 
-from pipelining_seq.bench.common import BenchModel, make_batch, make_model
-from pipelining_seq.bench.memory import expected_peak
-from pipelining_seq.calibration import LinearChunkCost, fit_chunk_cost, linear_fit_partition, time_chunks
 from pipelining_seq.cli import main as cli_main
 from pipelining_seq.models import cross_entropy_loss
 from pipelining_seq.partition import balanced_partition
 from pipelining_seq.schedule_ir import compute_order
+from pipelining_seq.tools.bench.common import BenchModel, make_batch, make_model
+from pipelining_seq.tools.bench.memory import expected_peak
+from pipelining_seq.tools.calibration import LinearChunkCost, fit_chunk_cost, linear_fit_partition, time_chunks
 
 DIMS_7B = dict(num_layers=32, hidden_size=4096, num_heads=32, ffn_hidden_size=16384, vocab_size=51200)
 

@@ -12,11 +12,11 @@ import torch
 from safetensors.torch import load_file
 from train_workers import DEFAULT_RECIPE, ROOT, TINY, tiny_config
 
-from pipelining_seq import checkpoint as ckpt
-from pipelining_seq.config import ConfigError
 from pipelining_seq.models import GPT, split_stage
-from pipelining_seq.train import KILL_ENV, build_optimizer, init_weights
-from pipelining_seq.validation import validate_config
+from pipelining_seq.trainer import checkpoint as ckpt
+from pipelining_seq.trainer.config import ConfigError
+from pipelining_seq.trainer.train import KILL_ENV, build_optimizer, init_weights
+from pipelining_seq.trainer.validation import validate_config
 
 
 def _stages(cfg, seed_grads: int | None = 0):

@@ -4,7 +4,7 @@ import inspect
 
 import torch
 
-from pipelining_seq import _compat
+from pipelining_seq import _compat, kernels
 
 
 def test_private_pipelining_apis_present():
@@ -28,10 +28,10 @@ def test_kernels_agree_with_math_reference():
     g = torch.Generator().manual_seed(0)
     q, k, v, do = (torch.randn(2, 3, 7, 8, dtype=torch.float64, generator=g) for _ in range(4))
     for causal in (False, True):
-        out, lse, aux = _compat.flash_forward(q, k, v, causal=causal, scale=0.3)
-        mout, mlse, _ = _compat._math_forward(q, k, v, causal, 0.3)
+        out, lse, aux = kernels.flash_forward(q, k, v, causal=causal, scale=0.3)
+        mout, mlse, _ = kernels._math_forward(q, k, v, causal, 0.3)
         assert (out - mout).abs().max() < 1e-12 and (lse - mlse).abs().max() < 1e-12
-        grads = _compat.flash_backward(do, q, k, v, out, lse, aux, causal=causal, scale=0.3)
-        mgrads = _compat._math_backward(do, q, k, v, out, lse, None, causal, 0.3)
+        grads = kernels.flash_backward(do, q, k, v, out, lse, aux, causal=causal, scale=0.3)
+        mgrads = kernels._math_backward(do, q, k, v, out, lse, None, causal, 0.3)
         for a, b in zip(grads, mgrads):
             assert (a - b).abs().max() < 1e-12

@@ -12,12 +12,12 @@ import torch
 from train_workers import DEFAULT_RECIPE, ROOT, tiny_config
 
 from pipelining_seq import cli
-from pipelining_seq.config import ConfigError, JobConfig, field_docs, load_config, to_markdown
-from pipelining_seq.data import ByteTokenizer, TokenBatches, inspect_dataset, load_tokens, write_token_file
-from pipelining_seq.metrics import model_flops_per_token
 from pipelining_seq.models import GPTConfig
 from pipelining_seq.partition import chunk_cost
-from pipelining_seq.validation import validate_config
+from pipelining_seq.trainer.config import ConfigError, JobConfig, field_docs, load_config, to_markdown
+from pipelining_seq.trainer.data import ByteTokenizer, TokenBatches, inspect_dataset, load_tokens, write_token_file
+from pipelining_seq.trainer.metrics import model_flops_per_token
+from pipelining_seq.trainer.validation import validate_config
 
 RECIPES = sorted(glob.glob(os.path.join(ROOT, "recipes", "*.yaml")))
 
@@ -53,7 +53,7 @@ def test_every_field_has_a_docstring_and_recipes_md_is_up_to_date():
         missing = [f.name for f in dataclasses.fields(cls) if not docs.get(f.name)]
         assert not missing, (section.name, missing)
     with open(os.path.join(ROOT, "docs", "recipes.md")) as f:
-        assert f.read() == to_markdown(), "regenerate: python -m pipelining_seq.config --markdown > docs/recipes.md"
+        assert f.read() == to_markdown(), "regenerate: python -m pipelining_seq.trainer.config --markdown > docs/recipes.md"
 
 
 def test_overrides_merge_and_types_convert():
@@ -124,7 +124,7 @@ def test_validate_and_ls_commands(capsys):
     assert "gpt_tiny_cpu " in out and "gpt_tiny_cpu_1f1b" in out and "1F1B" in out
     assert cli.main(["run", "gpt_tiny_cpu", "--dry-run", "training.steps=3"]) == 0
     cmd = capsys.readouterr().out
-    assert "torch.distributed.run --nproc-per-node=2 --standalone -m pipelining_seq.train" in cmd and "training.steps=3" in cmd
+    assert "torch.distributed.run --nproc-per-node=2 --standalone -m pipelining_seq.trainer.train" in cmd and "training.steps=3" in cmd
 
 
 # ----------------------------------------------------------------------------- data
@@ -177,7 +177,7 @@ def test_llmc_header_is_skipped(tmp_path):
 def test_text_to_token_file_command(tmp_path):
     src = tmp_path / "a.txt"
     src.write_text("héllo")
-    from pipelining_seq.data import main
+    from pipelining_seq.trainer.data import main
 
     assert main([str(src), str(tmp_path / "a.bin")]) == 0
     assert ByteTokenizer.decode(load_tokens(str(tmp_path / "a.bin"))) == "héllo"

@@ -11,7 +11,7 @@ import torch
 
 from pipelining_seq.models import GPT, GPTConfig
 from pipelining_seq.partition import balanced_partition
-from pipelining_seq.planner import (
+from pipelining_seq.tools.planner import (
     calibrate,
     format_plan,
     main,
@@ -145,7 +145,7 @@ def test_paper_recipes_come_in_twins():
 
 @pytest.mark.parametrize("path", PAPER, ids=os.path.basename)
 def test_paper_recipe_validates_and_plans(path):
-    from pipelining_seq.config import load_config
+    from pipelining_seq.trainer.config import load_config
 
     with open(path) as f:
         first = f.readline()

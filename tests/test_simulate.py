@@ -6,10 +6,11 @@ import json
 
 import pytest
 
-from pipelining_seq import _compat, schedule_ir
+from pipelining_seq import schedule_ir
 from pipelining_seq.cli import main as cli_main
 from pipelining_seq.partition import balanced_partition
-from pipelining_seq.simulate import (
+from pipelining_seq.tools import torch_schedules
+from pipelining_seq.tools.simulate import (
     MODEL_PRESETS,
     Op,
     Plan,
@@ -94,9 +95,9 @@ def test_torch_multi_stage_schedules_play(name):
 
 def test_torch_schedule_actions_cover_every_microbatch():
     for name in ("GPipe", "Interleaved1F1B", "ZBVZeroBubble"):
-        acts = _compat.torch_schedule_actions(name, 4, 5)
+        acts = torch_schedules.torch_schedule_actions(name, 4, 5)
         for r, ops in acts.items():
-            for s in _compat.torch_schedule_stages(name, 4, r):
+            for s in torch_schedules.torch_schedule_stages(name, 4, r):
                 assert sorted(mb for st, kind, mb in ops if st == s and kind == "F") == list(range(5))
 
 

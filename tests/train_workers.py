@@ -7,11 +7,11 @@ import os
 
 import torch
 
-from pipelining_seq.config import JobConfig, load_config
-from pipelining_seq.data import TokenBatches, load_tokens
 from pipelining_seq.models import GPT
-from pipelining_seq.train import build_optimizer, clip_grad_norm_, cross_entropy_loss, init_weights
-from pipelining_seq.validation import n_microbatches
+from pipelining_seq.trainer.config import JobConfig, load_config
+from pipelining_seq.trainer.data import TokenBatches, load_tokens
+from pipelining_seq.trainer.train import build_optimizer, clip_grad_norm_, cross_entropy_loss, init_weights
+from pipelining_seq.trainer.validation import n_microbatches
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_RECIPE = os.path.join(ROOT, "recipes", "gpt_tiny_cpu.yaml")
@@ -29,7 +29,7 @@ def tiny_config(dump_folder: str, *extra: str) -> JobConfig:
 
 def schedules_worker(rank: int, world: int, runs: dict[str, list[str]], dump_folder: str) -> dict[str, dict]:
     """Train each named override set on this process group; return each record."""
-    from pipelining_seq.train import train
+    from pipelining_seq.trainer.train import train
 
     return {name: train(tiny_config(dump_folder, *overrides)) for name, overrides in runs.items()}
 

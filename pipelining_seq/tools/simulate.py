@@ -25,8 +25,9 @@ import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
-from . import _compat, schedule_ir
-from .partition import balanced_partition, chunk_cost, uniform_partition
+from .. import schedule_ir
+from ..partition import balanced_partition, chunk_cost, uniform_partition
+from . import torch_schedules
 
 __all__ = [
     "CostModel",
@@ -109,7 +110,7 @@ class Plan:
 
 
 def schedule_names() -> list[str]:
-    return [SEQ1F1B, *_compat.torch_schedule_names()]
+    return [SEQ1F1B, *torch_schedules.torch_schedule_names()]
 
 
 def build_plan(name: str, *, pp: int, microbatches: int, chunks: int = 1, stages_per_rank: int = 2) -> Plan:
@@ -129,11 +130,11 @@ def build_plan(name: str, *, pp: int, microbatches: int, chunks: int = 1, stages
             for r in range(pp)
         }
         return Plan(name, pp, pp, microbatches, chunks, ops)
-    if name not in _compat.torch_schedule_names():
+    if name not in torch_schedules.torch_schedule_names():
         raise ValueError(f"--schedule {name!r}: choose from {', '.join(schedule_names())}")
     if chunks != 1:
         raise ValueError(f"schedule {name} has no sequence chunks; got chunks={chunks}")
-    actions = _compat.torch_schedule_actions(name, pp, microbatches, stages_per_rank=stages_per_rank)
+    actions = torch_schedules.torch_schedule_actions(name, pp, microbatches, stages_per_rank=stages_per_rank)
     ops = {r: [Op(r, s, kind, mb) for s, kind, mb in acts] for r, acts in actions.items()}
     num_stages = 1 + max(op.stage for acts in ops.values() for op in acts)
     return Plan(name, pp, num_stages, microbatches, 1, ops)

@@ -97,7 +97,7 @@ def stage_ranks(cfg: JobConfig) -> list[int]:
 
 def pipeline_layout(cfg: JobConfig) -> dict[str, Any]:
     """How the model is cut into stages: what a checkpoint must match to be loaded."""
-    from .models.gpt import stage_layer_ranges
+    from ..models.gpt import stage_layer_ranges
 
     ranks = stage_ranks(cfg)
     ranges = stage_layer_ranges(cfg.model.n_layers, len(ranks))
@@ -111,7 +111,7 @@ def pipeline_layout(cfg: JobConfig) -> dict[str, Any]:
 
 def chunk_lengths(cfg: JobConfig) -> list[int]:
     """Seq1F1B chunk lengths of ``training.seq_len`` (``[seq_len]`` for other schedules)."""
-    from .partition import balanced_partition, resolve_partition
+    from ..partition import balanced_partition, resolve_partition
 
     s, seq = cfg.seq1f1b, cfg.training.seq_len
     if resolve_schedule(cfg.parallelism.pipeline_parallel_schedule).name != "Seq1F1B":

@@ -19,7 +19,7 @@ from dataclasses import asdict
 import torch
 import torch.distributed as dist
 
-from ..testing import run_ranks
+from ...testing import run_ranks
 from .common import (
     BenchModel,
     add_model_arguments,

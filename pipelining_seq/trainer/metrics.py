@@ -27,8 +27,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .memory import ActivationMemoryMeter
-from .models.gpt import GPTConfig
+from ..memory import ActivationMemoryMeter
+from ..models.gpt import GPTConfig
 
 __all__ = [
     "MetricLogger",

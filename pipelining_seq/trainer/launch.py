@@ -1,7 +1,7 @@
 """``pipelining-seq run | validate | ls``: recipes from the command line.
 
 ``run`` checks the recipe with the requested process count first (so a bad recipe fails
-before any process starts), then runs ``torchrun ... -m pipelining_seq.train recipe
+before any process starts), then runs ``torchrun ... -m pipelining_seq.trainer.train recipe
 key=value ...``. ``validate`` is the same check without processes, ``ls`` lists the
 shipped recipes. A recipe is a YAML path or the name of a file in ``recipes/``.
 """
@@ -13,6 +13,7 @@ import os
 import shlex
 import subprocess
 import sys
+from importlib import resources
 from pathlib import Path
 
 from .config import ConfigError, JobConfig, load_config, to_yaml
@@ -24,8 +25,8 @@ logger = logging.getLogger(__name__)
 
 
 def recipe_dirs() -> list[Path]:
-    """Where recipe names are looked up: ./recipes, then the repository's recipes/."""
-    dirs = [Path.cwd() / "recipes", Path(__file__).resolve().parents[1] / "recipes"]
+    """Where recipe names are looked up: ./recipes, then the recipes shipped in the package."""
+    dirs = [Path.cwd() / "recipes", Path(str(resources.files("pipelining_seq") / "recipes"))]
     return [d for i, d in enumerate(dirs) if d.is_dir() and d.resolve() not in [x.resolve() for x in dirs[:i]]]
 
 
@@ -56,7 +57,7 @@ def torchrun_command(
         if rdzv_endpoint is None:
             raise ConfigError("--nnodes > 1 needs --rdzv-endpoint host:port")
         cmd += [f"--nnodes={nnodes}", f"--node-rank={node_rank}", "--rdzv-backend=c10d", f"--rdzv-endpoint={rdzv_endpoint}"]
-    return cmd + ["-m", "pipelining_seq.train", recipe, *overrides]
+    return cmd + ["-m", "pipelining_seq.trainer.train", recipe, *overrides]
 
 
 def add_arguments(parser, *, command: str) -> None:
@@ -102,7 +103,7 @@ def _describe(cfg: JobConfig, world: int) -> str:
 def _ls() -> int:
     dirs = recipe_dirs()
     if not dirs:
-        print("no recipes/ folder here or next to the package", file=sys.stderr)
+        print("no recipes/ folder here and none shipped with the package", file=sys.stderr)
         return 1
     for d in dirs:
         for path in sorted(d.rglob("*.yaml")):
@@ -144,7 +145,7 @@ def main(args) -> int:
     # torchrun forces OMP_NUM_THREADS=1 (with a warning) unless set; the trainer sets its own.
     env.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // nproc)))
     # Let the workers import this package even when it is not installed (run from a clone).
-    root = str(Path(__file__).resolve().parents[1])
+    root = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
     print(f"+ {shlex.join(cmd)}", flush=True)
     return subprocess.call(cmd, env=env)

@@ -16,11 +16,11 @@ from typing import Any
 import torch
 from torch.distributed.pipelining import PipelineStage
 
-from .. import _compat
-from ..models import GPT, GPTConfig, cross_entropy_loss, split_stage
-from ..partition import balanced_partition, uniform_partition
-from ..schedules import ScheduleSeq1F1B
-from ..stage import SequencePipelineStage
+from ...models import GPT, GPTConfig, cross_entropy_loss, split_stage
+from ...partition import balanced_partition, uniform_partition
+from ...schedules import ScheduleSeq1F1B
+from ...stage import SequencePipelineStage
+from .. import torch_schedules
 
 __all__ = [
     "BenchModel",
@@ -126,11 +126,11 @@ def build_schedule(name: str, model: GPT, rank: int, world: int, *, m: int, k: i
         # With explicit lengths the chunking is static: no per-step length exchange.
         sched = ScheduleSeq1F1B(stage, m, cross_entropy_loss, n_seq_chunks=k, seq_partition=part, early_recv=early_recv)
         return sched, [stage]
-    cls = _compat.torch_schedule_class(name)
+    cls = torch_schedules.torch_schedule_class(name)
     if issubclass(cls, torch.distributed.pipelining.schedules.PipelineScheduleSingle):
         stage = PipelineStage(split_stage(model, rank, world), rank, world, device)
         return cls(stage, m, cross_entropy_loss, scale_grads=True), [stage]
-    ids = _compat.torch_schedule_stages(name, world, rank, stages_per_rank)
+    ids = torch_schedules.torch_schedule_stages(name, world, rank, stages_per_rank)
     total = world * len(ids)
     stages = [PipelineStage(split_stage(model, s, total), s, total, device) for s in ids]
     return cls(stages, m, cross_entropy_loss, scale_grads=True), stages

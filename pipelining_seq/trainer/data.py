@@ -13,7 +13,7 @@ generator seeded with ``(seed, step)`` alone, so step s draws the same batch whe
 run got there uninterrupted or resumed from a checkpoint; data-parallel ranks take
 disjoint rows of the same global batch.
 
-``python -m pipelining_seq.data in.txt out.bin`` turns text into a token file.
+``python -m pipelining_seq.trainer.data in.txt out.bin`` turns text into a token file.
 """
 
 from __future__ import annotations
@@ -111,7 +111,7 @@ def inspect_dataset(dataset: str, *, dtype: str = "uint16") -> DatasetInfo:
     if not os.path.isfile(dataset):
         raise FileNotFoundError(
             f"file {os.path.abspath(dataset)} does not exist: give a token file (make one with "
-            "`python -m pipelining_seq.data text.txt out.bin`) or use training.dataset=builtin"
+            "`python -m pipelining_seq.trainer.data text.txt out.bin`) or use training.dataset=builtin"
         )
     header = _header_bytes(dataset, dtype)
     width = torch.tensor([], dtype=_DTYPES[dtype]).element_size()

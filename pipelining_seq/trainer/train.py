@@ -1,4 +1,4 @@
-"""Train the reference GPT from a recipe: ``torchrun -m pipelining_seq.train recipe.yaml key=value``.
+"""Train the reference GPT from a recipe: ``torchrun -m pipelining_seq.trainer.train recipe.yaml key=value``.
 
 One step: every rank draws the step's batch (a function of seed and step), the first
 stage feeds the inputs and the last stage the targets to ``schedule.step``; the schedule
@@ -35,14 +35,14 @@ from torch import nn
 from torch.distributed.pipelining import PipelineStage
 from torch.distributed.pipelining.schedules import get_schedule_class
 
+from ..models.gpt import GPT, cross_entropy_loss, split_stage, stage_layer_ranges
+from ..partition import balanced_partition
+from ..schedules import ScheduleSeq1F1B
+from ..stage import SequencePipelineStage
 from . import checkpoint as ckpt
 from .config import ConfigError, JobConfig, load_config
 from .data import TokenBatches, load_tokens
 from .metrics import MetricLogger, StageMemory, build_profiler, device_peak_tflops, model_flops_per_token
-from .models.gpt import GPT, cross_entropy_loss, split_stage, stage_layer_ranges
-from .partition import balanced_partition
-from .schedules import ScheduleSeq1F1B
-from .stage import SequencePipelineStage
 from .validation import (
     chunk_lengths,
     n_microbatches,
@@ -391,7 +391,7 @@ def _setup_logging(rank: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m pipelining_seq.train", description="Train from a recipe (run under torchrun)."
+        prog="python -m pipelining_seq.trainer.train", description="Train from a recipe (run under torchrun)."
     )
     parser.add_argument("config", help="recipe YAML")
     parser.add_argument("overrides", nargs="*", help="section.field=value overrides")
@@ -406,7 +406,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {e}", file=sys.stderr)
         return 2
     if world == 1 and "MASTER_ADDR" not in os.environ:  # plain `python -m`, no torchrun
-        from .testing import free_port
+        from ..testing import free_port
 
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1")
     backend = "nccl" if _device(cfg).type == "cuda" else "gloo"

@@ -93,7 +93,7 @@ def _calibrate_main(args: argparse.Namespace) -> int:
 def main(args: argparse.Namespace) -> int:
     if args.calibrate:
         return _calibrate_main(args)
-    from ..config import ConfigError, load_config
+    from ...trainer.config import ConfigError, load_config
 
     if not args.recipe:
         print("error: give a recipe (or --calibrate)")

@@ -18,10 +18,10 @@ import importlib
 __all__ = ["add_arguments", "main"]
 
 _BENCHES = {
-    "memory": ("pipelining_seq.bench.memory", "peak activation memory per stage (4 CPU ranks)"),
-    "time": ("pipelining_seq.bench.steptime", "step-time ratios vs torch schedules (2 CPU ranks)"),
-    "partition": ("pipelining_seq.bench.partition", "per-chunk fwd+bwd time; linear_fit calibration"),
-    "gpu": ("pipelining_seq.bench.gpu", "one-GPU check (or --smoke on CPU)"),
+    "memory": ("pipelining_seq.tools.bench.memory", "peak activation memory per stage (4 CPU ranks)"),
+    "time": ("pipelining_seq.tools.bench.steptime", "step-time ratios vs torch schedules (2 CPU ranks)"),
+    "partition": ("pipelining_seq.tools.bench.partition", "per-chunk fwd+bwd time; linear_fit calibration"),
+    "gpu": ("pipelining_seq.tools.bench.gpu", "one-GPU check (or --smoke on CPU)"),
 }
 
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .context import ChunkContext, KVCache, chunk_context
+from ..context import ChunkContext, KVCache, chunk_context
 
 __all__ = [
     "LinearChunkCost",

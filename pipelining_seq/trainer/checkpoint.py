@@ -43,8 +43,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from ..models.gpt import GPT, GPTConfig
 from .config import JobConfig, to_dict
-from .models.gpt import GPT, GPTConfig
 from .validation import chunk_lengths, pipeline_layout, resolve_path, resolve_schedule
 
 __all__ = [
@@ -173,7 +173,7 @@ def compatibility_problems(manifest: dict[str, Any], cfg: JobConfig, path: str) 
 
 
 def config_problems(cfg: JobConfig) -> list[str]:
-    """Checkpoint checks of :func:`pipelining_seq.validation.validate_config` (no processes)."""
+    """Checkpoint checks of :func:`pipelining_seq.trainer.validation.validate_config` (no processes)."""
     ck = cfg.checkpoint
     folder = resolve_path(cfg, ck.folder)
     problems: list[str] = []
@@ -417,7 +417,7 @@ def main(args) -> int:
     manifest = read_manifest(used)
     print(
         f"exported step {manifest['step']} ({manifest['layout']['num_stages']} stages) of {used} to {args.output}; "
-        "load with pipelining_seq.checkpoint.load_exported(path) or "
+        "load with pipelining_seq.trainer.checkpoint.load_exported(path) or "
         "GPT(GPTConfig(**cfg)).load_state_dict(safetensors.torch.load_file(path))"
     )
     return 0

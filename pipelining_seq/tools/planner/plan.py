@@ -29,11 +29,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .. import schedule_ir
-from ..models.gpt import GPT, GPTConfig, stage_layer_ranges
-from ..parallel.mesh import validate_layout
-from ..parallel.tensor_parallel import tp_shard_dim
-from ..partition import balanced_partition, resolve_partition
+from ... import schedule_ir
+from ...models.gpt import GPT, GPTConfig, stage_layer_ranges
+from ...parallel.mesh import validate_layout
+from ...parallel.tensor_parallel import tp_shard_dim
+from ...partition import balanced_partition, resolve_partition
 from .activations import ActivationModel
 
 __all__ = [
@@ -318,8 +318,8 @@ def chunk_lengths_for(cfg) -> list[int]:
 def plan_from_config(
     cfg, *, gpus: int | None = None, gpu_memory: str | int = "80GB", reserve: str | int = "2GiB", title: str = ""
 ) -> MemoryPlan:
-    """Plan a loaded recipe (:class:`pipelining_seq.config.JobConfig`); runs its validation first."""
-    from ..validation import validate_config
+    """Plan a loaded recipe (:class:`pipelining_seq.trainer.config.JobConfig`); runs its validation first."""
+    from ...trainer.validation import validate_config
 
     par, tr = cfg.parallelism, cfg.training
     world = gpus if gpus is not None else par.pipeline_parallel_degree * par.data_parallel_shard_degree * par.tensor_parallel_degree

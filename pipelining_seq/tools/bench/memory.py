@@ -21,10 +21,11 @@ from dataclasses import asdict, replace
 
 import torch
 
-from .. import _compat, schedule_ir
-from ..memory import ActivationMemoryMeter
-from ..models import cross_entropy_loss, split_stage
-from ..testing import run_ranks
+from ... import schedule_ir
+from ...memory import ActivationMemoryMeter
+from ...models import cross_entropy_loss, split_stage
+from ...testing import run_ranks
+from .. import torch_schedules
 from .common import (
     BenchModel,
     add_model_arguments,
@@ -103,7 +104,7 @@ def memory_worker(rank: int, world: int, cfg: BenchModel, configs: list[dict]) -
             ops = [(rank, kind, u) for kind, u in schedule_ir.compute_order(world, rank, m, c["k"])]
             lengths = list(c["lengths"])
         else:
-            ops = _compat.torch_schedule_actions(c["schedule"], world, m)[rank] if c["schedule"] != "1F1B" else [
+            ops = torch_schedules.torch_schedule_actions(c["schedule"], world, m)[rank] if c["schedule"] != "1F1B" else [
                 (rank, kind, u) for kind, u in schedule_ir.compute_order(world, rank, m, 1)]
             lengths = [cfg.seq_len]
         out.append(dict(

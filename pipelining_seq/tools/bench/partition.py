@@ -18,9 +18,9 @@ from dataclasses import asdict
 
 import torch
 
+from ...models import cross_entropy_loss
+from ...partition import chunk_cost
 from ..calibration import default_samples, fit_chunk_cost, linear_fit_partition, time_chunk, time_chunks
-from ..models import cross_entropy_loss
-from ..partition import chunk_cost
 from .common import (
     BenchModel,
     add_model_arguments,

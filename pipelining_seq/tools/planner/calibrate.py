@@ -12,9 +12,9 @@ from collections.abc import Sequence
 
 import torch
 
-from .. import schedule_ir
-from ..models.gpt import GPT, GPTConfig
-from ..partition import balanced_partition
+from ... import schedule_ir
+from ...models.gpt import GPT, GPTConfig
+from ...partition import balanced_partition
 from .activations import ActivationModel
 from .plan import replay
 
@@ -47,9 +47,9 @@ def calibrate(
     with the planner's saved + K/V bytes; on CUDA it is ``torch.cuda.max_memory_allocated``
     above the parameters, compared with the planner's activations + K/V + transient.
     """
-    from ..context import ChunkContext, KVCache, chunk_context
-    from ..memory import ActivationMemoryMeter
-    from ..models.gpt import Block
+    from ...context import ChunkContext, KVCache, chunk_context
+    from ...memory import ActivationMemoryMeter
+    from ...models.gpt import Block
 
     dev = torch.device(device)
     k = len(chunk_lengths)

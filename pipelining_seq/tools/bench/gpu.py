@@ -32,13 +32,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import schedule_ir, simulate
-from ..attention import ChunkedCausalAttention, flash_attn_available
+from ... import schedule_ir
+from ...attention import ChunkedCausalAttention, flash_attn_available
+from ...context import ChunkContext, KVCache, chunk_context
+from ...memory import ActivationMemoryMeter
+from ...models.gpt import Block, GPTConfig
+from ...partition import balanced_partition, uniform_partition
+from .. import simulate
 from ..calibration import default_samples, fit_chunk_cost, linear_fit_partition, time_chunk, time_chunks
-from ..context import ChunkContext, KVCache, chunk_context
-from ..memory import ActivationMemoryMeter
-from ..models.gpt import Block, GPTConfig
-from ..partition import balanced_partition, uniform_partition
 from .common import env_info, out_dir, print_table, write_results
 from .memory import expected_peak
 
