@@ -86,3 +86,40 @@ def test_regular_install_lists_and_runs_recipes_from_an_empty_folder(tmp_path):
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "step 5/5" in run.stdout + run.stderr
+
+
+def _imports(path: str, package: str) -> set[str]:
+    """Absolute names of the package modules ``path`` imports (relative imports resolved)."""
+    import ast
+
+    tree = ast.parse(open(path).read())
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                mod = ".".join(base + ([node.module] if node.module else []))
+                out |= {mod} | {f"{mod}.{a.name}" for a in node.names}
+            elif node.module and node.module.startswith("pipelining_seq"):
+                out |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+        elif isinstance(node, ast.Import):
+            out |= {a.name for a in node.names if a.name.startswith("pipelining_seq")}
+    return out
+
+
+def test_core_imports_nothing_from_trainer_or_tools():
+    root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "pipelining_seq")
+    offenders = []
+    for dirpath, _, files in os.walk(root):
+        rel = os.path.relpath(dirpath, root)
+        if rel.split(os.sep)[0] in ("trainer", "tools", "integrations"):
+            continue
+        for f in files:
+            if not f.endswith(".py") or f == "cli.py":  # the CLI dispatches to trainer/tools by name, lazily
+                continue
+            package = "pipelining_seq" + ("" if rel == "." else "." + rel.replace(os.sep, "."))
+            bad = [m for m in _imports(os.path.join(dirpath, f), package)
+                   if m.startswith(("pipelining_seq.trainer", "pipelining_seq.tools"))]
+            if bad:
+                offenders.append((os.path.join(rel, f), sorted(bad)))
+    assert not offenders, offenders
