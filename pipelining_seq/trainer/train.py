@@ -35,8 +35,8 @@ from torch import nn
 from torch.distributed.pipelining import PipelineStage
 from torch.distributed.pipelining.schedules import get_schedule_class
 
+from ..flops import balanced_partition_for
 from ..models.gpt import GPT, cross_entropy_loss, split_stage, stage_layer_ranges
-from ..partition import balanced_partition
 from ..schedules import ScheduleSeq1F1B
 from ..stage import SequencePipelineStage
 from . import checkpoint as ckpt
@@ -188,10 +188,7 @@ def _build_schedule(cfg: JobConfig, parts: list[nn.Module], stage_ids: list[int]
         stage = SequencePipelineStage(parts[0], stage_ids[0], num_stages, device, group=pp_group)
         partition: Any = s.partition
         if partition == "balanced":
-            partition = functools.partial(
-                balanced_partition, n_chunks=s.num_seq_chunks, num_layers=g.n_layers, hidden_size=g.dim,
-                num_heads=g.n_heads, ffn_hidden_size=g.ffn_dim, vocab_size=g.vocab_size, multiple_of=s.multiple_of,
-            )
+            partition = functools.partial(balanced_partition_for, g, n_chunks=s.num_seq_chunks, multiple_of=s.multiple_of)
         elif not isinstance(partition, str):
             partition = list(partition)
         schedule = ScheduleSeq1F1B(

@@ -111,17 +111,14 @@ def pipeline_layout(cfg: JobConfig) -> dict[str, Any]:
 
 def chunk_lengths(cfg: JobConfig) -> list[int]:
     """Seq1F1B chunk lengths of ``training.seq_len`` (``[seq_len]`` for other schedules)."""
-    from ..partition import balanced_partition, resolve_partition
+    from ..flops import balanced_partition_for
+    from ..partition import resolve_partition
 
     s, seq = cfg.seq1f1b, cfg.training.seq_len
     if resolve_schedule(cfg.parallelism.pipeline_parallel_schedule).name != "Seq1F1B":
         return [seq]
     if isinstance(s.partition, str) and s.partition == "balanced":
-        g = cfg.model.to_gpt_config()
-        return balanced_partition(
-            seq, s.num_seq_chunks, num_layers=g.n_layers, hidden_size=g.dim, num_heads=g.n_heads,
-            ffn_hidden_size=g.ffn_dim, vocab_size=g.vocab_size, multiple_of=s.multiple_of,
-        )
+        return balanced_partition_for(cfg.model.to_gpt_config(), seq, s.num_seq_chunks, multiple_of=s.multiple_of)
     return resolve_partition(s.partition, seq, s.num_seq_chunks)
 
 
