@@ -30,10 +30,11 @@ from dataclasses import dataclass, field
 import torch
 
 from ... import schedule_ir
+from ...flops import balanced_partition_for
 from ...models.gpt import GPT, GPTConfig, stage_layer_ranges
 from ...parallel.mesh import validate_layout
 from ...parallel.tensor_parallel import tp_shard_dim
-from ...partition import balanced_partition, resolve_partition
+from ...partition import resolve_partition
 from .activations import ActivationModel
 
 __all__ = [
@@ -231,10 +232,8 @@ def plan_memory(
         n_kv_heads=model.n_kv_heads, chunk_lengths=chunk_lengths, sequence_parallel=sequence_parallel,
     )
     am = ActivationModel(
-        dim=model.dim, n_heads=model.n_heads, n_kv_heads=model.n_kv_heads, ffn_dim=model.ffn_dim,
-        mlp=model.mlp, vocab_size=model.vocab_size, tp=tp, sequence_parallel=sequence_parallel and tp > 1,
-        act_bytes=act_bytes, device=device, attn_backend="blockwise" if attn_backend == "auto" else attn_backend,
-        activation_checkpoint=model.activation_checkpoint, loss_fp32=loss_fp32,
+        model=model, tp=tp, sequence_parallel=sequence_parallel and tp > 1, act_bytes=act_bytes, device=device,
+        attn_backend=attn_backend, loss_fp32=loss_fp32,
     )
     b = microbatch_size
     offsets = [sum(chunk_lengths[:j]) for j in range(k)]
@@ -307,11 +306,7 @@ def chunk_lengths_for(cfg) -> list[int]:
         return [seq]
     k, part = cfg.seq1f1b.num_seq_chunks, cfg.seq1f1b.partition
     if part == "balanced":
-        g = cfg.model.to_gpt_config()
-        return balanced_partition(
-            seq, k, num_layers=g.n_layers, hidden_size=g.dim, num_heads=g.n_heads,
-            ffn_hidden_size=g.ffn_dim, vocab_size=g.vocab_size, multiple_of=cfg.seq1f1b.multiple_of,
-        )
+        return balanced_partition_for(cfg.model.to_gpt_config(), seq, k, multiple_of=cfg.seq1f1b.multiple_of)
     return resolve_partition(part if isinstance(part, str) else list(part), seq, k)
 
 
