@@ -24,11 +24,10 @@ last chunk first, with the closed-form smaller root of the quadratic in ``s``.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from .models.gpt import GPTConfig
+from .models.gpt import GPTConfig, stage_layer_ranges
 
 __all__ = [
     "FlopModel",
@@ -69,8 +68,11 @@ class FlopModel:
         for name in ("num_layers", "hidden_size", "num_heads", "ffn_hidden_size", "vocab_size",
                      "num_kv_heads", "head_dim", "v_head_dim"):
             val = getattr(self, name)
-            if val is not None and (not isinstance(val, int) or val < 1):
+            if val is not None and (not isinstance(val, numbers.Integral) or isinstance(val, bool) or val < 1):
                 raise ValueError(f"FLOP model: {name}={val!r} must be a positive integer")
+            if val is not None:
+                # Python ints: numpy's fixed-width integers would overflow in the products below.
+                object.__setattr__(self, name, int(val))
         if self.mlp not in MLP_MATRICES:
             raise ValueError(f"FLOP model: mlp={self.mlp!r}: use 'gelu' or 'swiglu'")
         if (self.head_dim is None or self.v_head_dim is None) and self.hidden_size % self.num_heads:
@@ -78,7 +80,7 @@ class FlopModel:
                 f"FLOP model: hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}: "
                 "pass head_dim and v_head_dim explicitly"
             )
-        # Frozen: fill the defaults in place once, so every cost reads plain integers.
+        # Frozen: fill the defaults in once, so every cost reads plain integers.
         default_head = self.hidden_size // self.num_heads
         object.__setattr__(self, "num_kv_heads", self.num_kv_heads or self.num_heads)
         object.__setattr__(self, "head_dim", self.head_dim or default_head)
@@ -142,8 +144,6 @@ class FlopModel:
         """Forward FLOPs ``[stage][chunk]`` with the layers split as the model is
         (:func:`~pipelining_seq.models.gpt.stage_layer_ranges`) and the output head on
         the last stage. The embedding is a lookup and costs nothing here."""
-        from .models.gpt import stage_layer_ranges
-
         ranges = stage_layer_ranges(self.num_layers, num_stages)
         ends = [sum(lengths[: j + 1]) for j in range(len(lengths))]
         per_layer = [self.layer_cost(s, e) for s, e in zip(lengths, ends)]
