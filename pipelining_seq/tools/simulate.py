@@ -533,7 +533,12 @@ def main(args: argparse.Namespace) -> int:
             print(f"{name}: skipped ({exc})")
             continue
         for part in args.partition if name == SEQ1F1B else ["uniform"]:
-            res = simulate(plan, _costs(args, plan, part, times), comm=args.comm, recv_latency=args.recv_latency)
+            try:
+                cost = _costs(args, plan, part, times)
+            except ValueError as exc:  # e.g. a preset with fewer layers than this schedule's stages
+                print(f"{name}: skipped ({exc})")
+                continue
+            res = simulate(plan, cost, comm=args.comm, recv_latency=args.recv_latency)
             if name == SEQ1F1B and len(args.partition) > 1:
                 res.label = f"{name} ({part})"
             results.append(res)
