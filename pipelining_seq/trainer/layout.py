@@ -13,8 +13,9 @@ import os
 from typing import Any
 
 from .. import placement
+from ..flops import balanced_partition_for
 from ..models.gpt import stage_layer_ranges
-from ..partition import SeqPartition, balanced_partition, resolve_partition
+from ..partition import SeqPartition, resolve_partition
 from .config import ConfigError, JobConfig
 
 __all__ = [
@@ -82,10 +83,7 @@ def seq_partition(cfg: JobConfig) -> SeqPartition:
     or (``balanced``) a callable ``seq_len -> lengths`` over the recipe's model."""
     s, g = cfg.seq1f1b, cfg.model
     if isinstance(s.partition, str) and s.partition == "balanced":
-        return functools.partial(
-            balanced_partition, n_chunks=s.num_seq_chunks, num_layers=g.n_layers, hidden_size=g.dim,
-            num_heads=g.n_heads, ffn_hidden_size=g.ffn_dim, vocab_size=g.vocab_size, multiple_of=s.multiple_of,
-        )
+        return functools.partial(balanced_partition_for, g, n_chunks=s.num_seq_chunks, multiple_of=s.multiple_of)
     return s.partition if isinstance(s.partition, str) else list(s.partition)
 
 

@@ -229,10 +229,8 @@ def plan_memory(
         n_kv_heads=model.n_kv_heads, chunk_lengths=chunk_lengths, sequence_parallel=sequence_parallel,
     )
     am = ActivationModel(
-        dim=model.dim, n_heads=model.n_heads, n_kv_heads=model.n_kv_heads, ffn_dim=model.ffn_dim,
-        mlp=model.mlp, vocab_size=model.vocab_size, tp=tp, sequence_parallel=sequence_parallel and tp > 1,
-        act_bytes=act_bytes, device=device, attn_backend="blockwise" if attn_backend == "auto" else attn_backend,
-        activation_checkpoint=model.activation_checkpoint, loss_fp32=loss_fp32,
+        model=model, tp=tp, sequence_parallel=sequence_parallel and tp > 1, act_bytes=act_bytes, device=device,
+        attn_backend=attn_backend, loss_fp32=loss_fp32,
     )
     b = microbatch_size
     offsets = [sum(chunk_lengths[:j]) for j in range(k)]
