@@ -25,6 +25,10 @@ __all__ = [
     "ComputationType",
     "FORWARD",
     "FULL_BACKWARD",
+    "BACKWARD_INPUT",
+    "BACKWARD_WEIGHT",
+    "REDUCE_GRAD",
+    "PipelineScheduleRuntime",
     "RecvInfo",
     "TORCH_VERSION",
     "add_reduce_grad",
@@ -45,6 +49,12 @@ Action = _schedules._Action
 ComputationType = _schedules._ComputationType
 FORWARD = _schedules._ComputationType.FORWARD
 FULL_BACKWARD = _schedules._ComputationType.FULL_BACKWARD
+BACKWARD_INPUT = _schedules._ComputationType.BACKWARD_INPUT
+BACKWARD_WEIGHT = _schedules._ComputationType.BACKWARD_WEIGHT
+REDUCE_GRAD = _schedules._ComputationType.REDUCE_GRAD
+# The action-list executor behind torch's interleaved and zero-bubble schedules; the
+# Seq1F1B-I and Seq1F1B-ZB schedules subclass it and hand it their own compute IR.
+PipelineScheduleRuntime = _schedules._PipelineScheduleRuntime
 RecvInfo = _stage._RecvInfo
 
 batch_p2p = _schedules._batch_p2p
