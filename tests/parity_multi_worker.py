@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import torch
-
 from parity_worker import ce_loss, make_batch, make_model, partition_for, reference
+
 from pipelining_seq import ScheduleInterleavedSeq1F1B, ScheduleSeq1F1BZeroBubble, SequencePipelineStage
 from pipelining_seq.models import split_stage
 
