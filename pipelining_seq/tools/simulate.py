@@ -25,7 +25,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
-from .. import schedule_ir
+from .. import schedule_ir, schedule_ir_multi
 from ..partition import balanced_partition, chunk_cost, uniform_partition
 from . import torch_schedules
 
@@ -50,6 +50,10 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 SEQ1F1B = "Seq1F1B"
+SEQ1F1B_I = "InterleavedSeq1F1B"
+SEQ1F1B_ZB = "Seq1F1BZeroBubble"
+SEQ_SCHEDULES = (SEQ1F1B, SEQ1F1B_I, SEQ1F1B_ZB)
+"""Schedules that take sequence chunks (``--chunks``)."""
 
 
 @dataclass(frozen=True)
@@ -110,7 +114,7 @@ class Plan:
 
 
 def schedule_names() -> list[str]:
-    return [SEQ1F1B, *torch_schedules.torch_schedule_names()]
+    return [SEQ1F1B, SEQ1F1B_I, SEQ1F1B_ZB, *torch_schedules.torch_schedule_names()]
 
 
 def build_plan(name: str, *, pp: int, microbatches: int, chunks: int = 1, stages_per_rank: int = 2) -> Plan:
@@ -130,6 +134,18 @@ def build_plan(name: str, *, pp: int, microbatches: int, chunks: int = 1, stages
             for r in range(pp)
         }
         return Plan(name, pp, pp, microbatches, chunks, ops)
+    if name in (SEQ1F1B_I, SEQ1F1B_ZB):
+        # The orders the schedules themselves run (ScheduleInterleavedSeq1F1B,
+        # ScheduleSeq1F1BZeroBubble), with the same acceptance rules.
+        if microbatches * chunks < pp:
+            raise ValueError(f"{name} needs microbatches * chunks ({microbatches * chunks}) >= pp ({pp})")
+        if name == SEQ1F1B_I:
+            orders = schedule_ir_multi.interleaved_orders(pp, stages_per_rank, microbatches, chunks)
+        else:
+            orders = schedule_ir_multi.zero_bubble_orders(pp, microbatches, chunks)
+        ops = {r: [Op(r, s, kind, u) for kind, s, u in acts] for r, acts in orders.items()}
+        num_stages = pp * (stages_per_rank if name == SEQ1F1B_I else 1)
+        return Plan(name, pp, num_stages, microbatches, chunks, ops)
     if name not in torch_schedules.torch_schedule_names():
         raise ValueError(f"--schedule {name!r}: choose from {', '.join(schedule_names())}")
     if chunks != 1:
@@ -493,7 +509,7 @@ def _lengths_for(args: argparse.Namespace, part: str, seq_len: int) -> list[int]
 def _costs(args: argparse.Namespace, plan: Plan, part: str, times: dict | None) -> CostModel:
     if times is not None:
         entries = times.get("partitions", {})
-        keys = ["full"] if plan.n_chunks == 1 and plan.name != SEQ1F1B else [f"{part}@{plan.n_chunks}", part]
+        keys = ["full"] if plan.n_chunks == 1 and plan.name not in SEQ_SCHEDULES else [f"{part}@{plan.n_chunks}", part]
         for key in keys:
             if key in entries:
                 return measured_costs(plan, entries[key], scope=times.get("scope", "stage"))
@@ -555,16 +571,16 @@ def main(args: argparse.Namespace) -> int:
             times = json.load(f)
     results: list[SimResult] = []
     for name in names:
-        k = args.chunks if name == SEQ1F1B else 1
+        k = args.chunks if name in SEQ_SCHEDULES else 1
         try:
             plan = build_plan(name, pp=args.pp, microbatches=args.microbatches, chunks=k,
                               stages_per_rank=args.stages_per_rank)
         except ValueError as exc:
             print(f"{name}: skipped ({exc})")
             continue
-        for part in args.partition if name == SEQ1F1B else ["uniform"]:
+        for part in args.partition if name in SEQ_SCHEDULES else ["uniform"]:
             res = simulate(plan, _costs(args, plan, part, times), comm=args.comm, recv_latency=args.recv_latency)
-            if name == SEQ1F1B and len(args.partition) > 1:
+            if name in SEQ_SCHEDULES and len(args.partition) > 1:
                 res.label = f"{name} ({part})"
             results.append(res)
     if not results:
