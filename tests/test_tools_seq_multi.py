@@ -46,3 +46,20 @@ def test_zero_bubble_7b_32k_balanced_makespan():
     seq = _run("Seq1F1B", cost="flop", lengths=lengths)
     zb = _run("Seq1F1BZeroBubble", cost="flop", lengths=lengths)
     assert zb.makespan <= 0.95 * seq.makespan
+
+
+def test_planner_zero_bubble_memory_from_its_action_list():
+    from pipelining_seq.models import GPTConfig
+    from pipelining_seq.tools.planner.plan import plan_memory
+
+    g = GPTConfig(vocab_size=512, n_layers=8, dim=256, n_heads=8, mlp="gelu")
+    plans = {
+        s: plan_memory(model=g, pp=4, dp_shard=1, tp=1, sequence_parallel=False, schedule=s, n_microbatches=8,
+                       microbatch_size=1, chunk_lengths=[512] * 4, gpu_memory_bytes=80 * 2**30)
+        for s in ("Seq1F1B", "Seq1F1BZeroBubble")
+    }
+    seq, zb = plans["Seq1F1B"].stages, plans["Seq1F1BZeroBubble"].stages
+    assert [s.peak_live_units for s in seq] == [7, 6, 5, 4]
+    assert [s.peak_live_units for s in zb] == [7, 7, 7, 7]  # H1: every rank at Seq1F1B's rank-0 peak
+    assert zb[0].activation_bytes + zb[0].kv_bytes == seq[0].activation_bytes + seq[0].kv_bytes
+    assert zb[3].activation_bytes > seq[3].activation_bytes  # deferred W keep units alive
