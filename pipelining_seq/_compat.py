@@ -40,6 +40,7 @@ __all__ = [
     "validate_schedule",
     "wait_batch_p2p",
     "peer_global_rank",
+    "register_action_function",
     "single_schedule_order",
 ]
 
@@ -85,6 +86,18 @@ def initialize_stage(schedule: Any, args: Any, kwargs: Any, target: Any, loss_kw
 def single_schedule_order(schedule: Any) -> dict[int, list]:
     """A ``PipelineScheduleSingle``'s IR (``_get_pipeline_order``), ``{}`` where it has none."""
     return schedule._get_pipeline_order() or {}
+
+
+def register_action_function(schedule: Any, computation_type: Any, fn: Any) -> None:
+    """``_PipelineScheduleRuntime.register_custom_function`` (run ``fn(action, ctx)``
+    instead of the runtime's own handling of ``computation_type``)."""
+    register = getattr(schedule, "register_custom_function", None)
+    if register is None:
+        raise RuntimeError(
+            f"torch {torch.__version__}: _PipelineScheduleRuntime has no register_custom_function, "
+            "which the Seq1F1B-I/ZB schedules need for their gradient scaling: upgrade torch"
+        )
+    register(computation_type, fn)
 
 
 def peer_global_rank(stage: Any, stage_index: int) -> int:

@@ -84,8 +84,8 @@ class SeqRuntimeSchedule(_compat.PipelineScheduleRuntime):
         # chunk losses already sum to a micro-batch's loss, so divide by micro-batches.
         stage_by_index = {s.stage_index: s for s in stages}
         scale = n_microbatches if scale_grads else 1
-        self.register_custom_function(
-            _compat.REDUCE_GRAD,
+        _compat.register_action_function(
+            self, _compat.REDUCE_GRAD,
             lambda action, ctx: stage_by_index[action.stage_index].perform_reduce_grad(scale),
         )
 
