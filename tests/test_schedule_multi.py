@@ -3,6 +3,7 @@ refused before any communication. Multi-rank parity is in test_parity_multi.py."
 
 import pytest
 import torch
+from parity_multi_worker import _record
 from parity_worker import ce_loss, make_batch, make_model, reference
 from torch.distributed.pipelining import PipelineStage
 
@@ -34,7 +35,16 @@ def _check_parity(model_parts, sched, m, batch=4, seq=16):
 def test_zero_bubble_one_rank():
     (stage,) = _stages([0], 1)
     sched = ScheduleSeq1F1BZeroBubble(stage, 2, ce_loss, n_seq_chunks=3, seq_partition=[7, 5, 4])
+    log: list = []
+    _record(stage, log)
     _check_parity([stage.submod], sched, 2)
+    assert log == sched.compute_orders[0]  # what the runtime ran is the IR
+    evals: list = []
+    x, y = make_batch(4, 16)
+    out = sched.eval(x, target=y, losses=evals)
+    torch.testing.assert_close(out, make_model()(x), rtol=0, atol=1e-12)
+    torch.testing.assert_close(torch.stack(evals), reference({}, 4, 16, 2)[0], rtol=0, atol=1e-12)
+    assert len(stage.kv_cache) == 0
     assert len(stage.kv_cache) == 0 and sched.chunk_lengths == [7, 5, 4]
     kinds = {a.computation_type for a in sched.pipeline_order[0]}
     assert kinds == {torch.distributed.pipelining.schedules._ComputationType.FORWARD,
@@ -45,7 +55,11 @@ def test_zero_bubble_one_rank():
 def test_interleaved_one_rank_two_stages():
     stages = _stages([0, 1], 2)
     sched = ScheduleInterleavedSeq1F1B(stages, 2, ce_loss, n_seq_chunks=2)
+    log: list = []
+    for s in stages:
+        _record(s, log)
     _check_parity([s.submod for s in stages], sched, 2)
+    assert log == sched.compute_orders[0]
 
 
 @pytest.mark.parametrize(
