@@ -84,6 +84,7 @@ def time_worker(rank: int, world: int, cfg: BenchModel, groups: list[list[dict]]
 
 def _ratio_rows(results: list[dict], ms: list[int], ks: list[int], partitions: list[str]) -> list[dict]:
     med = {}
+    torch_names = set(torch_schedules.torch_schedule_names())
     for r in results:
         if r["times"]:
             med[(r["schedule"], r["m"], r["k"], r.get("partition"))] = statistics.median(r["times"])
@@ -93,7 +94,7 @@ def _ratio_rows(results: list[dict], ms: list[int], ks: list[int], partitions: l
             for part in partitions if k > 1 else [None]:
                 seq = med.get(("Seq1F1B", m, k, part))
                 row = dict(m=m, k=k, partition=part or "-", seq1f1b_s=seq)
-                for name in dict.fromkeys([*TORCH_SCHEDULES, *torch_schedules.torch_schedule_names()]):
+                for name in dict.fromkeys([*TORCH_SCHEDULES, *(n for n, *_ in med if n in torch_names)]):
                     t = med.get((name, m, 1, None))
                     row[f"{name}/Seq1F1B"] = (t / seq) if (t and seq) else None
                 for name in SEQ_SCHEDULES[1:]:
