@@ -4,6 +4,8 @@ from .attention import ChunkedCausalAttention
 from .context import ChunkContext, ContractError, KVCache, chunk_positions, current_chunk
 from .partition import balanced_partition, chunk_cost, uniform_partition
 from .schedules import ScheduleSeq1F1B
+from .schedules_interleaved import ScheduleInterleavedSeq1F1B
+from .schedules_zero_bubble import ScheduleSeq1F1BZeroBubble
 from .stage import SequencePipelineStage
 
 __all__ = [
@@ -11,7 +13,9 @@ __all__ = [
     "ChunkedCausalAttention",
     "ContractError",
     "KVCache",
+    "ScheduleInterleavedSeq1F1B",
     "ScheduleSeq1F1B",
+    "ScheduleSeq1F1BZeroBubble",
     "SequencePipelineStage",
     "balanced_partition",
     "chunk_cost",

@@ -34,6 +34,10 @@ __all__ = [
     "ComputationType",
     "FORWARD",
     "FULL_BACKWARD",
+    "BACKWARD_INPUT",
+    "BACKWARD_WEIGHT",
+    "REDUCE_GRAD",
+    "PipelineScheduleRuntime",
     "RecvInfo",
     "TORCH_VERSION",
     "add_reduce_grad",
@@ -45,6 +49,7 @@ __all__ = [
     "validate_schedule",
     "wait_batch_p2p",
     "peer_global_rank",
+    "register_action_function",
     "single_schedule_order",
     "OVERRIDDEN_HOOKS",
     "READ_STATE",
@@ -59,6 +64,12 @@ Action = _schedules._Action
 ComputationType = _schedules._ComputationType
 FORWARD = _schedules._ComputationType.FORWARD
 FULL_BACKWARD = _schedules._ComputationType.FULL_BACKWARD
+BACKWARD_INPUT = _schedules._ComputationType.BACKWARD_INPUT
+BACKWARD_WEIGHT = _schedules._ComputationType.BACKWARD_WEIGHT
+REDUCE_GRAD = _schedules._ComputationType.REDUCE_GRAD
+# The action-list executor behind torch's interleaved and zero-bubble schedules; the
+# Seq1F1B-I and Seq1F1B-ZB schedules subclass it and hand it their own compute IR.
+PipelineScheduleRuntime = _schedules._PipelineScheduleRuntime
 RecvInfo = _stage._RecvInfo
 
 batch_p2p = _schedules._batch_p2p
@@ -94,6 +105,18 @@ def single_schedule_order(schedule: Any) -> dict[int, list]:
 def default_group() -> dist.ProcessGroup:
     """The default process group (what a stage's ``group=None`` means)."""
     return dist.distributed_c10d._get_default_group()
+
+
+def register_action_function(schedule: Any, computation_type: Any, fn: Any) -> None:
+    """``_PipelineScheduleRuntime.register_custom_function`` (run ``fn(action, ctx)``
+    instead of the runtime's own handling of ``computation_type``)."""
+    register = getattr(schedule, "register_custom_function", None)
+    if register is None:
+        raise RuntimeError(
+            f"torch {torch.__version__}: _PipelineScheduleRuntime has no register_custom_function, "
+            "which the Seq1F1B-I/ZB schedules need for their gradient scaling: upgrade torch"
+        )
+    register(computation_type, fn)
 
 
 def peer_global_rank(stage: Any, stage_index: int) -> int:

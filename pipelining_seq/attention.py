@@ -96,7 +96,7 @@ class _BlockwiseChunkAttention(torch.autograd.Function):
     def backward(ctx, dout):
         q, out, lse = ctx.saved_tensors
         kv, j, scale, groups = ctx.kv, ctx.j, ctx.scale, ctx.groups
-        if any(t is not None for t in kv.k[j + 1:]):
+        if kv.pending_after("kv", j):
             raise ContractError(
                 f"backward of chunk {j} ran while a later chunk's backward is still pending: "
                 "Seq1F1B needs backwards in reverse chunk order within a micro-batch"
@@ -119,6 +119,7 @@ class _BlockwiseChunkAttention(torch.autograd.Function):
         if kv.dk[j] is not None:
             dk_own = dk_own + kv.dk[j]
             dv_own = dv_own + kv.dv[j]
+        kv.mark_done("kv", j)
         kv.release(j)
         return dq, dk_own, dv_own, None, None, None, None
 
@@ -136,14 +137,16 @@ class _KVRelay(torch.autograd.Function):
     def backward(ctx, g):
         kv, j, which, offset = ctx.kv, ctx.j, ctx.which, ctx.offset
         grads = getattr(kv, "d" + which)
-        if j + 1 < len(grads) and getattr(kv, which)[j + 1] is not None:
+        if kv.pending_after(which, j):
             raise ContractError(
                 f"backward of chunk {j} ran before chunk {j + 1}'s: Seq1F1B needs "
                 "backwards in reverse chunk order within a micro-batch"
             )
         if grads[j] is not None:  # the prefix gradient left by chunk j+1
             g = g + grads[j]
-        getattr(kv, which)[j] = None
+        kv.mark_done(which, j)
+        if not kv.keep:
+            getattr(kv, which)[j] = None
         grads[j] = None
         if j:
             grads[j - 1] = g[:, :, :offset]

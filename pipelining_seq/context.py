@@ -38,6 +38,13 @@ class _LayerKV:
     # backward runs (LIFO order guarantees they are complete by then).
     dk: list[torch.Tensor | None] = field(default_factory=list)
     dv: list[torch.Tensor | None] = field(default_factory=list)
+    # Chunks whose backward has consumed their relayed gradient, per relay ("kv" for the
+    # blockwise kernel, "k"/"v" for the concatenating one): the LIFO check reads this.
+    done: dict[str, set[int]] = field(default_factory=dict)
+    # Keep K/V after a chunk's backward, until the stage drops the micro-batch. A split
+    # backward (zero-bubble schedules) runs the weight pass later, and with activation
+    # checkpointing that pass recomputes the chunk's attention from these K/V.
+    keep: bool = False
 
     def store(self, j: int, k: torch.Tensor, v: torch.Tensor) -> None:
         if j == len(self.k):
@@ -48,8 +55,18 @@ class _LayerKV:
         else:
             self.k[j], self.v[j] = k, v
 
+    def mark_done(self, relay: str, j: int) -> None:
+        self.done.setdefault(relay, set()).add(j)
+
+    def pending_after(self, relay: str, j: int) -> bool:
+        """Whether a chunk after ``j`` has not yet run its backward."""
+        done = self.done.get(relay, set())
+        return any(i not in done for i in range(j + 1, len(self.k)))
+
     def release(self, j: int) -> None:
-        self.k[j] = self.v[j] = self.dk[j] = self.dv[j] = None
+        self.dk[j] = self.dv[j] = None
+        if not self.keep:
+            self.k[j] = self.v[j] = None
 
     def nbytes(self) -> int:
         seen: set[int] = set()
@@ -72,12 +89,20 @@ class KVCache:
 
     def __init__(self) -> None:
         self._mbs: dict[int, dict[int, _LayerKV]] = {}
+        self.keep_until_drop = False
+        """Keep each chunk's K/V past its backward until :meth:`drop` (split backward)."""
 
     def layer(self, microbatch: int, layer_key: int) -> _LayerKV:
-        return self._mbs.setdefault(microbatch, {}).setdefault(layer_key, _LayerKV())
+        layers = self._mbs.setdefault(microbatch, {})
+        if layer_key not in layers:
+            layers[layer_key] = _LayerKV(keep=self.keep_until_drop)
+        return layers[layer_key]
 
     def drop(self, microbatch: int) -> None:
-        self._mbs.pop(microbatch, None)
+        for kv in self._mbs.pop(microbatch, {}).values():
+            # Autograd graphs may still reference the entry: free its tensors now.
+            for j in range(len(kv.k)):
+                kv.k[j] = kv.v[j] = kv.dk[j] = kv.dv[j] = None
 
     def clear(self) -> None:
         self._mbs.clear()

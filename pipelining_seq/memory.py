@@ -116,7 +116,11 @@ class ActivationMemoryMeter:
             self._bytes[key] = storage.nbytes()
             self.saved_bytes += storage.nbytes()
             self.sample()
-        return _Packed(t, key, self)
+        # Keep a detached alias (same storage, same content, which is all an unpack
+        # must return): holding ``t`` itself would tie a saved output to its own
+        # grad_fn, a cycle through C++ that nothing frees when only part of the graph
+        # is run (a split I/W backward), leaking the rest of the unit's graph.
+        return _Packed(t.detach(), key, self)
 
     @staticmethod
     def _unpack(packed):

@@ -46,6 +46,9 @@ class ScheduleInfo:
 
 _SCHEDULES = (
     ScheduleInfo("Seq1F1B", multi_stage=False, style="loop", seq_chunks=True, fixed_stages_per_rank=1),
+    ScheduleInfo("InterleavedSeq1F1B", multi_stage=True, style="loop", seq_chunks=True),
+    # A PipelineScheduleMulti underneath (torch's action runtime), but one stage per rank.
+    ScheduleInfo("Seq1F1BZeroBubble", multi_stage=False, style="loop", seq_chunks=True, fixed_stages_per_rank=1),
     ScheduleInfo("1F1B", False, "loop", False, 1, "Schedule1F1B"),
     ScheduleInfo("GPipe", False, "loop", False, 1, "ScheduleGPipe"),
     ScheduleInfo("Interleaved1F1B", True, "loop", False, None, "ScheduleInterleaved1F1B"),
@@ -72,8 +75,11 @@ def schedule_class(info: ScheduleInfo) -> type:
     """The class that runs ``info`` (imported lazily: torch's, or the package's)."""
     if info.torch_class is None:
         from .schedules import ScheduleSeq1F1B
+        from .schedules_interleaved import ScheduleInterleavedSeq1F1B
+        from .schedules_zero_bubble import ScheduleSeq1F1BZeroBubble
 
-        return {"Seq1F1B": ScheduleSeq1F1B}[info.name]
+        own = (ScheduleSeq1F1B, ScheduleInterleavedSeq1F1B, ScheduleSeq1F1BZeroBubble)
+        return {cls.__name__.removeprefix("Schedule"): cls for cls in own}[info.name]
     from torch.distributed.pipelining import schedules
 
     return getattr(schedules, info.torch_class)

@@ -26,13 +26,12 @@ from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
-from torch.distributed.pipelining.microbatch import split_args_kwargs_into_chunks
 from torch.distributed.pipelining.schedules import PipelineScheduleSingle
 from torch.profiler import record_function
-from torch.utils._pytree import tree_map
 
 from . import _compat, schedule_ir
-from .partition import SeqPartition, resolve_partition
+from .partition import SeqPartition
+from .seq_units import SeqUnits
 from .stage import SequencePipelineStage
 
 __all__ = ["ScheduleSeq1F1B"]
@@ -85,9 +84,11 @@ class ScheduleSeq1F1B(PipelineScheduleSingle):
         kwargs_chunk_spec: Any = None,
         output_merge_spec: Any = None,
     ) -> None:
-        for name, val in (("n_microbatches", n_microbatches), ("n_seq_chunks", n_seq_chunks)):
-            if not isinstance(val, int) or val < 1:
-                raise ValueError(f"ScheduleSeq1F1B: {name}={val!r} must be a positive integer")
+        self._units = SeqUnits(
+            owner="ScheduleSeq1F1B", n_microbatches=n_microbatches, n_seq_chunks=n_seq_chunks,
+            seq_partition=seq_partition, seq_dim=seq_dim, seq_len=seq_len,
+            loss_reduction=loss_reduction, scale_grads=scale_grads,
+        )
         p = stage.num_stages
         if n_microbatches * n_seq_chunks < p:
             raise ValueError(
@@ -102,31 +103,11 @@ class ScheduleSeq1F1B(PipelineScheduleSingle):
                 f"(got {type(stage).__name__}): build the stage with "
                 "pipelining_seq.SequencePipelineStage(...), same arguments"
             )
-        if loss_reduction not in (None, "mean", "sum"):
-            raise ValueError(f"loss_reduction={loss_reduction!r}: use 'mean' or 'sum'")
-        if isinstance(seq_partition, str):
-            # With seq_len known, check the lengths now; otherwise at least the name.
-            resolve_partition(seq_partition, seq_len or n_seq_chunks, n_seq_chunks)
-        elif callable(seq_partition):
-            if seq_len is not None:
-                resolve_partition(seq_partition, seq_len, n_seq_chunks)
-        else:
-            resolve_partition(seq_partition, sum(seq_partition), n_seq_chunks)
-            if seq_len is not None and seq_len != sum(seq_partition):
-                raise ValueError(
-                    f"seq_len={seq_len} but seq_partition {list(seq_partition)} sums to "
-                    f"{sum(seq_partition)}: drop seq_len or make them agree"
-                )
-            seq_len = sum(seq_partition)
         self._n_real_microbatches = n_microbatches
         self._n_seq_chunks = n_seq_chunks
-        self._seq_partition = seq_partition
         self._seq_dim = seq_dim
-        self._seq_len = seq_len
-        self._loss_reduction = loss_reduction or ("mean" if scale_grads else "sum")
         self._early_recv = early_recv
         self._fwd_recv_work: dict[int, list] = {}
-        self._lengths: list[int] = []
         super().__init__(
             stage,
             n_microbatches * n_seq_chunks,  # the base class counts units
@@ -148,107 +129,38 @@ class ScheduleSeq1F1B(PipelineScheduleSingle):
     @property
     def chunk_lengths(self) -> list[int]:
         """Chunk lengths of the last step (empty before the first step)."""
-        return list(self._lengths)
+        return list(self._units.lengths)
 
     def _get_pipeline_order(self) -> dict[int, list]:
         """torch's ``_Action`` IR of every rank, unit ids ``u = microbatch * k + chunk``."""
         return schedule_ir.pipeline_order(self._num_stages, self._n_real_microbatches, self._n_seq_chunks)
 
+    @property
+    def _loss_reduction(self) -> str:
+        return self._units.loss_reduction
+
     # ------------------------------------------------------------------ splitting
-    def _split_batch(self, tensors: list, what: str) -> None:
-        m = self._n_real_microbatches
-        for t in tensors:
-            if t.shape[0] % m:
-                raise ValueError(
-                    f"ScheduleSeq1F1B: {what} batch size {t.shape[0]} is not divisible by "
-                    f"n_microbatches={m}: change the batch size or n_microbatches"
-                )
-
-    def _local_seq_len(self, args, kwargs, target) -> int | None:
-        found: list[tuple[str, int]] = []
-        for name, t in [("input", a) for a in args] + [(k, v) for k, v in kwargs.items()]:
-            if isinstance(t, torch.Tensor) and t.dim() > self._seq_dim:
-                found.append((name, t.shape[self._seq_dim]))
-        if isinstance(target, torch.Tensor) and target.dim() > self._seq_dim:
-            found.append(("target", target.shape[self._seq_dim]))
-        if not found:
-            return None
-        if len({s for _, s in found}) > 1:
-            raise ValueError(
-                f"ScheduleSeq1F1B: tensors disagree on the sequence length along "
-                f"seq_dim={self._seq_dim}: {found}"
-            )
-        return found[0][1]
-
     def _exchange_lengths(self, local: list[int] | None) -> list[int]:
         """First stage sends the chunk lengths down the pipeline (when not static)."""
         stage = self._stage
-        k = self._n_seq_chunks
-        buf = torch.zeros(k, dtype=torch.int64, device=stage.device)
-        if not stage.is_first:
-            dist.recv(buf, src=_compat.peer_global_rank(stage, stage.stage_index - 1), group=stage.group)
-            received = buf.tolist()
-            if local is not None and local != received:
-                raise ValueError(
-                    f"stage {stage.stage_index}: local chunk lengths {local} differ from the "
-                    f"first stage's {received}: inputs and targets must share one sequence length"
-                )
-            local = received
-        elif local is None:
-            raise ValueError(
-                "ScheduleSeq1F1B: the first stage got no input tensor to read the sequence "
-                "length from: pass the inputs to step() on the first stage"
-            )
-        if not stage.is_last:
-            buf.copy_(torch.tensor(local, dtype=torch.int64))
-            dist.send(buf, dst=_compat.peer_global_rank(stage, stage.stage_index + 1), group=stage.group)
-        return local
-
-    def _chunk_lengths(self, seq_len: int | None) -> list[int]:
-        static = self._seq_len
-        if static is not None and seq_len is not None and seq_len != static:
-            raise ValueError(
-                f"ScheduleSeq1F1B: inputs have sequence length {seq_len} but the schedule was "
-                f"built for {static}: pass inputs of that length, or change seq_partition / seq_len"
-            )
-        local = resolve_partition(self._seq_partition, seq_len or static, self._n_seq_chunks) if (
-            seq_len or static
-        ) else None
-        if static is not None or self._stage.num_stages == 1:
-            return local
-        return self._exchange_lengths(local)
-
-    def _split_seq(self, value: Any, seq_len: int) -> list[Any]:
-        k = self._n_seq_chunks
-        if isinstance(value, torch.Tensor) and value.dim() > self._seq_dim and value.shape[self._seq_dim] == seq_len:
-            return [c.contiguous() for c in torch.split(value, self._lengths, dim=self._seq_dim)]
-        return [value] * k
-
-    def _units(self, mbs: list, seq_len: int | None) -> list:
-        """Micro-batch args/kwargs/targets → unit args/kwargs/targets."""
-        out = []
-        for mb in mbs:
-            if isinstance(mb, tuple):
-                cols = [self._split_seq(a, seq_len) for a in mb]
-                out += [tuple(c[j] for c in cols) for j in range(self._n_seq_chunks)]
-            elif isinstance(mb, dict):
-                cols = {key: self._split_seq(a, seq_len) for key, a in mb.items()}
-                out += [{key: c[j] for key, c in cols.items()} for j in range(self._n_seq_chunks)]
-            else:
-                out += self._split_seq(mb, seq_len)
-        return out
+        return self._units.exchange_lengths(
+            local, device=stage.device, group=stage.group,
+            prev_rank=None if stage.is_first else _compat.peer_global_rank(stage, stage.stage_index - 1),
+            next_rank=None if stage.is_last else _compat.peer_global_rank(stage, stage.stage_index + 1),
+            where=f"stage {stage.stage_index}",
+        )
 
     def _prepare_units(self, arg_mbs, kwarg_mbs, target_mbs, seq_len):
-        self._lengths = self._chunk_lengths(seq_len)
-        seq_len = sum(self._lengths)
+        units = self._units
+        lengths = units.resolve_lengths(
+            seq_len, exchange=None if self._stage.num_stages == 1 else self._exchange_lengths
+        )
         if isinstance(self._stage, SequencePipelineStage):
-            self._stage.configure_seq_chunks(
-                n_microbatches=self._n_real_microbatches, chunk_lengths=self._lengths
-            )
+            self._stage.configure_seq_chunks(n_microbatches=self._n_real_microbatches, chunk_lengths=lengths)
         return (
-            self._units(arg_mbs, seq_len),
-            self._units(kwarg_mbs, seq_len),
-            self._units(target_mbs, seq_len) if target_mbs is not None else None,
+            units.units(arg_mbs),
+            units.units(kwarg_mbs),
+            units.units(target_mbs) if target_mbs is not None else None,
         )
 
     # ------------------------------------------------------------------------ step
@@ -270,31 +182,9 @@ class ScheduleSeq1F1B(PipelineScheduleSingle):
             raise RuntimeError(
                 "step() requires gradients to be enabled; call eval() for forward-only runs"
             )
-        m = self._n_real_microbatches
-        pre_split = {key: kwargs.pop(key) for key in ("arg_mbs", "kwarg_mbs", "target_mbs") if key in kwargs}
-        if pre_split:
-            if args or kwargs or target is not None:
-                raise ValueError("step(): pass either whole-batch inputs or arg_mbs/kwarg_mbs/target_mbs, not both")
-            arg_mbs = pre_split.get("arg_mbs") or [()] * m
-            kwarg_mbs = pre_split.get("kwarg_mbs") or [{}] * m
-            target_mbs = pre_split.get("target_mbs")
-            for name, mbs in (("arg_mbs", arg_mbs), ("kwarg_mbs", kwarg_mbs), ("target_mbs", target_mbs)):
-                if mbs is not None and len(mbs) != m:
-                    raise ValueError(f"step(): {name} has {len(mbs)} entries, expected n_microbatches={m}")
-            seq_len = self._local_seq_len(arg_mbs[0], kwarg_mbs[0], target_mbs[0] if target_mbs else None)
-        else:
-            tensors = [t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)]
-            self._split_batch(tensors, "input")
-            if isinstance(target, torch.Tensor):
-                self._split_batch([target], "target")
-            seq_len = self._local_seq_len(args, kwargs, target)
-            if args or kwargs:
-                arg_mbs, kwarg_mbs = split_args_kwargs_into_chunks(
-                    args, kwargs, m, self._args_chunk_spec, self._kwargs_chunk_spec
-                )
-            else:
-                arg_mbs, kwarg_mbs = [()] * m, [{}] * m
-            target_mbs = list(torch.tensor_split(target, m)) if target is not None else None
+        arg_mbs, kwarg_mbs, target_mbs, seq_len = self._units.split_step(
+            args, kwargs, target, self._args_chunk_spec, self._kwargs_chunk_spec
+        )
 
         self._stage.has_backward = self._has_backward
         self._stage.clear_runtime_states()
@@ -305,37 +195,19 @@ class ScheduleSeq1F1B(PipelineScheduleSingle):
         return None
 
     def _merge_chunks(self, unit_outputs: list) -> list:
-        k, d = self._n_seq_chunks, self._seq_dim
-        merged = []
-        for n in range(len(unit_outputs) // k):
-            group = unit_outputs[n * k:(n + 1) * k]
-            if isinstance(group[0], torch.Tensor):
-                merged.append(torch.cat(group, dim=d))
-            elif isinstance(group[0], (tuple, list)):
-                merged.append(type(group[0])(torch.cat(parts, dim=d) for parts in zip(*group)))
-            else:
-                merged.append(tree_map(lambda x: x, group[0]))
-        return merged
+        return self._units.merge_chunks(unit_outputs)
 
     # ------------------------------------------------------------------------ losses
     def _maybe_compute_loss(self, stage, output, target_mbs, mb_index, loss_kwargs=None):
         if stage.is_last and self._loss_fn is not None:
             loss = self._loss_fn(output, target_mbs[mb_index], **(loss_kwargs or {}))
-            if self._loss_reduction == "mean" and self._n_seq_chunks > 1:
-                loss = loss * (self._lengths[mb_index % self._n_seq_chunks] / sum(self._lengths))
-            self._internal_losses.append(loss)
+            self._internal_losses.append(self._units.weight_loss(loss, mb_index))
 
     def _update_losses(self, stages, losses):
-        k = self._n_seq_chunks
-        unit_losses = self._internal_losses
         if self._stage.is_last and losses is not None:
-            if len(unit_losses) != self._n_microbatches:
-                raise RuntimeError(f"expected {self._n_microbatches} unit losses, got {len(unit_losses)}")
+            mb_losses = self._units.microbatch_losses(self._internal_losses)
             losses.clear()
-            losses.extend(
-                unit_losses[n] if k == 1 else torch.stack(unit_losses[n * k:(n + 1) * k]).detach().sum()
-                for n in range(self._n_real_microbatches)
-            )
+            losses.extend(mb_losses)
         self._internal_losses.clear()
 
     # ------------------------------------------------------------------- execution

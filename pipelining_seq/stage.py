@@ -8,8 +8,9 @@ Differences from torch's ``PipelineStage`` (same constructor, plus ``activation_
   (micro-batch, chunk, offset, length) to the layers, backward included so that
   activation-checkpoint recomputation sees the same chunk;
 * backwards must come in reverse chunk order within a micro-batch (enforced);
-* a micro-batch's K/V cache is freed once its chunk 0 has run backward, or after its
-  last chunk's forward when there is no backward; nothing stays cached after a step.
+* a micro-batch's K/V cache is freed once its chunk 0 has run backward (with a split
+  backward: once its last weight pass ran), or after its last chunk's forward when there
+  is no backward; nothing stays cached after a step.
 """
 
 from __future__ import annotations
@@ -48,6 +49,8 @@ class SequencePipelineStage(PipelineStage):
         self._lengths: list[int] = []
         self._offsets: list[int] = []
         self._next_bwd_chunk: dict[int, int] = {}
+        self._next_w_chunk: dict[int, int] = {}
+        self._split_pending: dict[int, int] = {}  # per micro-batch: I done, W not yet
         self._unit: int | None = None
 
     # ------------------------------------------------------------------ configuration
@@ -152,7 +155,43 @@ class SequencePipelineStage(PipelineStage):
         finally:
             self._unit = None
         self._next_bwd_chunk[ctx.microbatch] = ctx.chunk - 1
-        if ctx.chunk == 0:
+        if full_backward:
+            if ctx.chunk == 0:
+                self.kv_cache.drop(ctx.microbatch)
+        else:
+            self._split_pending[ctx.microbatch] = self._split_pending.get(ctx.microbatch, 0) + 1
+        return out
+
+    def backward_weight_one_chunk(self, bwd_chunk_id: int, last_backward=False):
+        """The weight pass of a unit whose backward was split (``full_backward=False``).
+
+        Runs under the unit's chunk context (activation-checkpoint recomputation). On the
+        first stage torch runs the whole backward here, K/V gradient relay included, so
+        there the weight passes must also come in reverse chunk order. The micro-batch's
+        K/V cache is freed after its last weight pass.
+        """
+        if not self._lengths or not self.has_backward:
+            return super().backward_weight_one_chunk(bwd_chunk_id, last_backward)
+        ctx = self.unit_context(bwd_chunk_id, recompute=True)
+        if self.is_first:
+            expected = self._next_w_chunk.get(ctx.microbatch, ctx.n_chunks - 1)
+            if ctx.chunk != expected:
+                raise RuntimeError(
+                    f"stage {self.stage_index}: weight pass of unit {bwd_chunk_id} (micro-batch "
+                    f"{ctx.microbatch}, chunk {ctx.chunk}) out of order; expected chunk {expected}. "
+                    "On the first stage the weight pass runs the whole backward, K/V gradient "
+                    "relay included, so it must go in reverse chunk order"
+                )
+        self._unit = bwd_chunk_id
+        try:
+            with chunk_context(ctx):
+                out = super().backward_weight_one_chunk(bwd_chunk_id, last_backward)
+        finally:
+            self._unit = None
+        self._next_w_chunk[ctx.microbatch] = ctx.chunk - 1
+        left = self._split_pending.get(ctx.microbatch, 0) - 1
+        self._split_pending[ctx.microbatch] = left
+        if left == 0 and self._next_bwd_chunk.get(ctx.microbatch) == -1:
             self.kv_cache.drop(ctx.microbatch)
         return out
 
@@ -165,3 +204,5 @@ class SequencePipelineStage(PipelineStage):
             )
         self.kv_cache.clear()
         self._next_bwd_chunk.clear()
+        self._next_w_chunk.clear()
+        self._split_pending.clear()

@@ -84,6 +84,8 @@ SCHEDULES = {
     "GPipe": ["parallelism.pipeline_parallel_schedule=GPipe"],
     "Interleaved1F1B": ["parallelism.pipeline_parallel_schedule=Interleaved1F1B"],
     "ZBVZeroBubble": ["parallelism.pipeline_parallel_schedule=ZBVZeroBubble"],
+    "InterleavedSeq1F1B": ["parallelism.pipeline_parallel_schedule=interleavedseq1f1b"],
+    "Seq1F1BZeroBubble": ["parallelism.pipeline_parallel_schedule=Seq1F1BZeroBubble", "seq1f1b.partition=balanced"],
 }
 
 

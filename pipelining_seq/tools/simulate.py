@@ -26,7 +26,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from .. import schedule_ir
+from .. import placement, schedule_ir, schedule_ir_multi
 from ..flops import FlopModel, balanced_partition_for
 from ..models.gpt import GPTConfig
 from ..partition import uniform_partition
@@ -51,7 +51,9 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-SEQ1F1B = "Seq1F1B"
+SEQ1F1B, SEQ1F1B_I, SEQ1F1B_ZB = "Seq1F1B", "InterleavedSeq1F1B", "Seq1F1BZeroBubble"
+SEQ_SCHEDULES = tuple(n for n in placement.SCHEDULE_NAMES if placement.resolve_schedule(n).seq_chunks)
+"""Schedules that take sequence chunks (``--chunks``)."""
 
 
 def _paper_model(layers: int, hidden: int, heads: int) -> GPTConfig:
@@ -98,13 +100,17 @@ class Plan:
 
 
 def schedule_names() -> list[str]:
-    return [SEQ1F1B, *torch_schedules.torch_schedule_names()]
+    return [*SEQ_SCHEDULES, *torch_schedules.torch_schedule_names()]
 
 
 def build_plan(name: str, *, pp: int, microbatches: int, chunks: int = 1, stages_per_rank: int = 2) -> Plan:
     """The action lists of schedule ``name`` (``Seq1F1B`` or a torch schedule)."""
     if pp < 1 or microbatches < 1 or chunks < 1:
         raise ValueError(f"pp={pp}, microbatches={microbatches}, chunks={chunks}: all must be >= 1")
+    try:
+        name = placement.resolve_schedule(name).name  # any capitalisation
+    except ValueError:
+        raise ValueError(f"--schedule {name!r}: choose from {', '.join(schedule_names())}") from None
     if name in (SEQ1F1B, "1F1B"):
         # Schedule1F1B runs exactly Seq1F1B's order with k=1. Its own IR
         # (_get_pipeline_order) is off by one on the last rank in torch 2.13 (F1..F8
@@ -118,6 +124,18 @@ def build_plan(name: str, *, pp: int, microbatches: int, chunks: int = 1, stages
             for r in range(pp)
         }
         return Plan(name, pp, pp, microbatches, chunks, ops)
+    if name in (SEQ1F1B_I, SEQ1F1B_ZB):
+        # The orders the schedules themselves run (ScheduleInterleavedSeq1F1B,
+        # ScheduleSeq1F1BZeroBubble), with the same acceptance rules.
+        if microbatches * chunks < pp:
+            raise ValueError(f"{name} needs microbatches * chunks ({microbatches * chunks}) >= pp ({pp})")
+        if name == SEQ1F1B_I:
+            orders = schedule_ir_multi.interleaved_orders(pp, stages_per_rank, microbatches, chunks)
+        else:
+            orders = schedule_ir_multi.zero_bubble_orders(pp, microbatches, chunks)
+        ops = {r: [Op(r, s, kind, u) for kind, s, u in acts] for r, acts in orders.items()}
+        num_stages = pp * (stages_per_rank if name == SEQ1F1B_I else 1)
+        return Plan(name, pp, num_stages, microbatches, chunks, ops)
     if name not in torch_schedules.torch_schedule_names():
         raise ValueError(f"--schedule {name!r}: choose from {', '.join(schedule_names())}")
     if chunks != 1:
@@ -463,7 +481,7 @@ def _lengths_for(args: argparse.Namespace, part: str, seq_len: int) -> list[int]
 def _costs(args: argparse.Namespace, plan: Plan, part: str, times: dict | None) -> CostModel:
     if times is not None:
         entries = times.get("partitions", {})
-        keys = ["full"] if plan.n_chunks == 1 and plan.name != SEQ1F1B else [f"{part}@{plan.n_chunks}", part]
+        keys = ["full"] if plan.n_chunks == 1 and plan.name not in SEQ_SCHEDULES else [f"{part}@{plan.n_chunks}", part]
         for key in keys:
             if key in entries:
                 return measured_costs(plan, entries[key], scope=times.get("scope", "stage"))
@@ -525,21 +543,21 @@ def main(args: argparse.Namespace) -> int:
             times = json.load(f)
     results: list[SimResult] = []
     for name in names:
-        k = args.chunks if name == SEQ1F1B else 1
+        k = args.chunks if name in SEQ_SCHEDULES else 1
         try:
             plan = build_plan(name, pp=args.pp, microbatches=args.microbatches, chunks=k,
                               stages_per_rank=args.stages_per_rank)
         except ValueError as exc:
             print(f"{name}: skipped ({exc})")
             continue
-        for part in args.partition if name == SEQ1F1B else ["uniform"]:
+        for part in args.partition if name in SEQ_SCHEDULES else ["uniform"]:
             try:
                 cost = _costs(args, plan, part, times)
             except ValueError as exc:  # e.g. a preset with fewer layers than this schedule's stages
                 print(f"{name}: skipped ({exc})")
                 continue
             res = simulate(plan, cost, comm=args.comm, recv_latency=args.recv_latency)
-            if name == SEQ1F1B and len(args.partition) > 1:
+            if name in SEQ_SCHEDULES and len(args.partition) > 1:
                 res.label = f"{name} ({part})"
             results.append(res)
     if not results:

@@ -35,7 +35,6 @@ from torch.distributed.pipelining import PipelineStage
 
 from .. import placement
 from ..models.gpt import GPT, cross_entropy_loss, init_weights, split_stage, stage_layer_ranges
-from ..schedules import ScheduleSeq1F1B
 from ..stage import SequencePipelineStage
 from . import checkpoint as ckpt
 from .config import ConfigError, JobConfig, load_config
@@ -172,21 +171,24 @@ class Trainer:
 
     def _build_schedule(self) -> tuple[list, Any]:
         cfg, info, m = self.cfg, schedule_info(self.cfg), n_microbatches(self.cfg)
+        cls = placement.schedule_class(info)
         if info.seq_chunks:
-            stage = SequencePipelineStage(self.parts[0], self.stage_ids[0], self.num_stages, self.device, group=self.pp_group)
+            stages = [
+                SequencePipelineStage(part, s, self.num_stages, self.device, group=self.pp_group)
+                for part, s in zip(self.parts, self.stage_ids)
+            ]
             partition = seq_partition(cfg)
-            schedule = ScheduleSeq1F1B(
-                stage, m, cross_entropy_loss, n_seq_chunks=cfg.seq1f1b.num_seq_chunks, seq_partition=partition,
-                scale_grads=True,
+            schedule = cls(
+                stages if info.multi_stage else stages[0], m, cross_entropy_loss,
+                n_seq_chunks=cfg.seq1f1b.num_seq_chunks, seq_partition=partition, scale_grads=True,
                 # Middle stages get no input to read the length from; a static length spares the exchange.
                 seq_len=cfg.training.seq_len if callable(partition) or partition == "uniform" else None,
             )
-            return [stage], schedule
+            return stages, schedule
         stages = [
             PipelineStage(part, s, self.num_stages, self.device, group=self.pp_group)
             for part, s in zip(self.parts, self.stage_ids)
         ]
-        cls = placement.schedule_class(info)
         first = stages if info.multi_stage else stages[0]
         return stages, cls(first, n_microbatches=m, loss_fn=cross_entropy_loss, scale_grads=True)
 

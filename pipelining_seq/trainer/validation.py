@@ -138,6 +138,16 @@ def _check_parallelism(cfg: JobConfig, world_size: int | None) -> list[str]:
         return errors
     nmb = n_microbatches(cfg)
     k = cfg.seq1f1b.num_seq_chunks
+    if info.seq_chunks and info.multi_stage and k >= 1 and nmb * k >= pp:
+        from ..schedule_ir_multi import interleaved_orders
+
+        try:  # the order itself says which (p, v, m, k) it cannot run
+            interleaved_orders(pp, spr, nmb, k)
+        except ValueError as e:
+            errors.append(
+                f"{info.name} with parallelism.pipeline_parallel_degree={pp}, pipeline_parallel_stages_per_rank={spr}, "
+                f"{nmb} micro-batches and seq1f1b.num_seq_chunks={k}: {e}"
+            )
     if info.seq_chunks and k >= 1 and nmb * k < pp:
         errors.append(
             f"Seq1F1B needs micro-batches * seq1f1b.num_seq_chunks >= pipeline stages: {nmb} * {k} < {pp}; raise "

@@ -21,11 +21,14 @@ from ...flops import balanced_partition_for
 from ...models import GPT, GPTConfig, cross_entropy_loss, split_stage
 from ...partition import uniform_partition
 from ...schedules import ScheduleSeq1F1B
+from ...schedules_interleaved import ScheduleInterleavedSeq1F1B
+from ...schedules_zero_bubble import ScheduleSeq1F1BZeroBubble
 from ...stage import SequencePipelineStage
 from .. import torch_schedules
 from ..simulate import MODEL_PRESETS
 
 __all__ = [
+    "SEQ_SCHEDULES",
     "BenchModel",
     "add_model_arguments",
     "build_schedule",
@@ -41,6 +44,9 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+SEQ_SCHEDULES = ("Seq1F1B", "InterleavedSeq1F1B", "Seq1F1BZeroBubble")
+"""Schedules of this package (they take sequence chunks)."""
 
 
 def _cpu_bench_gpt() -> GPTConfig:
@@ -119,6 +125,13 @@ def build_schedule(name: str, model: GPT, rank: int, world: int, *, m: int, k: i
         # With explicit lengths the chunking is static: no per-step length exchange.
         sched = ScheduleSeq1F1B(stage, m, cross_entropy_loss, n_seq_chunks=k, seq_partition=part, early_recv=early_recv)
         return sched, [stage]
+    if name in ("InterleavedSeq1F1B", "Seq1F1BZeroBubble"):
+        v = stages_per_rank if name == "InterleavedSeq1F1B" else 1
+        ids = list(range(rank, world * v, world))
+        stages = [SequencePipelineStage(split_stage(model, s, world * v), s, world * v, device) for s in ids]
+        part = list(lengths) if lengths is not None else ("uniform" if seq_len is None else uniform_partition(seq_len, k))
+        cls = ScheduleInterleavedSeq1F1B if v > 1 else ScheduleSeq1F1BZeroBubble
+        return cls(stages, m, cross_entropy_loss, n_seq_chunks=k, seq_partition=part), stages
     cls = torch_schedules.torch_schedule_class(name)
     if issubclass(cls, torch.distributed.pipelining.schedules.PipelineScheduleSingle):
         stage = PipelineStage(split_stage(model, rank, world), rank, world, device)

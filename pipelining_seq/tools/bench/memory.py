@@ -27,6 +27,7 @@ from ...models import GPTConfig, cross_entropy_loss, split_stage
 from ...testing import run_ranks
 from .. import torch_schedules
 from .common import (
+    SEQ_SCHEDULES,
     BenchModel,
     add_model_arguments,
     build_schedule,
@@ -79,10 +80,21 @@ def expected_peak(ops: list[tuple[int, str, int]], stage_bytes: dict[int, tuple[
             live += share
         elif kind in ("B", "W"):
             live -= share
-            if kind == "B" and k > 1:
-                relay[(stage, n)] = kv * offsets[j] / seq
+        if kind in ("B", "I") and k > 1:
+            relay[(stage, n)] = kv * offsets[j] / seq
         peak = max(peak, live + sum(relay.values()))
     return peak
+
+
+class _MergedKV:
+    """The K/V caches of a rank's several stages, read as one by the meter."""
+
+    def __init__(self, caches: list) -> None:
+        self._caches = caches
+
+    @property
+    def _mbs(self) -> dict:
+        return {(i, mb): layers for i, c in enumerate(self._caches) for mb, layers in c._mbs.items()}
 
 
 def memory_worker(rank: int, world: int, cfg: BenchModel, configs: list[dict]) -> list[dict]:
@@ -94,14 +106,18 @@ def memory_worker(rank: int, world: int, cfg: BenchModel, configs: list[dict]) -
         sched, stages = build_schedule(c["schedule"], make_model(mcfg), rank, world, m=m, k=c["k"],
                                        lengths=c.get("lengths"), seq_len=cfg.seq_len)
         run_step(sched, stages, x, y)  # warm-up: metadata inference and p2p set-up
+        caches = [s.kv_cache for s in stages if hasattr(s, "kv_cache")]
         meter = ActivationMemoryMeter(modules=[s.submod for s in stages],
-                                      kv_cache=getattr(stages[0], "kv_cache", None))
+                                      kv_cache=caches[0] if len(caches) == 1 else _MergedKV(caches) if caches else None)
         with meter:
             run_step(sched, stages, x, y)
         num_stages = stages[0].num_stages
         stage_bytes = {s.stage_index: _stage_activation(mcfg, s.stage_index, num_stages) for s in stages}
         if c["schedule"] == "Seq1F1B":
             ops = [(rank, kind, u) for kind, u in schedule_ir.compute_order(world, rank, m, c["k"])]
+            lengths = list(c["lengths"])
+        elif c["schedule"] in SEQ_SCHEDULES:  # the schedule's own action list
+            ops = [(s, kind, u) for kind, s, u in sched.compute_orders[rank]]
             lengths = list(c["lengths"])
         else:
             ops = torch_schedules.torch_schedule_actions(c["schedule"], world, m)[rank] if c["schedule"] != "1F1B" else [
@@ -125,6 +141,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--partitions", default="uniform,balanced", help="Seq1F1B partitions (default uniform,balanced)")
     parser.add_argument("--schedules", default=",".join(TORCH_SCHEDULES),
                         help=f"torch schedules (default {','.join(TORCH_SCHEDULES)})")
+    parser.add_argument("--seq-schedules", default="Seq1F1B",
+                        help="this package's schedules to run per k and partition, among "
+                             f"{','.join(SEQ_SCHEDULES)} (default Seq1F1B)")
     parser.add_argument("--backends", default=None,
                         help="extra Seq1F1B attention backends to compare, e.g. sdpa (the concatenating design)")
     parser.add_argument("--timeout", type=float, default=900, help="process-group timeout, seconds")
@@ -193,6 +212,10 @@ def main(args: argparse.Namespace) -> int:
     ks = [int(v) for v in args.chunks.split(",")]
     parts = [p for p in args.partitions.split(",") if p]
     torch_names = [s for s in args.schedules.split(",") if s]
+    seq_names = [s for s in args.seq_schedules.split(",") if s]
+    for n in seq_names:
+        if n not in SEQ_SCHEDULES:
+            raise SystemExit(f"--seq-schedules: unknown {n!r}; choose among {', '.join(SEQ_SCHEDULES)}")
     if "1F1B" not in torch_names:
         torch_names.insert(0, "1F1B")  # the ratios' reference
     if cfg.model.n_layers < 2 * args.ranks:
@@ -206,6 +229,8 @@ def main(args: argparse.Namespace) -> int:
                 for b in backends:
                     configs.append(dict(schedule="Seq1F1B", m=m, k=k, partition=p, backend=b,
                                         lengths=partition_lengths(p, cfg, k)))
+                configs += [dict(schedule=n, m=m, k=k, partition=p, lengths=partition_lengths(p, cfg, k))
+                            for n in seq_names if n != "Seq1F1B"]
     meta = dict(env=env_info(), model=asdict(cfg), ranks=args.ranks)
     per_rank = run_ranks(memory_worker, args.ranks, cfg, configs, timeout_s=args.timeout)
     rows = [r for rank_rows in per_rank for r in rank_rows]

@@ -20,7 +20,9 @@ import torch
 import torch.distributed as dist
 
 from ...testing import run_ranks
+from .. import torch_schedules
 from .common import (
+    SEQ_SCHEDULES,
     BenchModel,
     add_model_arguments,
     build_schedule,
@@ -82,6 +84,7 @@ def time_worker(rank: int, world: int, cfg: BenchModel, groups: list[list[dict]]
 
 def _ratio_rows(results: list[dict], ms: list[int], ks: list[int], partitions: list[str]) -> list[dict]:
     med = {}
+    torch_names = set(torch_schedules.torch_schedule_names())
     for r in results:
         if r["times"]:
             med[(r["schedule"], r["m"], r["k"], r.get("partition"))] = statistics.median(r["times"])
@@ -91,9 +94,13 @@ def _ratio_rows(results: list[dict], ms: list[int], ks: list[int], partitions: l
             for part in partitions if k > 1 else [None]:
                 seq = med.get(("Seq1F1B", m, k, part))
                 row = dict(m=m, k=k, partition=part or "-", seq1f1b_s=seq)
-                for name in TORCH_SCHEDULES:
+                for name in dict.fromkeys([*TORCH_SCHEDULES, *(n for n, *_ in med if n in torch_names)]):
                     t = med.get((name, m, 1, None))
                     row[f"{name}/Seq1F1B"] = (t / seq) if (t and seq) else None
+                for name in SEQ_SCHEDULES[1:]:
+                    t = med.get((name, m, k, part))
+                    if t:
+                        row[f"{name}/Seq1F1B"] = (t / seq) if seq else None
                 rows.append(row)
         t1, s1 = med.get(("1F1B", m, 1, None)), med.get(("Seq1F1B", m, 1, None))
         if t1 and s1:
@@ -112,6 +119,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--partition", default="calibrated",
                         help="comma-separated Seq1F1B chunk lengths among uniform, balanced, calibrated (measured on "
                              "one process first); one Seq1F1B run per partition and k > 1 (default calibrated)")
+    parser.add_argument("--seq-schedules", default="Seq1F1B",
+                        help="this package's schedules to run per k and partition, among "
+                             f"{','.join(SEQ_SCHEDULES)} (default Seq1F1B)")
     parser.add_argument("--early-recv", choices=["auto", "on", "off"], default="auto",
                         help="ScheduleSeq1F1B(early_recv=...): post each forward receive one unit ahead "
                              "(auto: on for gloo, the schedule's default)")
@@ -125,6 +135,10 @@ def main(args: argparse.Namespace) -> int:
     ms = [int(v) for v in args.microbatches.split(",")]
     ks = [int(v) for v in args.chunks.split(",")]
     torch_names = [s.strip() for s in args.schedules.split(",") if s.strip()]
+    seq_names = [s.strip() for s in args.seq_schedules.split(",") if s.strip()]
+    for n in seq_names:
+        if n not in SEQ_SCHEDULES:
+            raise SystemExit(f"--seq-schedules: unknown {n!r}; choose among {', '.join(SEQ_SCHEDULES)}")
     for k in ks:
         if cfg.seq_len % k:
             raise SystemExit(f"--seq-len {cfg.seq_len} is not divisible by k={k}: change --chunks or --seq-len")
@@ -149,6 +163,9 @@ def main(args: argparse.Namespace) -> int:
         group += [dict(schedule="Seq1F1B", m=m, k=k, partition=p, early_recv=early,
                        lengths=partition_lengths(p, cfg, k, calib["lengths"] if calib else None))
                   for k in ks if k > 1 for p in partitions]
+        group += [dict(schedule=name, m=m, k=k, partition=p,
+                       lengths=partition_lengths(p, cfg, k, calib["lengths"] if calib else None))
+                  for name in seq_names if name != "Seq1F1B" for k in ks if k > 1 for p in partitions]
         group += [dict(schedule=name, m=m, k=1) for name in torch_names]
         groups.append(group)
     per_rank = run_ranks(time_worker, args.ranks, cfg, groups, args.warmup, args.repeats, timeout_s=args.timeout)
@@ -161,7 +178,8 @@ def main(args: argparse.Namespace) -> int:
         if r["error"]:
             print(f"{r['schedule']} m={r['m']}: {r['error']}")
     rows = _ratio_rows(results, ms, ks, partitions)
-    cols = ["m", "k", "partition", "seq1f1b_s"] + [f"{n}/Seq1F1B" for n in torch_names] + ["overhead"]
+    cols = (["m", "k", "partition", "seq1f1b_s"] + [f"{n}/Seq1F1B" for n in torch_names]
+            + [f"{n}/Seq1F1B" for n in seq_names if n != "Seq1F1B"] + ["overhead"])
     print_table(rows, cols, formats={c: ".3f" for c in cols[3:]})
     jpath, _ = write_results(out_dir(args), "time", rows, meta, runs=results)
     print(f"load average before/after: {meta['env']['load_avg']} / {meta['env_after']['load_avg']}; wrote {jpath}")

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ... import schedule_ir
+from ... import placement, schedule_ir, schedule_ir_multi
 from ...models.gpt import GPT, GPTConfig, stage_layer_ranges
 from ...parallel.mesh import validate_layout
 from ...parallel.tensor_parallel import tp_shard_dim
@@ -52,7 +52,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 GiB = 1 << 30
-SCHEDULES = ("Seq1F1B", "1F1B", "GPipe")
+SCHEDULES = ("Seq1F1B", "Seq1F1BZeroBubble", "1F1B", "GPipe")
+"""Schedules whose memory the planner models (canonical names of :mod:`pipelining_seq.placement`)."""
 
 
 def parse_bytes(text: str | int | float) -> int:
@@ -163,7 +164,18 @@ class MemoryPlan:
 def _schedule_order(schedule: str, p: int, r: int, m: int, k: int) -> list[tuple[str, int]]:
     if schedule == "GPipe":
         return [("F", u) for u in range(m)] + [("B", u) for u in range(m)]
+    if schedule == "Seq1F1BZeroBubble":  # the schedule's own order: F, I (input grad), W (weight grad)
+        return [(kind, u) for kind, _, u in schedule_ir_multi.zero_bubble_orders(p, m, k)[r]]
     return schedule_ir.compute_order(p, r, m, k)
+
+
+def _peak_live_units(ops: list[tuple[str, int]]) -> int:
+    """Units forwarded whose backward (B, or W when the backward is split) has not finished."""
+    live = peak = 0
+    for kind, _ in ops:
+        live += 1 if kind == "F" else -1 if kind in ("B", "W") else 0
+        peak = max(peak, live)
+    return peak
 
 
 def replay(
@@ -171,9 +183,10 @@ def replay(
 ) -> tuple[int, int, int, str]:
     """Walk one stage's actions; return (activations, kv, transient, action) at the peak.
 
-    A unit's bytes are alive from its forward to the end of its backward. Relayed K/V
-    gradients of a micro-batch (``dkv_after``) live from its first chunk's backward until
-    its chunk 0's; ``dkv_new`` and ``transient_of`` exist only during one backward.
+    A unit's bytes are alive from its forward to the end of its backward (B, or W when
+    the backward is split into I and W). Relayed K/V gradients of a micro-batch
+    (``dkv_after``) live from its first chunk's backward (B or I) until its chunk 0's;
+    ``dkv_new`` and ``transient_of`` exist only during one backward (B or I).
     """
     live: dict[int, int] = {}
     live_kv: dict[int, int] = {}
@@ -186,14 +199,15 @@ def replay(
         act = sum(live.values()) - sum(live_kv.values())
         kv = sum(live_kv.values()) + sum(pending.values())
         transient = 0
-        if kind == "B":
+        if kind in ("B", "I"):
             kv += dkv_new(j)
             transient = transient_of(j)
         total = act + kv + transient
         if total > best[0] and (kind == "F" or at_backward):
             best = (total, act, kv, transient, f"{'after' if kind == 'F' else 'during'} {kind}{u}")
-        if kind == "B":
+        if kind in ("B", "W"):
             del live[u], live_kv[u]
+        if kind in ("B", "I"):
             pending[n] = dkv_after(j)
     return best[1:]
 
@@ -219,10 +233,11 @@ def plan_memory(
     title: str = "",
 ) -> MemoryPlan:
     """Predict every stage's peak memory (see the module docstring for the model)."""
+    schedule = placement.resolve_schedule(schedule).name  # any capitalisation
     if schedule not in SCHEDULES:
         raise ValueError(f"the planner models schedules {SCHEDULES}, not {schedule!r}")
     k = len(chunk_lengths)
-    if schedule != "Seq1F1B" and k != 1:
+    if not placement.resolve_schedule(schedule).seq_chunks and k != 1:
         raise ValueError(f"{schedule} runs whole sequences: pass one chunk length, got {list(chunk_lengths)}")
     validate_layout(
         pp=pp, dp_shard=dp_shard, tp=tp, n_layers=model.n_layers, n_heads=model.n_heads,
@@ -286,7 +301,7 @@ def plan_memory(
         sp = StagePlan(
             stage=r, layers=ranges[r], params=c["local"], param_bytes=param_b, grad_bytes=grad_b,
             optimizer_bytes=optim_b, unit_bytes=[unit(j) for j in range(k)],
-            unit_kv_bytes=[kv_of(j) for j in range(k)], peak_live_units=schedule_ir.peak_live_units(ops),
+            unit_kv_bytes=[kv_of(j) for j in range(k)], peak_live_units=_peak_live_units(ops),
             activation_bytes=act, kv_bytes=kv, transient_bytes=transient, peak_action=tag,
         )
         sp.total_bytes = param_b + grad_b + optim_b + act + kv + transient + reserve_bytes

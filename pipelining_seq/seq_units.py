@@ -1,0 +1,254 @@
+"""Whole batches to (micro-batch, chunk) units and back: the part every Seq1F1B schedule shares.
+
+``SeqUnits`` holds a schedule's chunking settings and does, per step:
+
+* split whole-batch inputs and targets into micro-batches (dim 0), or take torchtitan's
+  pre-split ``arg_mbs``/``kwarg_mbs``/``target_mbs``;
+* resolve the chunk lengths (from ``seq_partition`` and the local sequence length, or
+  received from the previous rank when this rank has no input to read it from);
+* cut every micro-batch into chunks along ``seq_dim`` (unit id ``u = n*k + j``);
+* weight each unit's loss (:meth:`SeqUnits.weight_loss`, the single place the loss
+  weighting lives) and sum the chunk losses of a micro-batch for ``losses``;
+* merge the last stage's unit outputs back into micro-batch outputs.
+
+Loss weighting. With ``loss_reduction="mean"`` (the default when ``scale_grads=True``:
+a per-token mean such as ``cross_entropy``) chunk j's loss is weighted by
+``len_j / seq_len``, so the k weighted chunk losses sum to the micro-batch's token mean
+whatever the chunk lengths; the schedule divides gradients by the number of
+micro-batches. With ``loss_reduction="sum"`` chunk losses are used as they are.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+from torch.distributed.pipelining.microbatch import split_args_kwargs_into_chunks
+from torch.utils._pytree import tree_map
+
+from .partition import SeqPartition, resolve_partition
+
+__all__ = ["SeqUnits", "check_positive"]
+
+logger = logging.getLogger(__name__)
+
+
+def check_positive(owner: str, **values: Any) -> None:
+    """Raise ValueError unless every value is a positive integer."""
+    for name, val in values.items():
+        if not isinstance(val, int) or isinstance(val, bool) or val < 1:
+            raise ValueError(f"{owner}: {name}={val!r} must be a positive integer")
+
+
+class SeqUnits:
+    """Chunking settings of a Seq1F1B schedule and the per-step unit plumbing.
+
+    Args:
+        owner: the schedule's name, for error messages.
+        n_microbatches, n_seq_chunks, seq_partition, seq_dim, seq_len, loss_reduction,
+        scale_grads: as in :class:`pipelining_seq.ScheduleSeq1F1B`.
+    """
+
+    def __init__(
+        self,
+        *,
+        owner: str,
+        n_microbatches: int,
+        n_seq_chunks: int,
+        seq_partition: SeqPartition = "uniform",
+        seq_dim: int = 1,
+        seq_len: int | None = None,
+        loss_reduction: Literal["mean", "sum"] | None = None,
+        scale_grads: bool = True,
+    ) -> None:
+        check_positive(owner, n_microbatches=n_microbatches, n_seq_chunks=n_seq_chunks)
+        if loss_reduction not in (None, "mean", "sum"):
+            raise ValueError(f"loss_reduction={loss_reduction!r}: use 'mean' or 'sum'")
+        if isinstance(seq_partition, str):
+            # With seq_len known, check the lengths now; otherwise at least the name.
+            resolve_partition(seq_partition, seq_len or n_seq_chunks, n_seq_chunks)
+        elif callable(seq_partition):
+            if seq_len is not None:
+                resolve_partition(seq_partition, seq_len, n_seq_chunks)
+        else:
+            resolve_partition(seq_partition, sum(seq_partition), n_seq_chunks)
+            if seq_len is not None and seq_len != sum(seq_partition):
+                raise ValueError(
+                    f"seq_len={seq_len} but seq_partition {list(seq_partition)} sums to "
+                    f"{sum(seq_partition)}: drop seq_len or make them agree"
+                )
+            seq_len = sum(seq_partition)
+        self.owner = owner
+        self.n_microbatches = n_microbatches
+        self.n_seq_chunks = n_seq_chunks
+        self.seq_partition = seq_partition
+        self.seq_dim = seq_dim
+        self.seq_len = seq_len
+        self.loss_reduction: str = loss_reduction or ("mean" if scale_grads else "sum")
+        self.lengths: list[int] = []
+
+    # ------------------------------------------------------------------ splitting
+    def split_step(
+        self, args: tuple, kwargs: dict, target: Any, args_chunk_spec: Any, kwargs_chunk_spec: Any
+    ) -> tuple[list, list, list | None, int | None]:
+        """Micro-batch args, kwargs, targets and the local sequence length of a ``step`` call.
+
+        ``kwargs`` may hold torchtitan's pre-split ``arg_mbs``/``kwarg_mbs``/``target_mbs``
+        (popped from it).
+        """
+        m = self.n_microbatches
+        pre_split = {key: kwargs.pop(key) for key in ("arg_mbs", "kwarg_mbs", "target_mbs") if key in kwargs}
+        if pre_split:
+            if args or kwargs or target is not None:
+                raise ValueError("step(): pass either whole-batch inputs or arg_mbs/kwarg_mbs/target_mbs, not both")
+            arg_mbs = pre_split.get("arg_mbs") or [()] * m
+            kwarg_mbs = pre_split.get("kwarg_mbs") or [{}] * m
+            target_mbs = pre_split.get("target_mbs")
+            for name, mbs in (("arg_mbs", arg_mbs), ("kwarg_mbs", kwarg_mbs), ("target_mbs", target_mbs)):
+                if mbs is not None and len(mbs) != m:
+                    raise ValueError(f"step(): {name} has {len(mbs)} entries, expected n_microbatches={m}")
+            seq_len = self.local_seq_len(arg_mbs[0], kwarg_mbs[0], target_mbs[0] if target_mbs else None)
+            return list(arg_mbs), list(kwarg_mbs), target_mbs, seq_len
+        tensors = [t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)]
+        self._check_batch(tensors, "input")
+        if isinstance(target, torch.Tensor):
+            self._check_batch([target], "target")
+        seq_len = self.local_seq_len(args, kwargs, target)
+        if args or kwargs:
+            arg_mbs, kwarg_mbs = split_args_kwargs_into_chunks(args, kwargs, m, args_chunk_spec, kwargs_chunk_spec)
+        else:
+            arg_mbs, kwarg_mbs = [()] * m, [{}] * m
+        target_mbs = list(torch.tensor_split(target, m)) if target is not None else None
+        return arg_mbs, kwarg_mbs, target_mbs, seq_len
+
+    def _check_batch(self, tensors: list, what: str) -> None:
+        m = self.n_microbatches
+        for t in tensors:
+            if t.shape[0] % m:
+                raise ValueError(
+                    f"{self.owner}: {what} batch size {t.shape[0]} is not divisible by "
+                    f"n_microbatches={m}: change the batch size or n_microbatches"
+                )
+
+    def local_seq_len(self, args: Any, kwargs: dict, target: Any) -> int | None:
+        """The sequence length this rank's inputs/targets agree on, or None if it has none."""
+        found: list[tuple[str, int]] = []
+        for name, t in [("input", a) for a in args] + [(k, v) for k, v in kwargs.items()]:
+            if isinstance(t, torch.Tensor) and t.dim() > self.seq_dim:
+                found.append((name, t.shape[self.seq_dim]))
+        if isinstance(target, torch.Tensor) and target.dim() > self.seq_dim:
+            found.append(("target", target.shape[self.seq_dim]))
+        if not found:
+            return None
+        if len({s for _, s in found}) > 1:
+            raise ValueError(
+                f"{self.owner}: tensors disagree on the sequence length along "
+                f"seq_dim={self.seq_dim}: {found}"
+            )
+        return found[0][1]
+
+    # ------------------------------------------------------------- chunk lengths
+    def resolve_lengths(
+        self, seq_len: int | None, *, exchange: Callable[[list[int] | None], list[int]] | None
+    ) -> list[int]:
+        """This step's chunk lengths; ``exchange`` (None on a one-rank pipeline) relays them
+        from the first rank when they are not static."""
+        static = self.seq_len
+        if static is not None and seq_len is not None and seq_len != static:
+            raise ValueError(
+                f"{self.owner}: inputs have sequence length {seq_len} but the schedule was "
+                f"built for {static}: pass inputs of that length, or change seq_partition / seq_len"
+            )
+        total = seq_len or static
+        local = resolve_partition(self.seq_partition, total, self.n_seq_chunks) if total else None
+        if static is None and exchange is not None:
+            local = exchange(local)
+        if local is None:
+            raise ValueError(
+                f"{self.owner}: no input tensor to read the sequence length from: pass the "
+                "inputs to step() on the first stage"
+            )
+        self.lengths = list(local)
+        return self.lengths
+
+    def exchange_lengths(
+        self, local: list[int] | None, *, device: Any, group: Any, prev_rank: int | None, next_rank: int | None,
+        where: str,
+    ) -> list[int]:
+        """Receive the chunk lengths from ``prev_rank`` (global rank; None on the first
+        rank) and pass them on to ``next_rank`` (None on the last)."""
+        buf = torch.zeros(self.n_seq_chunks, dtype=torch.int64, device=device)
+        if prev_rank is not None:
+            dist.recv(buf, src=prev_rank, group=group)
+            received = buf.tolist()
+            if local is not None and local != received:
+                raise ValueError(
+                    f"{where}: local chunk lengths {local} differ from the first stage's "
+                    f"{received}: inputs and targets must share one sequence length"
+                )
+            local = received
+        elif local is None:
+            raise ValueError(
+                f"{self.owner}: the first stage got no input tensor to read the sequence "
+                "length from: pass the inputs to step() on the first stage"
+            )
+        if next_rank is not None:
+            buf.copy_(torch.tensor(local, dtype=torch.int64))
+            dist.send(buf, dst=next_rank, group=group)
+        return local
+
+    def _split_seq(self, value: Any, seq_len: int) -> list[Any]:
+        d = self.seq_dim
+        if isinstance(value, torch.Tensor) and value.dim() > d and value.shape[d] == seq_len:
+            return [c.contiguous() for c in torch.split(value, self.lengths, dim=d)]
+        return [value] * self.n_seq_chunks
+
+    def units(self, mbs: list) -> list:
+        """Micro-batch args/kwargs/targets → unit args/kwargs/targets (``u = n*k + j``)."""
+        seq_len = sum(self.lengths)
+        k = self.n_seq_chunks
+        out: list = []
+        for mb in mbs:
+            if isinstance(mb, tuple):
+                cols = [self._split_seq(a, seq_len) for a in mb]
+                out += [tuple(c[j] for c in cols) for j in range(k)]
+            elif isinstance(mb, dict):
+                cols_d = {key: self._split_seq(a, seq_len) for key, a in mb.items()}
+                out += [{key: c[j] for key, c in cols_d.items()} for j in range(k)]
+            else:
+                out += self._split_seq(mb, seq_len)
+        return out
+
+    def merge_chunks(self, unit_outputs: list) -> list:
+        """Unit outputs of the last stage → one output per micro-batch (cat along seq_dim)."""
+        k, d = self.n_seq_chunks, self.seq_dim
+        merged = []
+        for n in range(len(unit_outputs) // k):
+            group = unit_outputs[n * k:(n + 1) * k]
+            if isinstance(group[0], torch.Tensor):
+                merged.append(torch.cat(group, dim=d))
+            elif isinstance(group[0], (tuple, list)):
+                merged.append(type(group[0])(torch.cat(parts, dim=d) for parts in zip(*group)))
+            else:
+                merged.append(tree_map(lambda x: x, group[0]))
+        return merged
+
+    # ------------------------------------------------------------------- losses
+    def weight_loss(self, loss: torch.Tensor, unit: int) -> torch.Tensor:
+        """The loss of ``unit`` as it enters backward and the micro-batch sum."""
+        if self.loss_reduction == "mean" and self.n_seq_chunks > 1:
+            return loss * (self.lengths[unit % self.n_seq_chunks] / sum(self.lengths))
+        return loss
+
+    def microbatch_losses(self, unit_losses: list) -> list:
+        """One loss per micro-batch: the sum of its weighted chunk losses."""
+        k = self.n_seq_chunks
+        if len(unit_losses) != self.n_microbatches * k:
+            raise RuntimeError(f"expected {self.n_microbatches * k} unit losses, got {len(unit_losses)}")
+        return [
+            unit_losses[n] if k == 1 else torch.stack(unit_losses[n * k:(n + 1) * k]).detach().sum()
+            for n in range(self.n_microbatches)
+        ]
