@@ -27,7 +27,6 @@ from typing import Any, Literal
 import torch
 import torch.distributed as dist
 from torch.distributed.pipelining.microbatch import split_args_kwargs_into_chunks
-from torch.utils._pytree import tree_map
 
 from .partition import SeqPartition, resolve_partition
 
@@ -233,7 +232,11 @@ class SeqUnits:
             elif isinstance(group[0], (tuple, list)):
                 merged.append(type(group[0])(torch.cat(parts, dim=d) for parts in zip(*group)))
             else:
-                merged.append(tree_map(lambda x: x, group[0]))
+                raise TypeError(
+                    f"the last stage returned a {type(group[0]).__name__}; chunk outputs are merged along "
+                    f"seq_dim={d} only for a tensor or a tuple/list of tensors: return one of those, or call "
+                    "step(..., return_outputs=False)"
+                )
         return merged
 
     # ------------------------------------------------------------------- losses
