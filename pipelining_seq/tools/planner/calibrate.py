@@ -129,7 +129,11 @@ def calibrate(
             return am.layer_transient(s, batch) + am.head_transient(s, batch)
         return am.layer_transient(s, batch) + batch * s * model.dim * am.act_bytes  # + the output gradient
 
-    act, kv, trans, tag = replay(ops, k, unit, kv_of, dkv, dkv, transient, at_backward=not cpu)
+    one = lambda f: lambda _stage, j: f(j)  # noqa: E731 - one stage: the byte functions ignore it
+    act, kv, trans, tag = replay(
+        [(kind, stage, u) for kind, u in ops], k, one(unit), one(kv_of), one(dkv), one(dkv), one(transient),
+        at_backward=not cpu,
+    )
     predicted = act + kv + trans
     return dict(
         device=dev.type, dtype=str(dtype).removeprefix("torch."), chunk_lengths=list(chunk_lengths),

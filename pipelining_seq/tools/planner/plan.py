@@ -52,7 +52,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 GiB = 1 << 30
-SCHEDULES = ("Seq1F1B", "Seq1F1BZeroBubble", "1F1B", "GPipe")
+SCHEDULES = ("Seq1F1B", "InterleavedSeq1F1B", "Seq1F1BZeroBubble", "1F1B", "GPipe")
 """Schedules whose memory the planner models (canonical names of :mod:`pipelining_seq.placement`)."""
 
 
@@ -105,17 +105,19 @@ def stage_param_counts(model: GPTConfig, *, pp: int, tp: int, dp_shard: int) -> 
 # ------------------------------------------------------------------------ plan
 @dataclass(kw_only=True)
 class StagePlan:
-    """Predicted memory of one rank of one pipeline stage (bytes)."""
+    """Predicted memory of one pipeline rank and the stage(s) it holds (bytes)."""
 
     stage: int
-    layers: range
+    """The pipeline rank (its stage under one-stage-per-rank schedules)."""
+    layers: list[range]
+    """Layers of each stage the rank holds (one range per stage, in stage order)."""
     params: int
     """Parameters this rank holds after TP (before FSDP sharding)."""
     param_bytes: int
     grad_bytes: int
     optimizer_bytes: int
     unit_bytes: list[int]
-    """Saved activations + stage I/O + own K/V, per chunk index."""
+    """Saved activations + stage I/O + own K/V, per chunk index (summed over the rank's stages)."""
     unit_kv_bytes: list[int]
     """The K/V cache share of ``unit_bytes`` (plus prefix concatenations for flash/sdpa)."""
     peak_live_units: int
@@ -161,18 +163,21 @@ class MemoryPlan:
         return all(s.fits for s in self.stages)
 
 
-def _schedule_order(schedule: str, p: int, r: int, m: int, k: int) -> list[tuple[str, int]]:
+def _schedule_ops(schedule: str, p: int, r: int, m: int, k: int, v: int) -> list[tuple[str, int, int]]:
+    """Rank ``r``'s compute actions ``(kind, stage, unit)`` in the schedule's own order."""
     if schedule == "GPipe":
-        return [("F", u) for u in range(m)] + [("B", u) for u in range(m)]
-    if schedule == "Seq1F1BZeroBubble":  # the schedule's own order: F, I (input grad), W (weight grad)
-        return [(kind, u) for kind, _, u in schedule_ir_multi.zero_bubble_orders(p, m, k)[r]]
-    return schedule_ir.compute_order(p, r, m, k)
+        return [("F", r, u) for u in range(m)] + [("B", r, u) for u in range(m)]
+    if schedule == "Seq1F1BZeroBubble":  # F, I (input grad), W (weight grad)
+        return list(schedule_ir_multi.zero_bubble_orders(p, m, k)[r])
+    if schedule == "InterleavedSeq1F1B":
+        return list(schedule_ir_multi.interleaved_orders(p, v, m, k)[r])
+    return [(kind, r, u) for kind, u in schedule_ir.compute_order(p, r, m, k)]
 
 
-def _peak_live_units(ops: list[tuple[str, int]]) -> int:
+def _peak_live_units(ops: list[tuple[str, int, int]]) -> int:
     """Units forwarded whose backward (B, or W when the backward is split) has not finished."""
     live = peak = 0
-    for kind, _ in ops:
+    for kind, _, _ in ops:
         live += 1 if kind == "F" else -1 if kind in ("B", "W") else 0
         peak = max(peak, live)
     return peak
@@ -181,34 +186,37 @@ def _peak_live_units(ops: list[tuple[str, int]]) -> int:
 def replay(
     ops, k: int, unit, kv_of, dkv_after, dkv_new, transient_of, *, at_backward: bool = True
 ) -> tuple[int, int, int, str]:
-    """Walk one stage's actions; return (activations, kv, transient, action) at the peak.
+    """Walk one rank's actions ``(kind, stage, unit)``; return (activations, kv, transient,
+    action) at the peak. The byte functions take ``(stage, chunk)``.
 
     A unit's bytes are alive from its forward to the end of its backward (B, or W when
     the backward is split into I and W). Relayed K/V gradients of a micro-batch
     (``dkv_after``) live from its first chunk's backward (B or I) until its chunk 0's;
     ``dkv_new`` and ``transient_of`` exist only during one backward (B or I).
     """
-    live: dict[int, int] = {}
-    live_kv: dict[int, int] = {}
-    pending: dict[int, int] = {}  # micro-batch -> relayed K/V gradients held between its backwards
+    live: dict[tuple[int, int], int] = {}
+    live_kv: dict[tuple[int, int], int] = {}
+    pending: dict[tuple[int, int], int] = {}  # (stage, micro-batch) -> relayed K/V gradients held between backwards
     best = (-1, 0, 0, 0, "")
-    for kind, u in ops:
+    multi = len({st for _, st, _ in ops}) > 1  # name the stage in the peak action only when there are several
+    for kind, st, u in ops:
         n, j = divmod(u, k)
         if kind == "F":
-            live[u], live_kv[u] = unit(j), kv_of(j)
+            live[st, u], live_kv[st, u] = unit(st, j), kv_of(st, j)
         act = sum(live.values()) - sum(live_kv.values())
         kv = sum(live_kv.values()) + sum(pending.values())
         transient = 0
         if kind in ("B", "I"):
-            kv += dkv_new(j)
-            transient = transient_of(j)
+            kv += dkv_new(st, j)
+            transient = transient_of(st, j)
         total = act + kv + transient
         if total > best[0] and (kind == "F" or at_backward):
-            best = (total, act, kv, transient, f"{'after' if kind == 'F' else 'during'} {kind}{u}")
+            action = f"{st if multi else ''}{kind}{u}"
+            best = (total, act, kv, transient, f"{'after' if kind == 'F' else 'during'} {action}")
         if kind in ("B", "W"):
-            del live[u], live_kv[u]
+            del live[st, u], live_kv[st, u]
         if kind in ("B", "I"):
-            pending[n] = dkv_after(j)
+            pending[st, n] = dkv_after(st, j)
     return best[1:]
 
 
@@ -230,10 +238,13 @@ def plan_memory(
     act_bytes: int = 2,
     attn_backend: str = "blockwise",
     loss_fp32: bool = True,
+    stages_per_rank: int | None = None,
     title: str = "",
 ) -> MemoryPlan:
-    """Predict every stage's peak memory (see the module docstring for the model)."""
-    schedule = placement.resolve_schedule(schedule).name  # any capitalisation
+    """Predict every pipeline rank's peak memory (see the module docstring for the model)."""
+    info = placement.resolve_schedule(schedule)  # any capitalisation
+    schedule = info.name
+    v = placement.stages_per_rank(info, stages_per_rank)
     if schedule not in SCHEDULES:
         raise ValueError(f"the planner models schedules {SCHEDULES}, not {schedule!r}")
     k = len(chunk_lengths)
@@ -249,17 +260,47 @@ def plan_memory(
     )
     b = microbatch_size
     offsets = [sum(chunk_lengths[:j]) for j in range(k)]
-    counts = stage_param_counts(model, pp=pp, tp=tp, dp_shard=dp_shard)
-    ranges = stage_layer_ranges(model.n_layers, pp)
+    num_stages = pp * v
+    counts = stage_param_counts(model, pp=num_stages, tp=tp, dp_shard=dp_shard)
+    ranges = stage_layer_ranges(model.n_layers, num_stages)
     plan = MemoryPlan(
         title=title, schedule=schedule, chunk_lengths=list(chunk_lengths), n_microbatches=n_microbatches,
         microbatch_size=b, pp=pp, dp_shard=dp_shard, tp=tp, sequence_parallel=am.sequence_parallel,
         gpus=pp * dp_shard * tp, gpu_memory_bytes=gpu_memory_bytes, reserve_bytes=reserve_bytes,
         device=device, mixed_precision=mixed_precision, attn_backend=am.attn_backend,
     )
+
+    def kv_of(st: int, j: int) -> int:
+        return len(ranges[st]) * (am.kv_bytes(chunk_lengths[j], b) + am.kv_concat(offsets[j] + chunk_lengths[j], j, b))
+
+    def unit(st: int, j: int) -> int:
+        s, first, last = chunk_lengths[j], st == 0, st == num_stages - 1
+        total = len(ranges[st]) * am.layer_saved(s, j, b) + kv_of(st, j) + am.stage_io(s, first=first, last=last, batch=b)
+        total += am.embed_saved(s, b) if first else 0
+        total += am.head_saved(s, b) if last else 0
+        return total
+
+    # Relayed K/V gradients for chunks < j: blockwise keeps one accumulator per chunk;
+    # flash/sdpa keep a view of the whole prefix gradient of length o_j + s_j.
+    def dkv_after(st: int, j: int) -> int:
+        if am.attn_backend == "blockwise":
+            return len(ranges[st]) * sum(am.kv_bytes(chunk_lengths[i], b) for i in range(j))
+        return len(ranges[st]) * am.kv_bytes(offsets[j] + chunk_lengths[j], b) if j else 0
+
+    def dkv_new(st: int, j: int) -> int:
+        if am.attn_backend == "blockwise":
+            return dkv_after(st, j)
+        return len(ranges[st]) * am.kv_bytes(offsets[j] + chunk_lengths[j], b)
+
+    def transient_of(st: int, j: int) -> int:
+        s = chunk_lengths[j]
+        extra = am.head_transient(s, b) if st == num_stages - 1 else 0
+        grads = 2 * counts[st]["block"] if mixed_precision else 0  # one block's bf16 grads before the fp32 add
+        return am.layer_transient(s, b) + extra + grads
+
     for r in range(pp):
-        c, n_layers = counts[r], len(ranges[r])
-        first, last = r == 0, r == pp - 1
+        held = placement.rank_stages(info, pp=pp, rank=r, stages_per_rank=v)
+        c = {key: sum(counts[st][key] for st in held) for key in ("local", "sharded")}
         if mixed_precision:
             param_b = 4 * c["sharded"] + 2 * c["local"]
             grad_b = 4 * c["local"]
@@ -267,41 +308,12 @@ def plan_memory(
             param_b = 4 * c["sharded"] + (4 * c["local"] if dp_shard > 1 else 0)
             grad_b = 4 * c["local"]
         optim_b = 8 * c["sharded"]
-
-        def kv_of(j: int, n_layers=n_layers) -> int:
-            return n_layers * (am.kv_bytes(chunk_lengths[j], b) + am.kv_concat(offsets[j] + chunk_lengths[j], j, b))
-
-        def unit(j: int, n_layers=n_layers, first=first, last=last) -> int:
-            s = chunk_lengths[j]
-            total = n_layers * am.layer_saved(s, j, b) + kv_of(j) + am.stage_io(s, first=first, last=last, batch=b)
-            total += am.embed_saved(s, b) if first else 0
-            total += am.head_saved(s, b) if last else 0
-            return total
-
-        # Relayed K/V gradients for chunks < j: blockwise keeps one accumulator per chunk;
-        # flash/sdpa keep a view of the whole prefix gradient of length o_j + s_j.
-        def dkv_after(j: int, n_layers=n_layers) -> int:
-            if am.attn_backend == "blockwise":
-                return n_layers * sum(am.kv_bytes(chunk_lengths[i], b) for i in range(j))
-            return n_layers * am.kv_bytes(offsets[j] + chunk_lengths[j], b) if j else 0
-
-        def dkv_new(j: int, n_layers=n_layers) -> int:
-            if am.attn_backend == "blockwise":
-                return dkv_after(j)
-            return n_layers * am.kv_bytes(offsets[j] + chunk_lengths[j], b)
-
-        def transient_of(j: int, last=last, c=c) -> int:
-            s = chunk_lengths[j]
-            extra = am.head_transient(s, b) if last else 0
-            grads = 2 * c["block"] if mixed_precision else 0  # one block's bf16 grads before the fp32 add
-            return am.layer_transient(s, b) + extra + grads
-
-        ops = _schedule_order(schedule, pp, r, n_microbatches, k)
+        ops = _schedule_ops(schedule, pp, r, n_microbatches, k, v)
         act, kv, transient, tag = replay(ops, k, unit, kv_of, dkv_after, dkv_new, transient_of)
         sp = StagePlan(
-            stage=r, layers=ranges[r], params=c["local"], param_bytes=param_b, grad_bytes=grad_b,
-            optimizer_bytes=optim_b, unit_bytes=[unit(j) for j in range(k)],
-            unit_kv_bytes=[kv_of(j) for j in range(k)], peak_live_units=_peak_live_units(ops),
+            stage=r, layers=[ranges[st] for st in held], params=c["local"], param_bytes=param_b, grad_bytes=grad_b,
+            optimizer_bytes=optim_b, unit_bytes=[sum(unit(st, j) for st in held) for j in range(k)],
+            unit_kv_bytes=[sum(kv_of(st, j) for st in held) for j in range(k)], peak_live_units=_peak_live_units(ops),
             activation_bytes=act, kv_bytes=kv, transient_bytes=transient, peak_action=tag,
         )
         sp.total_bytes = param_b + grad_b + optim_b + act + kv + transient + reserve_bytes
@@ -327,6 +339,7 @@ def plan_from_config(
         model=g, pp=par.pipeline_parallel_degree, dp_shard=par.data_parallel_shard_degree,
         tp=par.tensor_parallel_degree, sequence_parallel=par.enable_sequence_parallel,
         schedule=layout.schedule_info(cfg).name, n_microbatches=layout.n_microbatches(cfg),
+        stages_per_rank=layout.stages_per_rank(cfg),
         microbatch_size=par.pipeline_parallel_microbatch_size, chunk_lengths=layout.chunk_lengths(cfg),
         gpu_memory_bytes=parse_bytes(gpu_memory), reserve_bytes=parse_bytes(reserve), device=device,
         mixed_precision=mixed, act_bytes=2 if mixed else 4, attn_backend=g.attn_backend,
@@ -342,7 +355,8 @@ def _g(n: int) -> str:
 def format_plan(plan: MemoryPlan) -> str:
     """The table ``pipelining-seq plan`` prints (GiB)."""
     k = len(plan.chunk_lengths)
-    sched = f"{plan.schedule} k={k} chunks {plan.chunk_lengths}" if plan.schedule == "Seq1F1B" else plan.schedule
+    seq = placement.resolve_schedule(plan.schedule).seq_chunks
+    sched = f"{plan.schedule} k={k} chunks {plan.chunk_lengths}" if seq else plan.schedule
     lines = [
         plan.title,
         f"{sched}; {plan.n_microbatches} micro-batches of {plan.microbatch_size} x {sum(plan.chunk_lengths)} tokens",
@@ -357,7 +371,7 @@ def format_plan(plan: MemoryPlan) -> str:
     for s in plan.stages:
         units = " ".join(_g(u) for u in s.unit_bytes)
         lines.append(
-            f"{s.stage:>5} {f'{s.layers.start}-{s.layers.stop - 1}':>7} {s.params / 1e6:>7.0f}M "
+            f"{s.stage:>5} {','.join(f'{r.start}-{r.stop - 1}' for r in s.layers):>7} {s.params / 1e6:>7.0f}M "
             f"{_g(s.param_bytes):>6} {_g(s.grad_bytes):>6} {_g(s.optimizer_bytes):>6} {units:>30} "
             f"{s.peak_live_units:>5} {_g(s.activation_bytes):>6} {_g(s.kv_bytes):>6} {_g(s.transient_bytes):>6} "
             f"{_g(s.total_bytes):>6}  {'fits' if s.fits else 'DOES NOT FIT'}"
@@ -375,6 +389,6 @@ def format_plan(plan: MemoryPlan) -> str:
 def plan_to_dict(plan: MemoryPlan) -> dict:
     d = dataclasses.asdict(plan)
     for s in d["stages"]:
-        s["layers"] = [s["layers"].start, s["layers"].stop]
+        s["layers"] = [[r.start, r.stop] for r in s["layers"]]
     d["peak_bytes"], d["fits"] = plan.peak_bytes, plan.fits
     return d
