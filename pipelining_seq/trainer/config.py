@@ -30,6 +30,7 @@ from ..models.gpt import GPTConfig
 
 __all__ = [
     "CheckpointConfig",
+    "CommConfig",
     "ConfigError",
     "JobConfig",
     "JobSection",
@@ -127,6 +128,8 @@ class TrainingConfig:
     """auto (cuda when available, else cpu), cpu or cuda. CPU runs use gloo, CUDA runs use nccl."""
     num_threads: int = 0
     """Intra-op threads per process on CPU; 0 means the machine's cores divided by the local processes (at least 1)."""
+    skip_nonfinite_steps: int = 0
+    """A step whose loss or gradient norm is NaN/inf stops the run (naming the step and the value); up to this many such steps are skipped instead (no optimizer update)."""
 
 
 @dataclass(kw_only=True)
@@ -225,7 +228,7 @@ class ProfilingConfig:
 
 @dataclass(kw_only=True)
 class CheckpointConfig:
-    """Per-stage safetensors checkpoints with a JSON manifest written last."""
+    """Sharded checkpoints (torch.distributed.checkpoint, safetensors), a JSON manifest written last."""
 
     enable: bool = False
     """Save checkpoints."""
@@ -237,6 +240,20 @@ class CheckpointConfig:
     """Resume from: null (start fresh), 'latest' (the newest complete checkpoint in folder; fresh start if none) or a path to a step-NNNNNN folder."""
     keep_latest_k: int = 0
     """Keep only the newest k complete checkpoints; 0 keeps all."""
+    async_mode: str = "disabled"
+    """disabled (the step waits for the save) or async (shards are written by a background thread from a CPU copy; the manifest follows at the next save or the end of the run)."""
+    resume_changes: str = "refuse"
+    """On resume, a recipe whose optimizer, lr_scheduler or data settings differ from the checkpoint's: refuse (list them and stop) or apply (train on with the new values from the resume step)."""
+    save_on_signal: bool = True
+    """On SIGINT/SIGTERM, save a checkpoint at the step boundary where the run stops (when checkpoint.enable)."""
+
+
+@dataclass(kw_only=True)
+class CommConfig:
+    """Communication liveness."""
+
+    timeout_s: float = 180.0
+    """Seconds any send/recv or collective may wait before the run stops naming the stage, the peer rank, the step and the unit (also the process-group timeout). Raise it for large models whose first step or checkpoint takes longer."""
 
 
 @dataclass(kw_only=True)
@@ -263,6 +280,8 @@ class JobConfig:
     """Profiler."""
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     """Checkpoints."""
+    comm: CommConfig = field(default_factory=CommConfig)
+    """Liveness."""
 
 
 # ----------------------------------------------------------------------------- docs
