@@ -160,7 +160,9 @@ def test_kill_then_resume_matches_the_uninterrupted_run_bit_for_bit(tmp_path):
 
     final_a = ckpt.step_dir(str(straight / "checkpoint"), 6)
     final_c = ckpt.step_dir(str(broken / "checkpoint"), 6)
-    for name in ("stage-00-of-02.safetensors", "stage-01-of-02.safetensors"):
+    shards = sorted(ckpt.read_manifest(final_a)["files"])
+    assert shards == sorted(ckpt.read_manifest(final_c)["files"]) and len(shards) == 2  # one per rank
+    for name in shards:
         ta, tc = load_file(os.path.join(final_a, name)), load_file(os.path.join(final_c, name))
         assert ta.keys() == tc.keys()
         for key in ta:  # weights and AdamW state, bit for bit

@@ -35,11 +35,14 @@ from torch import nn
 from torch.distributed.pipelining import PipelineStage
 from torch.distributed.pipelining.schedules import get_schedule_class
 
+from .. import p2p
+from ..agreement import AgreementError
 from ..models.gpt import GPT, cross_entropy_loss, split_stage, stage_layer_ranges
 from ..partition import balanced_partition
 from ..schedules import ScheduleSeq1F1B
 from ..stage import SequencePipelineStage
 from . import checkpoint as ckpt
+from . import guard, liveness, lock, resume
 from .config import ConfigError, JobConfig, load_config
 from .data import TokenBatches, load_tokens
 from .metrics import MetricLogger, StageMemory, build_profiler, device_peak_tflops, model_flops_per_token
@@ -246,6 +249,12 @@ def train(cfg: JobConfig) -> dict[str, Any]:
     ``grad_norms``, ``start_step``, ``log_lines`` and ``peak_memory`` (last log step).
     """
     rank, world = dist.get_rank(), dist.get_world_size()
+    done = _nothing_to_do(cfg)
+    if done is not None:
+        if rank == 0:
+            logger.info("%s", done)
+        return {"losses": [], "grad_norms": [], "start_step": cfg.training.steps, "log_lines": [], "peak_memory": {},
+                "stopped": None, "nothing_to_do": done}
     device = _device(cfg)
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -277,19 +286,19 @@ def train(cfg: JobConfig) -> dict[str, Any]:
     )
     start_step = 0
     load_path = ckpt.resolve_load(cfg)
-    if rank == 0 and cfg.checkpoint.enable and load_path is None:
-        old = [s for s, _ in ckpt.find_checkpoints(resolve_path(cfg, cfg.checkpoint.folder))]
-        if old:
-            logger.warning(
-                "checkpoint.folder holds steps %s of an earlier run; this run starts fresh and replaces them as it "
-                "reaches them (checkpoint.load=latest resumes instead)", old,
-            )
     if load_path is not None:
+        manifest = ckpt.read_manifest(load_path)
         start_step = ckpt.load_checkpoint(
             load_path, cfg=cfg, stage_ids=stage_ids, parts=parts, optimizers=optimizers, schedulers=schedulers,
         )
         if rank == 0:
             logger.info("resumed from %s at step %d", load_path, start_step)
+            resume.report(manifest, cfg)
+    timeline = _begin_timeline(cfg, load_path, start_step)
+    _check_agreement(cfg, start_step=start_step, device=device)
+    step_guard = guard.StepGuard(
+        skip_budget=t.skip_nonfinite_steps, reporting=has_last and dp_rank == 0 and tp_rank == 0, device=device,
+    )
 
     reporting = has_last and dp_rank == 0 and tp_rank == 0
     tb = resolve_path(cfg, cfg.metrics.save_tb_folder) if cfg.metrics.enable_tensorboard else None
@@ -309,7 +318,9 @@ def train(cfg: JobConfig) -> dict[str, Any]:
     mem_key = "stage" + "+".join(str(s) for s in stage_ids)
     kill_at = int(os.environ.get(KILL_ENV, "0") or 0)
     tokens_per_step = t.local_batch_size * dp * t.seq_len
-    record: dict[str, Any] = {"losses": [], "grad_norms": [], "start_step": start_step, "log_lines": [], "peak_memory": {}}
+    record: dict[str, Any] = {
+        "losses": [], "grad_norms": [], "start_step": start_step, "log_lines": [], "peak_memory": {}, "stopped": None,
+    }
     window_time, window_steps = 0.0, 0
 
     with profiler as prof:
@@ -318,6 +329,7 @@ def train(cfg: JobConfig) -> dict[str, Any]:
             log_now = step % cfg.metrics.log_freq == 0 or step in (start_step + 1, t.steps)
             losses: list[torch.Tensor] = []
             t0 = time.perf_counter()
+            p2p.note(step=step)
             with memory.measure(log_now), amp:
                 schedule.step(
                     *((x.to(device),) if has_first else ()), target=y.to(device) if has_last else None,
@@ -328,13 +340,15 @@ def train(cfg: JobConfig) -> dict[str, Any]:
                 )
             grad_norm = clip_grad_norm_(params, t.max_norm, pp_group=pp_group)
             lr = float(optimizers[0].param_groups[0]["lr"])
-            for opt, sched in zip(optimizers, schedulers):
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                sched.step()
             loss = torch.stack([x.detach() for x in losses]).mean() if has_last else None
             if loss is not None and dp > 1:  # the loss of the global batch
                 dist.all_reduce(loss, op=dist.ReduceOp.AVG, group=mesh["dp_shard"].get_group())
+            verdict = step_guard.check(step=step, loss=loss, grad_norm=grad_norm, stop_requested=liveness.stop_requested())
+            for opt, sched in zip(optimizers, schedulers):
+                if verdict.update:
+                    opt.step()
+                opt.zero_grad(set_to_none=True)
+                sched.step()
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             window_time += time.perf_counter() - t0
@@ -360,19 +374,58 @@ def train(cfg: JobConfig) -> dict[str, Any]:
                 if line:
                     record["log_lines"].append(line)
                 window_time, window_steps = 0.0, 0
-            if cfg.checkpoint.enable and (step % cfg.checkpoint.interval == 0 or step == t.steps):
+            due = step % cfg.checkpoint.interval == 0 or step == t.steps
+            if cfg.checkpoint.enable and (due or (verdict.stop and cfg.checkpoint.save_on_signal)):
                 ckpt.save_checkpoint(
                     cfg=cfg, step=step, stage_ids=stage_ids, parts=parts, optimizers=optimizers,
-                    schedulers=schedulers, writer=dp_rank == 0 and tp_rank == 0,
+                    schedulers=schedulers, timeline=timeline,
                 )
             prof.step()
             if step == kill_at:
                 logger.warning("%s=%d: killing rank %d", KILL_ENV, kill_at, rank)
                 os.kill(os.getpid(), signal.SIGKILL)
+            if verdict.stop:
+                record["stopped"] = step
+                break
+    ckpt.finish_pending()
     metric_log.close()
+    if record["stopped"] is not None:
+        if rank == 0:
+            saved = " (checkpoint saved)" if cfg.checkpoint.enable and cfg.checkpoint.save_on_signal else ""
+            logger.warning("stopped by %s after step %d%s", liveness.stop_signal() or "a signal on another rank",
+                           record["stopped"], saved)
+        return record
     if reporting and record["losses"]:
         logger.info("done: loss %.4f -> %.4f over steps %d..%d", record["losses"][0], record["losses"][-1], start_step + 1, t.steps)
     return record
+
+
+def _nothing_to_do(cfg: JobConfig) -> str | None:
+    path = ckpt.resolve_load(cfg)
+    return resume.nothing_to_do(ckpt.read_manifest(path), cfg, path) if path is not None else None
+
+
+def _begin_timeline(cfg: JobConfig, load_path: str | None, start_step: int) -> dict[str, Any]:
+    """Rank 0 moves checkpoints of an abandoned timeline aside (see checkpoint.start_timeline)."""
+    timeline: dict[str, Any] = {}
+    if cfg.checkpoint.enable and dist.get_rank() == 0:
+        timeline = ckpt.start_timeline(cfg, resumed_from=start_step if load_path is not None else None)
+    dist.barrier()
+    return timeline
+
+
+def _check_agreement(cfg: JobConfig, *, start_step: int, device: torch.device) -> None:
+    """Every rank runs the same recipe from the same step (one small collective)."""
+    from .. import agreement
+    from .config import to_dict
+
+    d = to_dict(cfg)
+    fields = {k: d[k] for k in ("model", "parallelism", "seq1f1b", "training", "optimizer", "lr_scheduler")}
+    fields.update(
+        start_step=start_step, n_microbatches=n_microbatches(cfg), chunk_lengths=chunk_lengths(cfg),
+        stage_ranks=stage_ranks(cfg), world_size=dist.get_world_size(),
+    )
+    agreement.check(fields, what="recipe", device=device)
 
 
 def _gather_memory(key: str, nbytes: int, pp_group) -> dict[str, int]:
@@ -410,12 +463,32 @@ def main(argv: list[str] | None = None) -> int:
 
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1")
     backend = "nccl" if _device(cfg).type == "cuda" else "gloo"
-    dist.init_process_group(backend, timeout=timedelta(minutes=10))
+    liveness.install(timeout_s=cfg.comm.timeout_s, watch_parent="TORCHELASTIC_RUN_ID" in os.environ)
+    dist.init_process_group(backend, timeout=timedelta(seconds=cfg.comm.timeout_s))
+    code = 0
     try:
-        train(cfg)
+        with lock.hold_for_job(cfg.job.dump_folder, command=" ".join(sys.argv)):
+            train(cfg)
+    except (lock.FolderBusyError, ckpt.CheckpointError, ConfigError, AgreementError) as e:
+        if rank == 0:
+            logger.error("error: %s", e)
+        code = 2
+    except (guard.NonFiniteError, ckpt.NonFiniteStateError) as e:
+        if rank == 0:
+            logger.error("error: %s", e)
+        code = 3
+    except Exception as e:  # noqa: BLE001 - one line per rank instead of a traceback per rank
+        logger.error("error: %s", liveness.describe_failure(e, where=p2p.context()))
+        logger.debug("traceback", exc_info=True)
+        code = 1
     finally:
-        dist.destroy_process_group()
-    return 0
+        if code == 0:
+            dist.destroy_process_group()
+    if code:
+        # A failed rank may leave peers mid-collective; tearing the group down would wait on them.
+        logging.shutdown()
+        os._exit(code)
+    return code
 
 
 if __name__ == "__main__":
