@@ -51,6 +51,7 @@ from .validation import chunk_lengths, pipeline_layout, resolve_path, resolve_sc
 
 __all__ = [
     "CheckpointError",
+    "CheckpointSaveError",
     "NonFiniteStateError",
     "config_problems",
     "export",
@@ -80,6 +81,10 @@ VALIDATE_SHA256_BYTES = 2 << 30
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used (incomplete, corrupt or of another model)."""
+
+
+class CheckpointSaveError(RuntimeError):
+    """Writing a checkpoint failed (full disk, permissions); earlier ones are intact."""
 
 
 class NonFiniteStateError(RuntimeError):
@@ -376,9 +381,29 @@ def save_checkpoint(
         _PENDING["info"] = info
         logger.debug("checkpoint step %d: writing in the background", step)
         return path
-    dcp.save(flat, storage_writer=storage)
+    try:
+        dcp.save(flat, storage_writer=storage)
+    except Exception as e:  # noqa: BLE001 - DCP wraps every rank's OSError in a CheckpointException
+        raise CheckpointSaveError(_save_failure(e, step=step, path=path, folder=folder)) from e
     _finalize(info)
     return path
+
+
+def _save_failure(e: BaseException, *, step: int, path: str, folder: str) -> str:
+    text = f"{e} {getattr(e, 'failures', '')}"
+    if "No space left" in text or "ENOSPC" in text or "Errno 28" in text:
+        cause = "no space left on the device"
+        hint = "free space, lower checkpoint.keep_latest_k or move job.dump_folder"
+    elif "Permission denied" in text or "Errno 13" in text or "Read-only" in text:
+        cause = "permission denied"
+        hint = "make checkpoint.folder writable or move job.dump_folder"
+    else:
+        cause = text.strip().splitlines()[-1][:200] if text.strip() else type(e).__name__
+        hint = "see the cause"
+    return (
+        f"saving the checkpoint of step {step} to {path} failed: {cause}; the incomplete folder has no manifest and "
+        f"is never loaded, earlier checkpoints in {folder} are intact; {hint}"
+    )
 
 
 def _async_group():

@@ -355,9 +355,11 @@ def _merge(base: Any, other: Any, where: str) -> Any:
             f"{where}: unknown key '{e.full_key}'; valid keys of {section}: {', '.join(keys)}"
         ) from None
     except ValidationError as e:
-        raise ConfigError(f"{where}: {e.full_key}: {e.msg.splitlines()[0]}") from None
-    except OmegaConfBaseException as e:
-        raise ConfigError(f"{where}: {e}") from None
+        msg = (e.msg or str(e) or type(e).__name__).splitlines()[0]
+        raise ConfigError(f"{where}: {e.full_key}: {msg}") from None
+    except (OmegaConfBaseException, TypeError, ValueError) as e:
+        # e.g. a tuple field given a list of the wrong length, or a list merged into a section
+        raise ConfigError(f"{where}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
 
 
 def load_config(path: str | None, overrides: Sequence[str] = ()) -> JobConfig:
@@ -370,6 +372,11 @@ def load_config(path: str | None, overrides: Sequence[str] = ()) -> JobConfig:
             raise ConfigError(f"recipe file {path!r} does not exist (see `pipelining-seq ls`)") from None
         except Exception as e:  # noqa: BLE001 - YAML syntax errors come in several types
             raise ConfigError(f"recipe file {path!r} is not valid YAML: {e}") from None
+        if not OmegaConf.is_dict(data):
+            raise ConfigError(
+                f"recipe file {path!r} holds a {type(data).__name__.replace('Config', '').lower() or 'value'}, not "
+                "sections: a recipe maps section names to fields (e.g. 'training:' then '  steps: 100')"
+            )
         cfg = _merge(cfg, data, str(path))
     bad = [o for o in overrides if "=" not in o or o.startswith("=")]
     if bad:
@@ -379,7 +386,15 @@ def load_config(path: str | None, overrides: Sequence[str] = ()) -> JobConfig:
             dot = OmegaConf.from_dotlist(list(overrides))
         except OmegaConfBaseException as e:
             raise ConfigError(f"overrides {list(overrides)}: {e}") from None
-        cfg = _merge(cfg, dot, "override")
+        try:
+            cfg = _merge(cfg, dot, "override")
+        except ConfigError as e:
+            for o in overrides:  # name the override that fails, when the error does not
+                try:
+                    _merge(cfg, OmegaConf.from_dotlist([o]), f"override {o}")
+                except ConfigError as one:
+                    raise ConfigError(str(one).replace(": None:", ":")) from None
+            raise e
     try:
         obj = OmegaConf.to_object(cfg)
     except OmegaConfBaseException as e:

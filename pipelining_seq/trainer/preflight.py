@@ -71,7 +71,9 @@ def machine_problems(cfg: JobConfig) -> list[str]:
     base = _existing_ancestor(dump)
     if os.path.exists(dump) and not os.path.isdir(dump):
         errors.append(f"job.dump_folder={dump} is a file, not a folder: choose another job.dump_folder")
-    elif not os.path.isdir(base) or not os.access(base, os.W_OK | os.X_OK):
+    elif not os.path.isdir(base):
+        errors.append(f"job.dump_folder={dump}: {base} is a file, not a folder: choose another job.dump_folder")
+    elif not os.access(base, os.W_OK | os.X_OK):
         errors.append(f"job.dump_folder={dump}: {base} is not writable: choose a job.dump_folder you can write to")
     elif cfg.checkpoint.enable:
         # keep_latest_k + 1 exist while a save runs (pruning follows it); keep-all needs at least one.

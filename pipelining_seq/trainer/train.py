@@ -475,7 +475,7 @@ def main(argv: list[str] | None = None) -> int:
         if rank == 0:
             logger.error("error: %s", e)
         code = 2
-    except (guard.NonFiniteError, ckpt.NonFiniteStateError) as e:
+    except (guard.NonFiniteError, ckpt.NonFiniteStateError, ckpt.CheckpointSaveError) as e:
         if rank == 0:
             logger.error("error: %s", e)
         code = 3
