@@ -43,6 +43,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 
 from .. import _compat
 from ..models.gpt import GPT, GPTConfig
@@ -383,7 +384,7 @@ def save_checkpoint(
         return path
     try:
         dcp.save(flat, storage_writer=storage)
-    except Exception as e:  # noqa: BLE001 - DCP wraps every rank's OSError in a CheckpointException
+    except (Exception, CheckpointException) as e:  # noqa: BLE001 - DCP's wraps every rank's OSError (a BaseException)
         raise CheckpointSaveError(_save_failure(e, step=step, path=path, folder=folder)) from e
     _finalize(info)
     return path
@@ -421,8 +422,11 @@ def finish_pending() -> str | None:
     if future is None:
         return None
     result = getattr(future, "upload_completion", future)
-    result.result()
     info = _PENDING.pop("info")
+    try:
+        result.result()
+    except (Exception, CheckpointException) as e:  # noqa: BLE001 - see save_checkpoint
+        raise CheckpointSaveError(_save_failure(e, step=info["step"], path=info["path"], folder=info["folder"])) from e
     _finalize(info)
     return info["path"]
 
@@ -525,7 +529,10 @@ def load_checkpoint(
         raise CheckpointError(f"checkpoint {path}: {bad} do not match their sha256 in the manifest (corrupt); use another step")
     step = int(manifest["step"])
     flat, osds = _flat_state(parts, optimizers)
-    dcp.load(flat, storage_reader=dcp.HuggingFaceStorageReader(path))
+    try:
+        dcp.load(flat, storage_reader=dcp.HuggingFaceStorageReader(path))
+    except CheckpointException as e:  # a BaseException: make it an error the trainer reports in one line
+        raise CheckpointError(f"checkpoint {path}: loading failed ({str(e).splitlines()[0][:300]})") from e
     for i, (part, opt) in enumerate(zip(parts, optimizers)):
         prefix = "model."
         model_sd = {k[len(prefix):]: v for k, v in flat.items() if k.startswith(prefix) and _owned(k, part)}
@@ -578,7 +585,7 @@ def export(path: str, output: str) -> str:
     flat = {f"model.{k}": v for k, v in merged.items()}
     try:
         dcp.load(flat, storage_reader=dcp.HuggingFaceStorageReader(path), no_dist=True)
-    except Exception as e:  # noqa: BLE001 - DCP wraps reader errors in CheckpointException
+    except (Exception, CheckpointException) as e:  # noqa: BLE001 - DCP wraps reader errors in CheckpointException
         raise CheckpointError(f"checkpoint {path}: shards do not cover the model ({str(e).splitlines()[0][:300]})") from None
     if not all(math.isfinite(float(v.abs().max())) for v in merged.values() if v.numel()):
         raise CheckpointError(f"checkpoint {path} holds non-finite weights: export an earlier step")
