@@ -133,3 +133,32 @@ def complete_checkpoints(dump: str) -> list[int]:
         ckpt.read_manifest(path, verify="sha256")  # raises if lost or corrupted
         ok.append(step)
     return ok
+
+
+def mismatch_worker(rank: int, world: int, per_rank: list[dict], call: str) -> str:
+    """Build a ScheduleSeq1F1B with this rank's settings and run ``call`` (step/eval) once;
+    return the error message (or "ok")."""
+    import torch
+    from parity_worker import ce_loss, make_batch, make_model
+
+    from pipelining_seq import ScheduleSeq1F1B, SequencePipelineStage
+    from pipelining_seq.agreement import AgreementError
+    from pipelining_seq.models import split_stage
+
+    mine = per_rank[rank]
+    part = split_stage(make_model(), rank, world)
+    stage = SequencePipelineStage(part, rank, world, torch.device("cpu"))
+    sched = ScheduleSeq1F1B(stage, mine.get("m", 2), ce_loss, n_seq_chunks=mine.get("k", 2),
+                            seq_partition=mine.get("partition", "uniform"))
+    x, y = make_batch(4, 16)
+    args = (x,) if rank == 0 else ()
+    target = y if rank == world - 1 else None
+    try:
+        if call == "eval":
+            with torch.no_grad():
+                sched.eval(*args, target=target, losses=[] if target is not None else None)
+        else:
+            sched.step(*args, target=target, losses=[] if target is not None else None)
+    except AgreementError as e:
+        return str(e)
+    return "ok"

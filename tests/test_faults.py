@@ -311,3 +311,27 @@ def test_cli_refusals_without_processes(tmp_path):
                               text=True, timeout=120)
         assert proc.returncode == 2 and words in proc.stdout + proc.stderr, (args, proc.stdout, proc.stderr)
         assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "per_rank, call, key",
+    [
+        ([{"k": 2}, {"k": 4}], "eval", "n_seq_chunks"),
+        ([{"m": 2}, {"m": 4}], "step", "n_microbatches"),
+        ([{"partition": [10, 6]}, {"partition": [8, 8]}], "step", "seq_partition"),
+        ([{}, {}], "eval", None),
+    ],
+)
+def test_ranks_that_disagree_are_stopped_before_any_unit_runs(per_rank, call, key):
+    from fault_helpers import mismatch_worker
+
+    from pipelining_seq.testing import run_ranks
+
+    t = time.monotonic()
+    out = run_ranks(mismatch_worker, 2, per_rank, call, timeout_s=60)
+    if key is None:
+        assert out == ["ok", "ok"]
+        return
+    for msg in out:
+        assert f"disagree on {key}" in msg and "rank(s) [0]" in msg and "rank(s) [1]" in msg, msg
+    assert time.monotonic() - t < 90
