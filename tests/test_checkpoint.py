@@ -181,3 +181,26 @@ def test_kill_then_resume_matches_the_uninterrupted_run_bit_for_bit(tmp_path):
     whole = {k[len("model."):]: v for name in os.listdir(final_a) if name.endswith(".safetensors")
              for k, v in load_file(os.path.join(final_a, name)).items() if k.startswith("model.")}
     assert merged.keys() == whole.keys() and all(torch.equal(merged[k], whole[k]) for k in whole)
+
+
+@pytest.mark.slow
+def test_async_save_writes_the_same_checkpoints_as_a_blocking_save(tmp_path):
+    from train_workers import schedules_worker
+
+    from pipelining_seq.testing import run_ranks
+
+    common = ["training.steps=6", "checkpoint.enable=true", "checkpoint.interval=3", "checkpoint.keep_latest_k=0"]
+    runs = {
+        "sync": [*common, "checkpoint.folder=ck_sync"],
+        "async": [*common, "checkpoint.folder=ck_async", "checkpoint.async_mode=async"],
+    }
+    records = run_ranks(schedules_worker, 2, runs, str(tmp_path), timeout_s=300)
+    assert [r["sync"]["losses"] for r in records] == [r["async"]["losses"] for r in records]
+    for step in (3, 6):
+        a = ckpt.step_dir(str(tmp_path / "ck_sync"), step)
+        b = ckpt.step_dir(str(tmp_path / "ck_async"), step)
+        ma, mb = ckpt.read_manifest(a, verify="sha256"), ckpt.read_manifest(b, verify="sha256")
+        assert sorted(ma["files"]) == sorted(mb["files"])
+        for name in ma["files"]:  # the same tensors (the staged copy is taken before the next step)
+            ta, tb = load_file(os.path.join(a, name)), load_file(os.path.join(b, name))
+            assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta), (step, name)
