@@ -13,10 +13,7 @@ for API users).
 from __future__ import annotations
 
 import logging
-from datetime import timedelta
 from typing import Any
-
-import torch.distributed as dist
 
 from . import _compat
 
@@ -71,15 +68,6 @@ def _where(unit: int | None) -> str:
         k = c.get("n_seq_chunks") or 1
         parts.append(f"unit {unit} (micro-batch {unit // k}, chunk {unit % k})")
     return ", ".join(parts) or "pipeline"
-
-
-def _timeout_s() -> float | None:
-    try:
-        pg = dist.distributed_c10d._get_default_group()
-        t = getattr(pg.options, "_timeout", None) if hasattr(pg, "options") else None
-        return t.total_seconds() if isinstance(t, timedelta) else None
-    except Exception:  # noqa: BLE001 - best effort, only for the message
-        return None
 
 
 def wait(works: list) -> None:

@@ -35,3 +35,17 @@ def test_kernels_agree_with_math_reference():
         mgrads = kernels._math_backward(do, q, k, v, out, lse, None, causal, 0.3)
         for a, b in zip(grads, mgrads):
             assert (a - b).abs().max() < 1e-12
+
+
+def test_lr_scheduler_step_matches_stepping():
+    def sched():
+        opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], lr=0.5)
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (s + 1))
+
+    stepped, placed = sched(), sched()
+    for _ in range(4):
+        stepped.optimizer.step()
+        stepped.step()
+    _compat.set_lr_scheduler_step(placed, 4)
+    assert placed.last_epoch == stepped.last_epoch and placed.get_last_lr() == stepped.get_last_lr()
+    assert placed.optimizer.param_groups[0]["lr"] == stepped.optimizer.param_groups[0]["lr"]
