@@ -49,9 +49,20 @@ def _canonical(fields: dict[str, Any]) -> str:
     return json.dumps(fields, sort_keys=True, default=repr)
 
 
+def _flatten(fields: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in fields.items():
+        if isinstance(value, dict) and value:
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 def first_difference(per_rank: list[dict[str, Any]]) -> tuple[str, dict[str, list[int]]] | None:
-    """The first field (in the first rank's order) on which ranks differ, with the ranks
-    holding each value; None when all agree."""
+    """The first field (in the first rank's order; nested sections as ``section.field``) on
+    which ranks differ, with the ranks holding each value; None when all agree."""
+    per_rank = [_flatten(f) for f in per_rank]
     keys = list(per_rank[0]) + [k for f in per_rank[1:] for k in f if k not in per_rank[0]]
     for key in keys:
         groups: dict[str, list[int]] = {}

@@ -162,3 +162,17 @@ def mismatch_worker(rank: int, world: int, per_rank: list[dict], call: str) -> s
     except AgreementError as e:
         return str(e)
     return "ok"
+
+
+def recipe_mismatch_worker(rank: int, world: int, per_rank: list[list[str]], dump: str) -> str:
+    """train() with this rank's overrides; the agreement error, or "ok"."""
+    from train_workers import tiny_config
+
+    from pipelining_seq.agreement import AgreementError
+    from pipelining_seq.trainer.train import train
+
+    try:
+        train(tiny_config(dump, *per_rank[rank]))
+    except AgreementError as e:
+        return str(e)
+    return "ok"

@@ -335,3 +335,14 @@ def test_ranks_that_disagree_are_stopped_before_any_unit_runs(per_rank, call, ke
     for msg in out:
         assert f"disagree on {key}" in msg and "rank(s) [0]" in msg and "rank(s) [1]" in msg, msg
     assert time.monotonic() - t < 90
+
+
+def test_trainer_ranks_with_different_recipes_are_stopped_naming_the_field(tmp_path):
+    from fault_helpers import recipe_mismatch_worker
+
+    from pipelining_seq.testing import run_ranks
+
+    per_rank = [["model.n_layers=4"], ["model.n_layers=2"]]
+    out = run_ranks(recipe_mismatch_worker, 2, per_rank, str(tmp_path), timeout_s=60)
+    for msg in out:
+        assert "recipe: ranks disagree on model.n_layers: 4 on rank(s) [0]; 2 on rank(s) [1]" in msg, msg

@@ -260,6 +260,8 @@ def train(cfg: JobConfig) -> dict[str, Any]:
     device = _device(cfg)
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    resume_path = ckpt.resolve_load(cfg)
+    _check_agreement(cfg, start_step=ckpt.read_manifest(resume_path)["step"] if resume_path else 0, device=device)
     threads = _set_threads(cfg, device)
     mesh = _mesh(cfg)
     pp_group = mesh["pp"].get_group() if mesh is not None else dist.group.WORLD
@@ -287,7 +289,7 @@ def train(cfg: JobConfig) -> dict[str, Any]:
         seed=t.seed, dp_rank=dp_rank, dp_degree=dp,
     )
     start_step = 0
-    load_path = ckpt.resolve_load(cfg)
+    load_path = resume_path
     if load_path is not None:
         manifest = ckpt.read_manifest(load_path)
         start_step = ckpt.load_checkpoint(
@@ -297,7 +299,6 @@ def train(cfg: JobConfig) -> dict[str, Any]:
             logger.info("resumed from %s at step %d", load_path, start_step)
             resume.report(manifest, cfg)
     timeline = _begin_timeline(cfg, load_path, start_step)
-    _check_agreement(cfg, start_step=start_step, device=device)
     step_guard = guard.StepGuard(
         skip_budget=t.skip_nonfinite_steps, reporting=has_last and dp_rank == 0 and tp_rank == 0, device=device,
     )
@@ -417,7 +418,8 @@ def _begin_timeline(cfg: JobConfig, load_path: str | None, start_step: int) -> d
 
 
 def _check_agreement(cfg: JobConfig, *, start_step: int, device: torch.device) -> None:
-    """Every rank runs the same recipe from the same step (one small collective)."""
+    """Every rank runs the same recipe from the same step (one small collective, before
+    any stage is built or any checkpoint read)."""
     from .. import agreement
     from .config import to_dict
 
