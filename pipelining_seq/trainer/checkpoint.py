@@ -287,7 +287,9 @@ def _any(flag: bool) -> bool:
     """True on every rank when ``flag`` is true on some rank."""
     if not dist.is_initialized():
         return flag
-    t = torch.tensor([1.0 if flag else 0.0])
+    # NCCL reduces only CUDA tensors; gloo only CPU ones.
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
 
