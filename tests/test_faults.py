@@ -24,9 +24,10 @@ from train_workers import DEFAULT_RECIPE, ROOT
 
 from pipelining_seq.trainer import checkpoint as ckpt
 
-pytestmark = [pytest.mark.faults, pytest.mark.slow]
+pytestmark = pytest.mark.faults  # process-level cases are also marked slow
 
 
+@pytest.mark.slow
 def test_nan_stops_at_that_step_and_only_finite_checkpoints_remain(tmp_path):
     dump = str(tmp_path / "run")
     run = Launched(dump, "optimizer.lr=1e4", "training.max_norm=0", "training.steps=8", "checkpoint.enable=true",
@@ -46,6 +47,7 @@ def test_nan_stops_at_that_step_and_only_finite_checkpoints_remain(tmp_path):
         assert ckpt.load_exported(out_file) is not None
 
 
+@pytest.mark.slow
 def test_sigstop_of_a_rank_is_reported_within_the_timeout(tmp_path):
     dump = str(tmp_path / "run")
     run = Launched(dump, "training.steps=2000", "comm.timeout_s=6", log=str(tmp_path / "log"))
@@ -64,6 +66,7 @@ def test_sigstop_of_a_rank_is_reported_within_the_timeout(tmp_path):
     assert "comm.timeout_s" in line
 
 
+@pytest.mark.slow
 def test_kill_9_of_a_rank_ends_the_run_and_keeps_checkpoints(tmp_path):
     dump = str(tmp_path / "run")
     run = Launched(dump, "training.steps=2000", "checkpoint.enable=true", "checkpoint.interval=2",
@@ -79,6 +82,7 @@ def test_kill_9_of_a_rank_ends_the_run_and_keeps_checkpoints(tmp_path):
     assert 2 in complete_checkpoints(dump)
 
 
+@pytest.mark.slow
 def test_kill_9_of_the_launcher_ends_torchrun_and_the_ranks(tmp_path):
     dump = str(tmp_path / "run")
     run = Launched(dump, "training.steps=2000", "checkpoint.enable=true", "checkpoint.interval=3",
@@ -101,6 +105,7 @@ def test_kill_9_of_the_launcher_ends_torchrun_and_the_ranks(tmp_path):
             kill(p, signal.SIGKILL)
 
 
+@pytest.mark.slow
 def test_sigint_stops_cleanly_with_a_checkpoint_and_a_second_run_is_refused(tmp_path):
     dump = str(tmp_path / "run")
     run = Launched(dump, "training.steps=2000", "checkpoint.enable=true", "checkpoint.interval=1000",
@@ -132,6 +137,7 @@ def _namespace_tmpfs_ok() -> bool:
     return probe.stdout.strip() == "ok"
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not _namespace_tmpfs_ok(), reason="cannot mount a tmpfs in a user+mount namespace here")
 def test_full_disk_refused_up_front_or_failing_save_keeps_earlier_checkpoints(tmp_path):
     mnt = tmp_path / "disk"
@@ -244,6 +250,7 @@ def test_resume_with_a_changed_lr_is_refused_or_applied(tmp_path):
     assert fresh[2][0].base_lrs[0] == 0.01  # the recipe's lr, from step 3 on
 
 
+@pytest.mark.slow
 def test_checkpoint_at_training_steps_says_nothing_to_do(tmp_path):
     _saved(tmp_path, 5)  # TINY trains 5 steps
     t = time.monotonic()
@@ -298,6 +305,7 @@ def test_bad_inputs_fail_fast_naming_value_and_knob(tmp_path, extra, words):
         validate_config(load_config(DEFAULT_RECIPE, [f"job.dump_folder={tmp_path}/out", *overrides]))
 
 
+@pytest.mark.slow
 def test_cli_refusals_without_processes(tmp_path):
     bad = tmp_path / "list.yaml"
     bad.write_text("- a\n- b\n")
@@ -322,6 +330,7 @@ def test_cli_refusals_without_processes(tmp_path):
         ([{}, {}], "eval", None),
     ],
 )
+@pytest.mark.slow
 def test_ranks_that_disagree_are_stopped_before_any_unit_runs(per_rank, call, key):
     from fault_helpers import mismatch_worker
 
@@ -337,6 +346,7 @@ def test_ranks_that_disagree_are_stopped_before_any_unit_runs(per_rank, call, ke
     assert time.monotonic() - t < 90
 
 
+@pytest.mark.slow
 def test_trainer_ranks_with_different_recipes_are_stopped_naming_the_field(tmp_path):
     from fault_helpers import recipe_mismatch_worker
 
@@ -346,3 +356,22 @@ def test_trainer_ranks_with_different_recipes_are_stopped_naming_the_field(tmp_p
     out = run_ranks(recipe_mismatch_worker, 2, per_rank, str(tmp_path), timeout_s=60)
     for msg in out:
         assert "recipe: ranks disagree on model.n_layers: 4 on rank(s) [0]; 2 on rank(s) [1]" in msg, msg
+
+
+def test_simulated_enospc_during_a_save_keeps_earlier_checkpoints(tmp_path, monkeypatch):
+    """The full-disk case without a tmpfs: the storage writer raises ENOSPC."""
+    import errno
+
+    import torch.distributed.checkpoint as dcp
+    from test_checkpoint import _save
+
+    cfg, stages, (p3,) = _saved(tmp_path, 3, extra=("checkpoint.keep_latest_k=1",))
+
+    def full(self, plan, planner):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(dcp.HuggingFaceStorageWriter, "write_data", full)
+    with pytest.raises(ckpt.CheckpointSaveError, match="step 6.*no space left.*earlier checkpoints.*intact"):
+        _save(cfg, 6, stages)
+    assert [s for s, _ in ckpt.find_checkpoints(str(tmp_path / "checkpoint"))] == [3]
+    ckpt.read_manifest(p3, verify="sha256")
