@@ -6,18 +6,20 @@ stopped peer, a closed connection from a killed one), raises :class:`PeerError` 
 this rank's stage, the peer rank(s), the training step (see :func:`note`) and the unit
 (micro-batch, chunk) that was waiting, instead of gloo's bare
 ``Timed out waiting 600000ms for recv operation``. The wait is bounded by the process
-group's timeout (``comm.timeout_s`` in the trainer, ``init_process_group(timeout=...)``
-for API users).
+group's timeout (``init_process_group(timeout=...)``), or by :func:`set_timeout` when set
+(the trainer sets both from ``comm.timeout_s``; a script using the public API can call
+``pipelining_seq.p2p.set_timeout(60)`` instead of waiting out the default 30 minutes).
 """
 
 from __future__ import annotations
 
 import logging
+from datetime import timedelta
 from typing import Any
 
 from . import _compat
 
-__all__ = ["PeerError", "Pending", "context", "note", "post", "wait"]
+__all__ = ["PeerError", "Pending", "context", "note", "post", "set_timeout", "wait"]
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +29,13 @@ _CONTEXT: dict[str, Any] = {}
 
 class PeerError(RuntimeError):
     """A send/recv with a pipeline peer failed or timed out."""
+
+
+def set_timeout(seconds: float | None) -> None:
+    """Bound every pipeline send/recv wait to ``seconds`` (None: the process group's timeout)."""
+    if seconds is not None and seconds <= 0:
+        raise ValueError(f"set_timeout({seconds}): give a positive number of seconds, or None")
+    _CONTEXT["timeout_s"] = seconds
 
 
 def note(**fields: Any) -> None:
@@ -75,8 +84,13 @@ def wait(works: list) -> None:
     :class:`PeerError` with stage, peer rank(s), step and unit."""
     if not works:
         return
+    timeout = _CONTEXT.get("timeout_s")
     try:
-        _compat.wait_batch_p2p(works)
+        if timeout is None:
+            _compat.wait_batch_p2p(works)
+        else:
+            for work in works:
+                work.wait(timedelta(seconds=timeout))
     except RuntimeError as e:
         desc = getattr(works, "desc", "p2p")
         peers = _peers(getattr(works, "ops", []))

@@ -57,6 +57,26 @@ def test_p2p_wait_names_stage_peer_step_and_unit():
     p2p.wait([])  # nothing posted: nothing to wait for
 
 
+def test_p2p_set_timeout_bounds_each_wait():
+    seen = []
+
+    class Work:
+        def wait(self, *args):
+            seen.append(args)
+
+    try:
+        p2p.set_timeout(2.5)
+        p2p.wait(p2p.Pending([Work(), Work()]))
+        assert [a[0].total_seconds() for a in seen] == [2.5, 2.5]
+        with pytest.raises(ValueError, match="positive"):
+            p2p.set_timeout(0)
+    finally:
+        p2p.set_timeout(None)
+    seen.clear()
+    p2p.wait(p2p.Pending([Work()]))
+    assert seen == [()]  # the process group's own timeout
+
+
 def test_lock_refuses_a_second_holder_with_pid_and_start_time(tmp_path):
     folder = str(tmp_path / "dump")
     assert lock.holder(folder) is None

@@ -468,6 +468,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1")
     backend = "nccl" if _device(cfg).type == "cuda" else "gloo"
     liveness.install(timeout_s=cfg.comm.timeout_s, watch_parent="TORCHELASTIC_RUN_ID" in os.environ)
+    p2p.set_timeout(cfg.comm.timeout_s)
     dist.init_process_group(backend, timeout=timedelta(seconds=cfg.comm.timeout_s))
     code = 0
     try:
