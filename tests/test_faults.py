@@ -284,6 +284,7 @@ def test_rollback_starts_a_new_timeline_that_latest_and_pruning_respect(tmp_path
         (["training.dataset={empty}"], "is empty"),
         (["training.dataset={text}"], "looks like a text file.*pipelining_seq.trainer.data"),
         (["training.dataset={u32}"], "uint32 token file read as uint16.*training.dataset_dtype=uint32"),
+        (["training.dataset={u16}", "training.dataset_dtype=uint32"], "uint16 token file read as uint32.*=uint16"),
         (["optimizer.betas=[0.9]"], "optimizer.betas"),
         (["job.dump_folder={text}/out"], "is a file, not a folder"),
     ],
@@ -295,11 +296,13 @@ def test_bad_inputs_fail_fast_naming_value_and_knob(tmp_path, extra, words):
     from pipelining_seq.trainer.data import write_token_file
     from pipelining_seq.trainer.validation import validate_config
 
-    paths = {"d": tmp_path / "dir", "empty": tmp_path / "empty.bin", "text": tmp_path / "a.txt", "u32": tmp_path / "u.bin"}
+    paths = {"d": tmp_path / "dir", "empty": tmp_path / "empty.bin", "text": tmp_path / "a.txt", "u32": tmp_path / "u.bin",
+             "u16": tmp_path / "u16.bin"}
     paths["d"].mkdir()
     paths["empty"].write_bytes(b"")
     paths["text"].write_text("Plain English text, not token ids.\n" * 50)
     write_token_file(torch.randint(1, 256, (4096,)), str(paths["u32"]), dtype="uint32")
+    write_token_file(torch.randint(1, 256, (4096,)), str(paths["u16"]), dtype="uint16")
     overrides = [e.format(**{k: str(v) for k, v in paths.items()}) for e in extra]
     with pytest.raises(ConfigError, match=words):
         validate_config(load_config(DEFAULT_RECIPE, [f"job.dump_folder={tmp_path}/out", *overrides]))

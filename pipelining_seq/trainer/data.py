@@ -154,8 +154,16 @@ def _refuse_text(path: str) -> None:
 
 
 def _check_width(scan: torch.Tensor, dtype: str) -> None:
-    """uint32 ids below 65536 read as uint16 give a 0 in every second token."""
-    if dtype != "uint16" or scan.numel() < 64:
+    """uint32 ids below 65536 read as uint16 give a 0 in every second token; uint16 ids read
+    as uint32 give ids of billions (no vocabulary has a million tokens)."""
+    if scan.numel() < 64:
+        return
+    if dtype == "uint32":
+        if float((scan >= 1 << 20).float().mean()) > 0.5:
+            raise ValueError(
+                f"most token ids are above a million (largest {int(scan.max())}): this looks like a uint16 token "
+                "file read as uint32; set training.dataset_dtype=uint16"
+            )
         return
     n = scan.numel() // 2 * 2
     low, high = scan[:n:2], scan[1:n:2]
