@@ -204,3 +204,34 @@ def test_async_save_writes_the_same_checkpoints_as_a_blocking_save(tmp_path):
         for name in ma["files"]:  # the same tensors (the staged copy is taken before the next step)
             ta, tb = load_file(os.path.join(a, name)), load_file(os.path.join(b, name))
             assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta), (step, name)
+
+
+def test_a_checkpoint_loads_into_another_pipeline_layout(tmp_path):
+    """Full-model parameter names: 2 stages saved, 4 stages loaded (DCP reads each stage's keys)."""
+    cfg = tiny_config(str(tmp_path), "checkpoint.enable=true")
+    parts, opts, scheds = _stages(cfg)
+    path = _save(cfg, 3, (parts, opts, scheds))
+    cfg4 = tiny_config(str(tmp_path), "parallelism.pipeline_parallel_schedule=Interleaved1F1B")
+    g = cfg4.model.to_gpt_config()
+    with torch.device("meta"):
+        full = GPT(g)
+    parts4, opts4, scheds4 = [], [], []
+    for s in range(4):
+        part = split_stage(full, s, 4)
+        part.to_empty(device="cpu")
+        init_weights(part, seed=1, n_layers=g.n_layers)  # other weights: the load must replace them
+        opt, sched = build_optimizer(cfg4, part)
+        parts4.append(part)
+        opts4.append(opt)
+        scheds4.append(sched)
+    assert ckpt.load_checkpoint(path, cfg=cfg4, stage_ids=[0, 1, 2, 3], parts=parts4, optimizers=opts4,
+                                schedulers=scheds4) == 3
+    saved = {n: p for part in parts for n, p in part.named_parameters()}
+    loaded = {n: p for part in parts4 for n, p in part.named_parameters()}
+    assert saved.keys() == loaded.keys()
+    for n in saved:
+        assert torch.equal(saved[n], loaded[n]), n
+    moments = {id(p): o.state[p]["exp_avg"] for o, part in zip(opts, parts) for p in part.parameters()}
+    for o, part in zip(opts4, parts4):
+        for n, p in part.named_parameters():
+            assert torch.equal(o.state[p]["exp_avg"], moments[id(saved[n])]), n
