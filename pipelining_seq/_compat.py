@@ -50,6 +50,7 @@ __all__ = [
     "wait_batch_p2p",
     "peer_global_rank",
     "register_action_function",
+    "set_lr_scheduler_step",
     "single_schedule_order",
     "OVERRIDDEN_HOOKS",
     "READ_STATE",
@@ -209,3 +210,18 @@ def observe_input_reshard(callback: Any) -> Iterator[None]:
         yield
     finally:
         mod._pack_hook_tp = orig
+
+
+# --------------------------------------------------------------------------------------
+# LR schedulers (checkpoint resume).
+# --------------------------------------------------------------------------------------
+
+
+def set_lr_scheduler_step(sched: Any, step: int) -> None:
+    """Put a ``LambdaLR`` at ``step`` scheduler steps without stepping it: each group's lr
+    becomes ``base_lr * lambda(step)``, as after ``step`` calls of ``sched.step()``.
+    Sets the private ``_last_lr`` that ``get_last_lr`` reads."""
+    sched.last_epoch = step
+    for group, base, fn in zip(sched.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
+        group["lr"] = base * fn(step)
+    sched._last_lr = [g["lr"] for g in sched.optimizer.param_groups]

@@ -17,7 +17,7 @@ _COMMANDS = {
     "run": ("pipelining_seq.trainer.launch", "train from a recipe on N local processes (torchrun underneath)"),
     "validate": ("pipelining_seq.trainer.launch", "check a recipe and its overrides without starting processes"),
     "ls": ("pipelining_seq.trainer.launch", "list the shipped recipes"),
-    "export": ("pipelining_seq.trainer.checkpoint", "merge a pipeline checkpoint into one safetensors file"),
+    "export": ("pipelining_seq.trainer.export", "gather a sharded checkpoint into one safetensors file"),
     "plan": ("pipelining_seq.tools.planner", "predict per-stage memory of a recipe on the meta device"),
     "simulate": ("pipelining_seq.tools.simulate", "play a schedule through a cost model; print bubble and memory"),
     "bench": ("pipelining_seq.tools.bench", "benchmarks: memory, time, partition, gpu"),

@@ -105,7 +105,11 @@ class ActivationMemoryMeter:
         if t.device.type == "meta" or isinstance(t, nn.Parameter):
             return t
         storage = _local(t).untyped_storage()
-        key = storage.data_ptr()
+        try:
+            key = storage.data_ptr()
+        except RuntimeError:
+            # A storage without data (seen for tensor-parallel norm inputs on CPU): nothing to count.
+            return t
         if self._sharded and key not in self._param_keys and key not in self._refs:
             self._refresh_param_keys()
         if key in self._param_keys or storage.nbytes() == 0:

@@ -29,7 +29,7 @@ import torch.distributed as dist
 from torch.distributed.pipelining.schedules import PipelineScheduleSingle
 from torch.profiler import record_function
 
-from . import _compat, schedule_ir
+from . import _compat, agreement, p2p, schedule_ir
 from .partition import SeqPartition
 from .seq_units import SeqUnits
 from .stage import SequencePipelineStage
@@ -186,6 +186,8 @@ class ScheduleSeq1F1B(PipelineScheduleSingle):
             args, kwargs, target, self._args_chunk_spec, self._kwargs_chunk_spec
         )
 
+        p2p.note(stage=self._stage.stage_index, n_seq_chunks=self._n_seq_chunks)  # for timeout messages
+        agreement.check_schedule(self, stage=self._stage, units=self._units)  # once per kind: one small collective
         self._stage.has_backward = self._has_backward
         self._stage.clear_runtime_states()
         arg_units, kwarg_units, target_units = self._prepare_units(arg_mbs, kwarg_mbs, target_mbs, seq_len)
@@ -249,11 +251,11 @@ class ScheduleSeq1F1B(PipelineScheduleSingle):
         stage = self._stage
         sends: list = []
         for u in range(self._n_microbatches):
-            _compat.wait_batch_p2p(_compat.batch_p2p(stage.get_fwd_recv_ops(u), desc="fwd_recv"))
+            p2p.wait(p2p.post(stage.get_fwd_recv_ops(u), desc="fwd_recv", unit=u))
             self._forward(u, arg_mbs, kwarg_mbs, target_mbs, return_outputs, loss_kwargs)
-            sends.append(_compat.batch_p2p(stage.get_fwd_send_ops(u), desc="fwd_send"))
+            sends.append(p2p.post(stage.get_fwd_send_ops(u), desc="fwd_send", unit=u))
         for work in sends:
-            _compat.wait_batch_p2p(work)
+            p2p.wait(work)
 
     def _use_early_recv(self) -> bool:
         if self._early_recv is not None:
@@ -263,11 +265,11 @@ class ScheduleSeq1F1B(PipelineScheduleSingle):
 
     def _post_fwd_recv(self, u: int) -> None:
         if u < self._n_microbatches and u not in self._fwd_recv_work:
-            self._fwd_recv_work[u] = _compat.batch_p2p(self._stage.get_fwd_recv_ops(u), desc="fwd_recv")
+            self._fwd_recv_work[u] = p2p.post(self._stage.get_fwd_recv_ops(u), desc="fwd_recv", unit=u)
 
     def _wait_fwd_recv(self, u: int) -> None:
         self._post_fwd_recv(u)
-        _compat.wait_batch_p2p(self._fwd_recv_work.pop(u))
+        p2p.wait(self._fwd_recv_work.pop(u))
 
     def _run_1f1b(self, arg_mbs, kwarg_mbs, target_mbs, return_outputs, loss_kwargs):
         # Same structure as Schedule1F1B._step_microbatches (fused send/recv pairs), with
@@ -290,39 +292,39 @@ class ScheduleSeq1F1B(PipelineScheduleSingle):
             if early:
                 self._post_fwd_recv(fwd + 1)
             self._forward(fwd, arg_mbs, kwarg_mbs, target_mbs, return_outputs, loss_kwargs)
-            _compat.wait_batch_p2p(send_work)
+            p2p.wait(send_work)
             fwd_sends = stage.get_fwd_send_ops(fwd)
             if fwd != warmup - 1:
-                send_work = _compat.batch_p2p(fwd_sends, desc="fwd_send")
+                send_work = p2p.post(fwd_sends, desc="fwd_send", unit=fwd)
             fwd += 1
 
         while True:
             u = bwd_order[bwd]
-            works = _compat.batch_p2p(fwd_sends + stage.get_bwd_recv_ops(u), desc="fwd_send_bwd_recv")
+            works = p2p.post(fwd_sends + stage.get_bwd_recv_ops(u), desc="fwd_send_bwd_recv", unit=u)
             if early:
                 self._post_fwd_recv(fwd)
-            _compat.wait_batch_p2p(works)
+            p2p.wait(works)
             self._backward(u, last_backward=bwd == n - 1)
             bwd_sends = stage.get_bwd_send_ops(u)
             bwd += 1
             if fwd == n:
                 break
             if early:
-                _compat.wait_batch_p2p(_compat.batch_p2p(bwd_sends, desc="bwd_send"))
+                p2p.wait(p2p.post(bwd_sends, desc="bwd_send", unit=u))
                 self._wait_fwd_recv(fwd)
             else:
                 fwd_recvs = stage.get_fwd_recv_ops(fwd)
-                _compat.wait_batch_p2p(_compat.batch_p2p(bwd_sends + fwd_recvs, desc="bwd_send_fwd_recv"))
+                p2p.wait(p2p.post(bwd_sends + fwd_recvs, desc="bwd_send_fwd_recv", unit=fwd))
             self._forward(fwd, arg_mbs, kwarg_mbs, target_mbs, return_outputs, loss_kwargs)
             fwd_sends = stage.get_fwd_send_ops(fwd)
             fwd += 1
 
-        send_work = _compat.batch_p2p(bwd_sends, desc="bwd_send")
+        send_work = p2p.post(bwd_sends, desc="bwd_send", unit=u)
         while bwd < n:
             u = bwd_order[bwd]
-            _compat.wait_batch_p2p(_compat.batch_p2p(stage.get_bwd_recv_ops(u), desc="bwd_recv"))
+            p2p.wait(p2p.post(stage.get_bwd_recv_ops(u), desc="bwd_recv", unit=u))
             self._backward(u, last_backward=bwd == n - 1)
-            _compat.wait_batch_p2p(send_work)
-            send_work = _compat.batch_p2p(stage.get_bwd_send_ops(u), desc="bwd_send")
+            p2p.wait(send_work)
+            send_work = p2p.post(stage.get_bwd_send_ops(u), desc="bwd_send", unit=u)
             bwd += 1
-        _compat.wait_batch_p2p(send_work)
+        p2p.wait(send_work)

@@ -19,7 +19,7 @@ from typing import Any, Literal
 import torch
 import torch.distributed as dist
 
-from . import _compat, schedule_ir_multi
+from . import _compat, agreement, schedule_ir_multi
 from .partition import SeqPartition
 from .seq_units import SeqUnits
 from .stage import SequencePipelineStage
@@ -158,7 +158,7 @@ class SeqRuntimeSchedule(_compat.PipelineScheduleRuntime):
 
     def _exchange_lengths(self, local: list[int] | None) -> list[int]:
         group = self._stages[0].group
-        g = group or dist.distributed_c10d._get_default_group()
+        g = group or _compat.default_group()
         r, p = self.rank, self.pp_group_size
         return self._units.exchange_lengths(
             local, device=self._stages[0].device, group=group,
@@ -182,6 +182,7 @@ class SeqRuntimeSchedule(_compat.PipelineScheduleRuntime):
         if self._has_backward and not torch.is_grad_enabled():
             raise RuntimeError("step() requires gradients to be enabled; call eval() for forward-only runs")
         units = self._units
+        agreement.check_schedule(self, stage=self._stages[0], units=units)  # once per kind: one small collective
         arg_mbs, kwarg_mbs, target_mbs, seq_len = units.split_step(
             args, kwargs, target, self._args_chunk_spec, self._kwargs_chunk_spec
         )

@@ -14,8 +14,9 @@ from train_workers import DEFAULT_RECIPE, ROOT, TINY, tiny_config
 
 from pipelining_seq.models import GPT, init_weights, split_stage
 from pipelining_seq.trainer import checkpoint as ckpt
+from pipelining_seq.trainer import export
 from pipelining_seq.trainer.config import ConfigError
-from pipelining_seq.trainer.optim import build_optimizer
+from pipelining_seq.trainer.optim import build_optimizer, lr_factor
 from pipelining_seq.trainer.train import KILL_ENV
 from pipelining_seq.trainer.validation import validate_config
 
@@ -55,7 +56,7 @@ def test_round_trip_restores_weights_optimizer_and_schedule(tmp_path):
     manifest = ckpt.read_manifest(path, verify="sha256")
     assert manifest["step"] == 7 and manifest["data"]["next_step"] == 8
     assert manifest["partition"]["chunk_lengths"] == [16, 16, 16, 16]
-    assert set(manifest["files"]) == {"stage-00-of-02.safetensors", "stage-01-of-02.safetensors"}
+    assert len(manifest["files"]) == 1  # one process: one shard, both stages in it
     assert manifest["rng"]["0"]["cpu"]
 
     fresh = _stages(cfg, seed_grads=None)
@@ -66,12 +67,19 @@ def test_round_trip_restores_weights_optimizer_and_schedule(tmp_path):
             assert na == nb and torch.equal(pa, pb)
     for oa, ob in zip(saved[1], fresh[1]):
         sa, sb = oa.state_dict(), ob.state_dict()
-        # torch's set_optimizer_state_dict hands betas back as a list
-        assert json.loads(json.dumps(sa["param_groups"])) == json.loads(json.dumps(sb["param_groups"]))
+        # torch's set_optimizer_state_dict hands betas back as a list; lr is the schedule's (below)
+        strip = lambda groups: [{k: v for k, v in g.items() if k != "lr"} for g in json.loads(json.dumps(groups))]  # noqa: E731
+        assert strip(sa["param_groups"]) == strip(sb["param_groups"])
         for i in sa["state"]:
             for key in ("step", "exp_avg", "exp_avg_sq"):
                 assert torch.equal(sa["state"][i][key], sb["state"][i][key])
-    assert [s.last_epoch for s in saved[2]] == [s.last_epoch for s in fresh[2]] == [1, 1]
+    # The LR schedule is put at the checkpoint's step (a function of the step and the recipe).
+    want = cfg.optimizer.lr * lr_factor(
+        7, warmup_steps=cfg.lr_scheduler.warmup_steps, total_steps=cfg.training.steps,
+        decay_type=cfg.lr_scheduler.decay_type, min_lr_factor=cfg.lr_scheduler.min_lr_factor,
+    )
+    assert [s.last_epoch for s in fresh[2]] == [7, 7]
+    assert all(g["lr"] == want for o in fresh[1] for g in o.param_groups)
 
 
 def test_export_merges_stages_into_a_loadable_gpt(tmp_path):
@@ -79,8 +87,8 @@ def test_export_merges_stages_into_a_loadable_gpt(tmp_path):
     parts, opts, scheds = _stages(cfg)
     _save(cfg, 3, (parts, opts, scheds))
     out = str(tmp_path / "model.safetensors")
-    ckpt.export(str(tmp_path / "checkpoint"), out)  # the folder: its newest checkpoint
-    model = ckpt.load_exported(out)
+    export.export(str(tmp_path / "checkpoint"), out)  # the folder: its newest checkpoint
+    model = export.load_exported(out)
     plain = GPT(cfg.model)
     plain.load_state_dict(load_file(out))  # the documented plain-torch way works too
     x = torch.randint(0, 256, (2, 64))
@@ -104,22 +112,24 @@ def test_incomplete_other_model_other_layout_and_corrupt_are_refused(tmp_path):
 
     with pytest.raises(ConfigError, match=r"checkpoint\.folder=.*another model.*model\.dim"):
         validate_config(tiny_config(str(tmp_path), "checkpoint.enable=true", "model.dim=32"))
-    with pytest.raises(ConfigError, match=r"checkpoint\.load.*another stage layout.*num_stages"):
-        validate_config(tiny_config(
-            str(tmp_path), "checkpoint.load=latest", "parallelism.pipeline_parallel_schedule=Interleaved1F1B",
-        ))
+    # Another stage layout is no refusal any more: DCP reshards (parameter names are the full model's).
+    validate_config(tiny_config(
+        str(tmp_path), "checkpoint.load=latest", "parallelism.pipeline_parallel_schedule=Interleaved1F1B",
+    ))
 
-    stage0 = os.path.join(good, "stage-00-of-02.safetensors")
+    stage0 = os.path.join(good, next(iter(ckpt.read_manifest(good)["files"])))
     with open(stage0, "r+b") as f:  # same size, one byte flipped
         f.seek(os.path.getsize(stage0) - 3)
         byte = f.read(1)
         f.seek(-1, os.SEEK_CUR)
         f.write(bytes([byte[0] ^ 0xFF]))
     fresh = _stages(cfg, seed_grads=None)
+    with pytest.raises(ConfigError, match="sha256"):  # found before any process starts
+        validate_config(tiny_config(str(tmp_path), "checkpoint.load=latest"))
     with pytest.raises(ckpt.CheckpointError, match="sha256"):
         ckpt.load_checkpoint(good, cfg=cfg, stage_ids=[0, 1], parts=fresh[0], optimizers=fresh[1], schedulers=fresh[2])
     with pytest.raises(ckpt.CheckpointError, match="sha256"):
-        ckpt.export(good, str(tmp_path / "x.safetensors"))
+        export.export(good, str(tmp_path / "x.safetensors"))
 
 
 def test_keep_latest_k_prunes_old_checkpoints(tmp_path):
@@ -152,7 +162,9 @@ def test_kill_then_resume_matches_the_uninterrupted_run_bit_for_bit(tmp_path):
 
     final_a = ckpt.step_dir(str(straight / "checkpoint"), 6)
     final_c = ckpt.step_dir(str(broken / "checkpoint"), 6)
-    for name in ("stage-00-of-02.safetensors", "stage-01-of-02.safetensors"):
+    shards = sorted(ckpt.read_manifest(final_a)["files"])
+    assert shards == sorted(ckpt.read_manifest(final_c)["files"]) and len(shards) == 2  # one per rank
+    for name in shards:
         ta, tc = load_file(os.path.join(final_a, name)), load_file(os.path.join(final_c, name))
         assert ta.keys() == tc.keys()
         for key in ta:  # weights and AdamW state, bit for bit
@@ -171,3 +183,57 @@ def test_kill_then_resume_matches_the_uninterrupted_run_bit_for_bit(tmp_path):
     whole = {k[len("model."):]: v for name in os.listdir(final_a) if name.endswith(".safetensors")
              for k, v in load_file(os.path.join(final_a, name)).items() if k.startswith("model.")}
     assert merged.keys() == whole.keys() and all(torch.equal(merged[k], whole[k]) for k in whole)
+
+
+@pytest.mark.slow
+def test_async_save_writes_the_same_checkpoints_as_a_blocking_save(tmp_path):
+    from train_workers import schedules_worker
+
+    from pipelining_seq.testing import run_ranks
+
+    common = ["training.steps=6", "checkpoint.enable=true", "checkpoint.interval=3", "checkpoint.keep_latest_k=0"]
+    runs = {
+        "sync": [*common, "checkpoint.folder=ck_sync"],
+        "async": [*common, "checkpoint.folder=ck_async", "checkpoint.async_mode=async"],
+    }
+    records = run_ranks(schedules_worker, 2, runs, str(tmp_path), timeout_s=300)
+    assert [r["sync"]["losses"] for r in records] == [r["async"]["losses"] for r in records]
+    for step in (3, 6):
+        a = ckpt.step_dir(str(tmp_path / "ck_sync"), step)
+        b = ckpt.step_dir(str(tmp_path / "ck_async"), step)
+        ma, mb = ckpt.read_manifest(a, verify="sha256"), ckpt.read_manifest(b, verify="sha256")
+        assert sorted(ma["files"]) == sorted(mb["files"])
+        for name in ma["files"]:  # the same tensors (the staged copy is taken before the next step)
+            ta, tb = load_file(os.path.join(a, name)), load_file(os.path.join(b, name))
+            assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta), (step, name)
+
+
+def test_a_checkpoint_loads_into_another_pipeline_layout(tmp_path):
+    """Full-model parameter names: 2 stages saved, 4 stages loaded (DCP reads each stage's keys)."""
+    cfg = tiny_config(str(tmp_path), "checkpoint.enable=true")
+    parts, opts, scheds = _stages(cfg)
+    path = _save(cfg, 3, (parts, opts, scheds))
+    cfg4 = tiny_config(str(tmp_path), "parallelism.pipeline_parallel_schedule=Interleaved1F1B")
+    g = cfg4.model
+    with torch.device("meta"):
+        full = GPT(g)
+    parts4, opts4, scheds4 = [], [], []
+    for s in range(4):
+        part = split_stage(full, s, 4)
+        part.to_empty(device="cpu")
+        init_weights(part, seed=1, n_layers=g.n_layers)  # other weights: the load must replace them
+        opt, sched = build_optimizer(cfg4, part)
+        parts4.append(part)
+        opts4.append(opt)
+        scheds4.append(sched)
+    assert ckpt.load_checkpoint(path, cfg=cfg4, stage_ids=[0, 1, 2, 3], parts=parts4, optimizers=opts4,
+                                schedulers=scheds4) == 3
+    saved = {n: p for part in parts for n, p in part.named_parameters()}
+    loaded = {n: p for part in parts4 for n, p in part.named_parameters()}
+    assert saved.keys() == loaded.keys()
+    for n in saved:
+        assert torch.equal(saved[n], loaded[n]), n
+    moments = {id(p): o.state[p]["exp_avg"] for o, part in zip(opts, parts) for p in part.parameters()}
+    for o, part in zip(opts4, parts4):
+        for n, p in part.named_parameters():
+            assert torch.equal(o.state[p]["exp_avg"], moments[id(saved[n])]), n

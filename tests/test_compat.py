@@ -78,3 +78,17 @@ def test_private_state_read_exists_on_real_instances(world_of_one):
     for base, names in _compat.READ_STATE.items():
         missing = [n for n in names if not hasattr(objs[base], n)]
         assert not missing, (torch.__version__, base, missing)
+
+
+def test_lr_scheduler_step_matches_stepping():
+    def sched():
+        opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], lr=0.5)
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (s + 1))
+
+    stepped, placed = sched(), sched()
+    for _ in range(4):
+        stepped.optimizer.step()
+        stepped.step()
+    _compat.set_lr_scheduler_step(placed, 4)
+    assert placed.last_epoch == stepped.last_epoch and placed.get_last_lr() == stepped.get_last_lr()
+    assert placed.optimizer.param_groups[0]["lr"] == stepped.optimizer.param_groups[0]["lr"]

@@ -23,6 +23,8 @@ import argparse
 import json
 import logging
 import math
+import os
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -519,7 +521,28 @@ def _print_paper(rows: list[dict]) -> None:
                   f"{cells[1][1]:>6.3f} | {cells[2][0]:>11.3f} {cells[2][1]:>6.3f}")
 
 
+def _arg_problems(args: argparse.Namespace) -> list[str]:
+    """Bad sizes and unusable files, before anything is simulated or drawn."""
+    errors = [f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least 1"
+              for name in ("pp", "microbatches", "chunks", "stages_per_rank") if getattr(args, name) < 1]
+    for name in ("bwd_ratio", "comm", "recv_latency"):
+        if getattr(args, name) < 0:
+            errors.append(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 0")
+    if args.times and not os.path.isfile(args.times):
+        errors.append(f"--times {args.times}: no such file (write one with `pipelining-seq bench partition`)")
+    for flag in ("png", "json"):
+        out = getattr(args, flag)
+        folder = os.path.dirname(os.path.abspath(out)) if out else None
+        if folder and not (os.path.isdir(folder) and os.access(folder, os.W_OK)):
+            errors.append(f"--{flag} {out}: folder {folder} does not exist or is not writable")
+    return errors
+
+
 def main(args: argparse.Namespace) -> int:
+    problems = _arg_problems(args)
+    if problems:
+        print("error: " + "; ".join(problems), file=sys.stderr)
+        return 2
     if args.paper:
         rows = paper_comparison(pps=(4, 8), chunks=args.chunks, bwd_ratio=args.bwd_ratio, comm=args.comm,
                                 recv_latency=args.recv_latency)

@@ -1,20 +1,28 @@
-"""Per-stage safetensors checkpoints with a JSON manifest written last.
+"""Sharded checkpoints on ``torch.distributed.checkpoint`` (DCP), in safetensors.
 
 Layout of ``checkpoint.folder``::
 
     step-000200/
-        stage-00-of-02.safetensors   model.<fqn>, optim.<fqn>.<state> (+ param groups and
-        stage-01-of-02.safetensors   LR-scheduler state as JSON in the file's metadata)
-        manifest.json                step, config, stage layout, chunk partition, data
-                                     position, per-rank RNG state, file sizes and sha256
+        shard-00001-model-00001-of-00001.safetensors   one file per rank, written by that rank
+        shard-00002-model-00001-of-00001.safetensors   through DCP's HuggingFaceStorageWriter:
+        ...                                            model.<fqn>, optim.<fqn>.<state>, meta.step.rank<r>
+        manifest.json                                  written last, by rank 0
 
-Parameter names are those of the unsplit model, so ``pipelining-seq export`` merges the
-stages into one file that ``GPT.load_state_dict`` takes. Every file is written to a
-temporary name and renamed; the manifest is written by rank 0 only after every stage
-file is in place, so a folder without ``manifest.json`` is an interrupted save and is
-refused (``checkpoint.load=latest`` skips it). A checkpoint of another model or another
-stage layout is refused with the fields that differ. With FSDP2 / tensor parallelism the
-full (unsharded) stage tensors are saved, by the dp_shard=0, tp=0 rank of each stage.
+Every rank writes only its own shard of the state (its pipeline stages, its FSDP2 / tensor
+parallel slices; replicated tensors once), with the offsets DCP records in each file's
+metadata, so a checkpoint loads on another ``data_parallel_shard_degree``,
+``tensor_parallel_degree`` or pipeline layout (DCP reads the slices each rank needs), and bit
+for bit on the same layout. Parameter names are those of the unsplit model, so
+``pipelining-seq export`` gathers them into one file ``GPT.load_state_dict`` takes.
+
+The manifest (step, config, per-rank RNG, optimizer hyper-parameters, size and sha256 of
+every shard) is written after every shard is in place; a folder without it is an
+interrupted save and is never loaded (``checkpoint.load=latest`` skips it). The step is
+cross-checked between the folder name, the manifest and a ``meta.step.rank<r>`` tensor in
+every shard, and a shard the manifest does not list is refused. A checkpoint is never
+written from non-finite weights. With ``checkpoint.async_mode=async`` the shards are
+written by a background thread from a CPU copy and the manifest follows when the write
+finished (at the next save or the end of the run).
 """
 
 from __future__ import annotations
@@ -26,59 +34,61 @@ import logging
 import os
 import re
 import shutil
-import sys
+import time
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 from torch import nn
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_model_state_dict,
-    set_optimizer_state_dict,
-)
+from torch.distributed.checkpoint.api import CheckpointException
 
-from ..models.gpt import GPT, GPTConfig
+from .. import _compat
+from ..models.gpt import GPTConfig
 from .config import JobConfig, to_dict
 from .layout import chunk_lengths, pipeline_layout, resolve_path, schedule_info
 
 __all__ = [
     "CheckpointError",
+    "CheckpointSaveError",
+    "NonFiniteStateError",
     "config_problems",
-    "export",
     "find_checkpoints",
+    "finish_pending",
     "load_checkpoint",
-    "load_exported",
     "read_manifest",
     "resolve_load",
     "save_checkpoint",
+    "start_timeline",
 ]
 
 logger = logging.getLogger(__name__)
 
-FORMAT = "pipelining_seq.checkpoint.v1"
-EXPORT_FORMAT = "pipelining_seq.model.v1"
+FORMAT = "pipelining_seq.checkpoint.v2"
 MANIFEST = "manifest.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+_STEP_KEY = "meta.step.rank"
+_MANIFEST_KEYS = ("format", "step", "model", "files", "config", "world_size", "rng")
 # Model fields that do not change the weights: a checkpoint loads across them.
 _RUNTIME_ONLY = ("attn_backend", "activation_checkpoint")
+# Above this many bytes `validate` checks sizes only; the ranks always check every sha256.
+VALIDATE_SHA256_BYTES = 2 << 30
 
 
 class CheckpointError(ValueError):
-    """A checkpoint that cannot be used (incomplete, corrupt or of another model/layout)."""
+    """A checkpoint that cannot be used (incomplete, corrupt or of another model)."""
+
+
+class CheckpointSaveError(RuntimeError):
+    """Writing a checkpoint failed (full disk, permissions); earlier ones are intact."""
+
+
+class NonFiniteStateError(RuntimeError):
+    """A save was asked for while weights or optimizer state hold NaN/inf."""
 
 
 def step_dir(folder: str, step: int) -> str:
     return os.path.join(folder, f"step-{step:06d}")
-
-
-def stage_file(stage: int, num_stages: int) -> str:
-    return f"stage-{stage:02d}-of-{num_stages:02d}.safetensors"
 
 
 def _sha256(path: str) -> str:
@@ -87,15 +97,6 @@ def _sha256(path: str) -> str:
         for block in iter(lambda: f.read(1 << 22), b""):
             h.update(block)
     return h.hexdigest()
-
-
-def _publish(tmp: str, path: str) -> None:
-    """Rename a finished temporary file into place, with the umask's permissions
-    (safetensors creates files owner-only)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    os.replace(tmp, path)
 
 
 def _atomic_json(obj: Any, path: str) -> None:
@@ -107,10 +108,15 @@ def _atomic_json(obj: Any, path: str) -> None:
     os.replace(tmp, path)
 
 
+def _shards(path: str) -> list[str]:
+    return sorted(n for n in os.listdir(path) if n.endswith(".safetensors"))
+
+
 # --------------------------------------------------------------------------- reading
 def read_manifest(path: str, *, verify: str = "size") -> dict[str, Any]:
     """The manifest of the checkpoint in ``path``; raises :class:`CheckpointError` if it is
-    incomplete or a stage file is missing or differs (``verify``: 'size' or 'sha256')."""
+    incomplete, malformed, of another step, or a shard is missing, extra or differs
+    (``verify``: 'size' checks sizes and each shard's step; 'sha256' also the hashes)."""
     if not os.path.isdir(path):
         raise CheckpointError(f"checkpoint {path} does not exist")
     mpath = os.path.join(path, MANIFEST)
@@ -124,17 +130,59 @@ def read_manifest(path: str, *, verify: str = "size") -> dict[str, Any]:
             manifest = json.load(f)
     except (OSError, json.JSONDecodeError) as e:
         raise CheckpointError(f"checkpoint {path}: unreadable {MANIFEST}: {e}") from None
+    if not isinstance(manifest, dict):
+        raise CheckpointError(f"checkpoint {path}: {MANIFEST} is not a JSON object")
+    if manifest.get("format") == "pipelining_seq.checkpoint.v1":
+        raise CheckpointError(
+            f"checkpoint {path} is in the per-stage format of an earlier pipelining_seq (v1); this version reads "
+            f"{FORMAT} (sharded, torch.distributed.checkpoint): load it with the earlier version and export it"
+        )
     if manifest.get("format") != FORMAT:
         raise CheckpointError(f"checkpoint {path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
-    for name, meta in manifest["files"].items():
+    missing = [k for k in _MANIFEST_KEYS if k not in manifest]
+    if missing:
+        raise CheckpointError(f"checkpoint {path}: {MANIFEST} lacks {missing} (edited or truncated); use another step")
+    step = manifest["step"]
+    m = _STEP_DIR.match(os.path.basename(os.path.normpath(path)))
+    if not isinstance(step, int) or (m and int(m.group(1)) != step):
+        raise CheckpointError(
+            f"checkpoint {path}: {MANIFEST} says step {step!r} but the folder is step {int(m.group(1)) if m else '?'} "
+            "(edited manifest or moved folder); use another step"
+        )
+    files = manifest["files"]
+    if not isinstance(files, dict) or not files:
+        raise CheckpointError(f"checkpoint {path}: {MANIFEST} lists no shard files")
+    extra = sorted(set(_shards(path)) - set(files))
+    if extra:
+        raise CheckpointError(f"checkpoint {path}: shard files {extra} are not in {MANIFEST} (copied in from elsewhere?)")
+    for name, meta in files.items():
         fpath = os.path.join(path, name)
         if not os.path.isfile(fpath):
-            raise CheckpointError(f"checkpoint {path}: stage file {name} is missing")
+            raise CheckpointError(f"checkpoint {path}: shard {name} is missing")
+        if not isinstance(meta, dict) or "bytes" not in meta or "sha256" not in meta:
+            raise CheckpointError(f"checkpoint {path}: {MANIFEST} entry of {name} lacks bytes/sha256")
         if os.path.getsize(fpath) != meta["bytes"]:
             raise CheckpointError(f"checkpoint {path}: {name} has {os.path.getsize(fpath)} bytes, manifest says {meta['bytes']}")
         if verify == "sha256" and _sha256(fpath) != meta["sha256"]:
             raise CheckpointError(f"checkpoint {path}: {name} does not match its sha256 in the manifest (corrupt)")
+        _check_shard_step(path, name, step)
     return manifest
+
+
+def _check_shard_step(path: str, name: str, step: int) -> None:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(os.path.join(path, name), framework="pt") as f:
+            steps = {k: int(f.get_tensor(k).item()) for k in f.keys() if k.startswith(_STEP_KEY)}
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+        raise CheckpointError(f"checkpoint {path}: shard {name} is unreadable ({e})") from None
+    other = {k: s for k, s in steps.items() if s != step}
+    if not steps or other:
+        raise CheckpointError(
+            f"checkpoint {path}: shard {name} is of step {sorted(set(other.values())) or 'unknown'}, the manifest of "
+            f"step {step} (a file from another checkpoint); use another step"
+        )
 
 
 def find_checkpoints(folder: str) -> list[tuple[int, str]]:
@@ -150,26 +198,20 @@ def find_checkpoints(folder: str) -> list[tuple[int, str]]:
 
 
 def _model_diff(saved: dict[str, Any], cfg: JobConfig) -> list[str]:
-    want = cfg.model.__dict__
-    have = GPTConfig(**saved).__dict__
+    want = GPTConfig(**to_dict(cfg)["model"]).__dict__
+    try:
+        have = GPTConfig(**saved).__dict__
+    except (TypeError, ValueError) as e:
+        return [f"unreadable model section ({e})"]
     return [f"model.{k}: checkpoint {have[k]!r}, recipe {want[k]!r}" for k in want if k not in _RUNTIME_ONLY and have[k] != want[k]]
 
 
 def compatibility_problems(manifest: dict[str, Any], cfg: JobConfig, path: str) -> list[str]:
-    """Why the checkpoint at ``path`` cannot be loaded into ``cfg`` (empty if it can)."""
-    problems = []
+    """Why the checkpoint at ``path`` cannot be loaded into ``cfg`` (empty if it can).
+
+    Any pipeline / FSDP2 / tensor-parallel layout loads (DCP reshards); the model must match."""
     diff = _model_diff(manifest["model"], cfg)
-    if diff:
-        problems.append(f"checkpoint {path} holds another model ({'; '.join(diff)})")
-    layout = pipeline_layout(cfg)
-    if manifest["layout"] != layout:
-        saved = manifest["layout"]
-        diff = ", ".join(f"{k}: checkpoint {saved.get(k)}, recipe {layout[k]}" for k in layout if saved.get(k) != layout[k])
-        problems.append(
-            f"checkpoint {path} has another stage layout ({diff}): use the checkpoint's "
-            "parallelism.pipeline_parallel_degree and schedule, or `pipelining-seq export` it to one file"
-        )
-    return problems
+    return [f"checkpoint {path} holds another model ({'; '.join(diff)})"] if diff else []
 
 
 def config_problems(cfg: JobConfig) -> list[str]:
@@ -194,7 +236,10 @@ def config_problems(cfg: JobConfig) -> list[str]:
         try:
             path = resolve_load(cfg)
             if path is not None:
-                problems += [f"checkpoint.load={ck.load!r}: {p}" for p in compatibility_problems(read_manifest(path), cfg, path)]
+                manifest = read_manifest(path)
+                if sum(f["bytes"] for f in manifest["files"].values()) <= VALIDATE_SHA256_BYTES:
+                    manifest = read_manifest(path, verify="sha256")
+                problems += [f"checkpoint.load={ck.load!r}: {p}" for p in compatibility_problems(manifest, cfg, path)]
         except CheckpointError as e:
             problems.append(f"checkpoint.load={ck.load!r}: {e}")
     return problems
@@ -219,6 +264,10 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
+def _world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
@@ -230,6 +279,17 @@ def _all_gather(obj: Any) -> list[Any]:
     out: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def _any(flag: bool) -> bool:
+    """True on every rank when ``flag`` is true on some rank."""
+    if not dist.is_initialized():
+        return flag
+    # NCCL reduces only CUDA tensors; gloo only CPU ones.
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
 
 
 def _rng_state() -> dict[str, str | None]:
@@ -245,63 +305,148 @@ def _set_rng_state(state: dict[str, str | None]) -> None:
         torch.cuda.set_rng_state(dec(state["cuda"]))
 
 
+# ------------------------------------------------------------------------ state dicts
+def _flat_state(parts: Sequence[nn.Module], optimizers: Sequence[torch.optim.Optimizer]):
+    """This rank's sharded state as one flat dict (DTensors where the stage is sharded),
+    and the optimizer state dicts it came from (param groups, to load back into)."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    flat: dict[str, Any] = {}
+    osds = []
+    for part, opt in zip(parts, optimizers):
+        for k, v in get_model_state_dict(part).items():
+            flat[f"model.{k}"] = v
+        osd = get_optimizer_state_dict(part, opt)
+        for fqn, state in osd["state"].items():
+            for key, value in state.items():
+                flat[f"optim.{fqn}.{key}"] = value if isinstance(value, torch.Tensor) else torch.tensor(value)
+        osds.append(osd)
+    return flat, osds
+
+
+def _local(t: Any) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def _all_finite(flat: dict[str, Any]) -> bool:
+    return all(bool(torch.isfinite(_local(v)).all()) for v in flat.values() if _local(v).is_floating_point())
+
+
 # ----------------------------------------------------------------------------- saving
-_FULL = StateDictOptions(full_state_dict=True)
-
-
-def _stage_tensors(part: nn.Module, opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
-    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in get_model_state_dict(part, options=_FULL).items()}
-    osd = get_optimizer_state_dict(part, opt, options=_FULL)
-    for fqn, state in osd["state"].items():
-        for key, value in state.items():
-            tensors[f"optim.{fqn}.{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
-    return tensors, osd["param_groups"]
+_PENDING: dict[str, Any] = {}
 
 
 def save_checkpoint(
     *, cfg: JobConfig, step: int, stage_ids: Sequence[int], parts: Sequence[nn.Module],
     optimizers: Sequence[torch.optim.Optimizer], schedulers: Sequence[Any], writer: bool = True,
+    timeline: dict[str, Any] | None = None,
 ) -> str:
-    """Collective: every rank calls it; ``writer`` ranks write their stages' files.
+    """Collective: every rank calls it and writes its own shard. Returns the step folder.
 
-    Returns the checkpoint folder. A previous checkpoint of the same step is replaced
-    (its manifest is removed first, so it never looks complete while half-written).
+    ``writer`` is accepted for compatibility and ignored (every rank writes). A previous
+    checkpoint of the same step is replaced (its manifest removed first, so it never looks
+    complete while half-written). Raises :class:`NonFiniteStateError` on every rank, writing
+    nothing, if some rank's weights or optimizer state are not finite.
     """
+    finish_pending()  # one save in flight at a time; its manifest is due first
     folder = resolve_path(cfg, cfg.checkpoint.folder)
     path = step_dir(folder, step)
-    layout = pipeline_layout(cfg)
-    n = layout["num_stages"]
+    flat, osds = _flat_state(parts, optimizers)
+    if _any(not _all_finite(flat)):
+        raise NonFiniteStateError(
+            f"not saving the checkpoint of step {step}: weights or optimizer state hold NaN/inf "
+            f"(the last finite checkpoint in {folder} is kept)"
+        )
+    flat[f"{_STEP_KEY}{_rank()}"] = torch.tensor([step], dtype=torch.int64)
     if _rank() == 0:
         if os.path.exists(path):
+            if os.path.exists(os.path.join(path, MANIFEST)):
+                os.remove(os.path.join(path, MANIFEST))
             shutil.rmtree(path)
         os.makedirs(path)
     _barrier()
-    files: dict[str, dict[str, Any]] = {}
-    for s, part, opt, sched in zip(stage_ids, parts, optimizers, schedulers):
-        tensors, groups = _stage_tensors(part, opt)
-        if not writer:
-            continue
-        name = stage_file(s, n)
-        meta = {
-            "format": FORMAT, "stage": str(s), "num_stages": str(n), "step": str(step),
-            "param_groups": json.dumps(groups), "lr_scheduler": json.dumps(sched.state_dict()),
-        }
-        tmp = os.path.join(path, f".{name}.tmp-{os.getpid()}")
-        save_file(tensors, tmp, metadata=meta)
-        _publish(tmp, os.path.join(path, name))
-        files[name] = {"stage": s, "bytes": os.path.getsize(os.path.join(path, name)), "sha256": _sha256(os.path.join(path, name))}
-    gathered = _all_gather({"rank": _rank(), "files": files, "rng": _rng_state()})
+    import torch.distributed.checkpoint as dcp
+
+    t0 = time.perf_counter()
+    storage = dcp.HuggingFaceStorageWriter(path, save_distributed=True)
+    info = {
+        "step": step, "path": path, "folder": folder, "cfg": cfg, "t0": t0, "timeline": timeline,
+        "param_groups": [[{k: v for k, v in g.items() if k != "params"} for g in o["param_groups"]] for o in osds],
+        "lr_scheduler": [s.state_dict() for s in schedulers], "rng": _rng_state(),
+    }
+    if cfg.checkpoint.async_mode == "async" and dist.is_initialized():
+        _PENDING["future"] = dcp.async_save(flat, storage_writer=storage, process_group=_async_group())
+        _PENDING["info"] = info
+        logger.debug("checkpoint step %d: writing in the background", step)
+        return path
+    try:
+        dcp.save(flat, storage_writer=storage)
+    except (Exception, CheckpointException) as e:  # noqa: BLE001 - DCP's wraps every rank's OSError (a BaseException)
+        raise CheckpointSaveError(_save_failure(e, step=step, path=path, folder=folder)) from e
+    _finalize(info)
+    return path
+
+
+def _save_failure(e: BaseException, *, step: int, path: str, folder: str) -> str:
+    text = f"{e} {getattr(e, 'failures', '')}"
+    if "No space left" in text or "ENOSPC" in text or "Errno 28" in text:
+        cause = "no space left on the device"
+        hint = "free space, lower checkpoint.keep_latest_k or move job.dump_folder"
+    elif "Permission denied" in text or "Errno 13" in text or "Read-only" in text:
+        cause = "permission denied"
+        hint = "make checkpoint.folder writable or move job.dump_folder"
+    else:
+        cause = text.strip().splitlines()[-1][:200] if text.strip() else type(e).__name__
+        hint = "see the cause"
+    return (
+        f"saving the checkpoint of step {step} to {path} failed: {cause}; the incomplete folder has no manifest and "
+        f"is never loaded, earlier checkpoints in {folder} are intact; {hint}"
+    )
+
+
+def _async_group():
+    # A group of its own, so the background write's collectives never interleave with the
+    # training's collectives on the default group.
+    if "group" not in _PENDING:
+        _PENDING["group"] = dist.new_group(backend="gloo")
+    return _PENDING["group"]
+
+
+def finish_pending() -> str | None:
+    """Wait for an asynchronous save and write its manifest (collective when one is
+    pending on some rank; every rank calls it at the same points). Returns its folder."""
+    future = _PENDING.pop("future", None)
+    if future is None:
+        return None
+    result = getattr(future, "upload_completion", future)
+    info = _PENDING.pop("info")
+    try:
+        result.result()
+    except (Exception, CheckpointException) as e:  # noqa: BLE001 - see save_checkpoint
+        raise CheckpointSaveError(_save_failure(e, step=info["step"], path=info["path"], folder=info["folder"])) from e
+    _finalize(info)
+    return info["path"]
+
+
+def _finalize(info: dict[str, Any]) -> None:
+    """After every shard is written: hash them (spread over the ranks), then rank 0 writes
+    the manifest and prunes."""
+    path, step, cfg = info["path"], info["step"], info["cfg"]
+    _barrier()
+    names = _shards(path)
+    mine = {n: {"bytes": os.path.getsize(os.path.join(path, n)), "sha256": _sha256(os.path.join(path, n))}
+            for n in names[_rank()::_world()]}
+    gathered = _all_gather({"rank": _rank(), "files": mine, "rng": info["rng"],
+                            "param_groups": info["param_groups"], "lr_scheduler": info["lr_scheduler"]})
     if _rank() == 0:
-        all_files = {k: v for g in gathered for k, v in g["files"].items()}
-        missing = [stage_file(s, n) for s in range(n) if stage_file(s, n) not in all_files]
-        if missing:
-            raise RuntimeError(f"checkpoint at step {step}: no rank wrote {missing}")
+        files = {k: v for g in gathered for k, v in g["files"].items()}
         t = cfg.training
         manifest = {
             "format": FORMAT,
             "step": step,
             "model": to_dict(cfg)["model"],
-            "layout": layout,
+            "layout": pipeline_layout(cfg),
+            "parallelism": {k: v for k, v in to_dict(cfg)["parallelism"].items()},
             "schedule": schedule_info(cfg).name,
             "partition": {"num_seq_chunks": cfg.seq1f1b.num_seq_chunks, "chunk_lengths": chunk_lengths(cfg)},
             "data": {
@@ -311,18 +456,24 @@ def save_checkpoint(
             },
             "world_size": len(gathered),
             "rng": {str(g["rank"]): g["rng"] for g in gathered},
-            "files": all_files,
+            "optimizer": {str(g["rank"]): {"param_groups": g["param_groups"], "lr_scheduler": g["lr_scheduler"]}
+                          for g in gathered},
+            "finite": True,
+            "timeline": info.get("timeline") or {},
+            "files": files,
             "config": to_dict(cfg),
             "torch_version": torch.__version__,
+            "save_seconds": round(time.perf_counter() - info["t0"], 3),
         }
         _atomic_json(manifest, os.path.join(path, MANIFEST))
-        _prune(folder, cfg.checkpoint.keep_latest_k)
+        _prune(info["folder"], cfg.checkpoint.keep_latest_k)
         logger.info("checkpoint step %d -> %s", step, path)
     _barrier()
-    return path
 
 
 def _prune(folder: str, keep: int) -> None:
+    """Keep the newest ``keep`` complete checkpoints. Every checkpoint is finite (a save of
+    non-finite state is refused), so the newest finite one is always among those kept."""
     if keep <= 0:
         return
     for _, old in find_checkpoints(folder)[:-keep]:
@@ -330,94 +481,78 @@ def _prune(folder: str, keep: int) -> None:
         shutil.rmtree(old)
 
 
+def start_timeline(cfg: JobConfig, *, resumed_from: int | None) -> dict[str, Any]:
+    """Begin a timeline in ``checkpoint.folder`` (rank 0 only, before the first save).
+
+    Checkpoints past the resume step (or all of them, on a fresh start) belong to an
+    abandoned timeline: they are moved to ``abandoned-<time>/`` so that neither
+    ``checkpoint.load=latest`` nor pruning confuses them with this run's; nothing is deleted.
+    """
+    folder = resolve_path(cfg, cfg.checkpoint.folder)
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    later = [(s, p) for s, p in find_checkpoints(folder) if resumed_from is None or s > resumed_from]
+    if later:
+        dest = os.path.join(folder, f"abandoned-{stamp}-{os.getpid()}")
+        os.makedirs(dest, exist_ok=True)
+        for _, p in later:
+            os.replace(p, os.path.join(dest, os.path.basename(p)))
+        what = "a fresh start" if resumed_from is None else f"resuming from step {resumed_from}"
+        logger.warning(
+            "%s: checkpoints of steps %s belong to an earlier timeline; moved to %s (latest and pruning ignore them)",
+            what, [s for s, _ in later], dest,
+        )
+    return {"started": stamp, "resumed_from": resumed_from}
+
+
 # ---------------------------------------------------------------------------- loading
 def load_checkpoint(
     path: str, *, cfg: JobConfig, stage_ids: Sequence[int], parts: Sequence[nn.Module],
     optimizers: Sequence[torch.optim.Optimizer], schedulers: Sequence[Any],
 ) -> int:
-    """Restore this rank's stages, optimizers, LR schedulers and RNG; return the step."""
+    """Restore this rank's stages and optimizer state (resharded by DCP when the layout
+    differs), the LR schedule at the checkpoint's step, and the RNG when the layout is the
+    same; return the step. Every shard's sha256 is checked, spread over the ranks."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
     manifest = read_manifest(path)
     problems = compatibility_problems(manifest, cfg, path)
     if problems:
         raise CheckpointError("; ".join(problems))
-    n = manifest["layout"]["num_stages"]
-    for s, part, opt, sched in zip(stage_ids, parts, optimizers, schedulers):
-        fpath = os.path.join(path, stage_file(s, n))
-        if _sha256(fpath) != manifest["files"][stage_file(s, n)]["sha256"]:
-            raise CheckpointError(f"checkpoint {path}: {stage_file(s, n)} does not match its sha256 (corrupt)")
-        tensors = load_file(fpath)
-        with safe_open(fpath, framework="pt") as f:
-            meta = f.metadata()
-        model_sd = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
-        set_model_state_dict(part, model_sd, options=StateDictOptions(full_state_dict=True, strict=True))
-        groups = json.loads(meta["param_groups"])
-        state: dict[str, dict[str, torch.Tensor]] = {}
-        for key, value in tensors.items():
-            if key.startswith("optim."):
-                fqn, name = key[len("optim."):].rsplit(".", 1)
-                state.setdefault(fqn, {})[name] = value
-        set_optimizer_state_dict(part, opt, {"state": state, "param_groups": groups}, options=_FULL)
-        sched.load_state_dict(json.loads(meta["lr_scheduler"]))
-    rng = manifest["rng"].get(str(_rank()))
+    names = sorted(manifest["files"])
+    bad = [n for n in names[_rank()::_world()] if _sha256(os.path.join(path, n)) != manifest["files"][n]["sha256"]]
+    bad = sorted({n for b in _all_gather(bad) for n in b})
+    if bad:
+        raise CheckpointError(f"checkpoint {path}: {bad} do not match their sha256 in the manifest (corrupt); use another step")
+    step = int(manifest["step"])
+    flat, osds = _flat_state(parts, optimizers)
+    try:
+        dcp.load(flat, storage_reader=dcp.HuggingFaceStorageReader(path))
+    except CheckpointException as e:  # a BaseException: make it an error the trainer reports in one line
+        raise CheckpointError(f"checkpoint {path}: loading failed ({str(e).splitlines()[0][:300]})") from e
+    for i, (part, opt) in enumerate(zip(parts, optimizers)):
+        prefix = "model."
+        model_sd = {k[len(prefix):]: v for k, v in flat.items() if k.startswith(prefix) and _owned(k, part)}
+        set_model_state_dict(part, model_sd)
+        osd = osds[i]
+        state = {fqn: {key: flat[f"optim.{fqn}.{key}"] for key in st} for fqn, st in osd["state"].items()}
+        set_optimizer_state_dict(part, opt, {"state": state, "param_groups": osd["param_groups"]})
+    for sched in schedulers:
+        # Built from the *current* recipe and put at the step (the factor is a function of
+        # the step): equal to loading its state when the recipe is unchanged, and a changed
+        # lr / warm-up / decay applies from the resume step when it is not (see resume.py).
+        _compat.set_lr_scheduler_step(sched, step)
+    same_layout = manifest.get("world_size") == _world() and manifest.get("parallelism") == to_dict(cfg)["parallelism"]
+    rng = manifest["rng"].get(str(_rank())) if same_layout else None
     if rng is not None:
         _set_rng_state(rng)
-    return int(manifest["step"])
+    return step
+
+
+def _owned(key: str, part: nn.Module) -> bool:
+    return key[len("model."):] in part.state_dict()
+
 
 
 # ----------------------------------------------------------------------------- export
-def export(path: str, output: str) -> str:
-    """Merge the stages of a checkpoint (a step folder, or a checkpoint folder for its
-    newest) into one safetensors file of the full model; returns the step folder used."""
-    if not os.path.isfile(os.path.join(path, MANIFEST)) and find_checkpoints(path):
-        path = find_checkpoints(path)[-1][1]
-    manifest = read_manifest(path, verify="sha256")
-    merged: dict[str, torch.Tensor] = {}
-    for name in sorted(manifest["files"]):
-        for key, value in load_file(os.path.join(path, name)).items():
-            if key.startswith("model."):
-                merged[key[len("model."):]] = value
-    gpt_cfg = GPTConfig(**manifest["model"])
-    with torch.device("meta"):
-        expected = set(GPT(gpt_cfg).state_dict())
-    if set(merged) != expected:
-        raise CheckpointError(
-            f"checkpoint {path}: stages do not cover the model (missing {sorted(expected - set(merged))[:5]}, "
-            f"unexpected {sorted(set(merged) - expected)[:5]})"
-        )
-    meta = {"format": EXPORT_FORMAT, "model": json.dumps(manifest["model"]), "step": str(manifest["step"])}
-    tmp = f"{output}.tmp-{os.getpid()}"
-    save_file(merged, tmp, metadata=meta)
-    _publish(tmp, output)
-    return path
-
-
-def load_exported(path: str, *, device: str | torch.device = "cpu") -> GPT:
-    """A :class:`GPT` with the weights of an exported file (its config is in the metadata)."""
-    with safe_open(path, framework="pt") as f:
-        meta = f.metadata() or {}
-    if meta.get("format") != EXPORT_FORMAT:
-        raise CheckpointError(f"{path} is not a pipelining_seq model export (format {meta.get('format')!r})")
-    model = GPT(GPTConfig(**json.loads(meta["model"])))
-    model.load_state_dict(load_file(path, device=str(device)))
-    return model.to(device)
-
-
-def add_arguments(parser, *, command: str) -> None:
-    parser.description = "Merge the per-stage files of a checkpoint into one safetensors file of the full model."
-    parser.add_argument("checkpoint", help="a step-NNNNNN folder, or a checkpoint folder (its newest complete step)")
-    parser.add_argument("--output", "-o", required=True, help="the .safetensors file to write")
-
-
-def main(args) -> int:
-    try:
-        used = export(args.checkpoint, args.output)
-    except CheckpointError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    manifest = read_manifest(used)
-    print(
-        f"exported step {manifest['step']} ({manifest['layout']['num_stages']} stages) of {used} to {args.output}; "
-        "load with pipelining_seq.trainer.checkpoint.load_exported(path) or "
-        "GPT(GPTConfig(**cfg)).load_state_dict(safetensors.torch.load_file(path))"
-    )
-    return 0
+# One safetensors file of the whole model: see export.py (kept importable from here).

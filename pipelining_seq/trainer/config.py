@@ -30,6 +30,7 @@ from ..models.gpt import GPTConfig, GPTConfigError
 
 __all__ = [
     "CheckpointConfig",
+    "CommConfig",
     "ConfigError",
     "JobConfig",
     "JobSection",
@@ -94,6 +95,8 @@ class TrainingConfig:
     """auto (cuda when available, else cpu), cpu or cuda. CPU runs use gloo, CUDA runs use nccl."""
     num_threads: int = 0
     """Intra-op threads per process on CPU; 0 means the machine's cores divided by the local processes (at least 1)."""
+    skip_nonfinite_steps: int = 0
+    """A step whose loss or gradient norm is NaN/inf stops the run (naming the step and the value); up to this many such steps are skipped instead (no optimizer update)."""
 
 
 @dataclass(kw_only=True)
@@ -192,7 +195,7 @@ class ProfilingConfig:
 
 @dataclass(kw_only=True)
 class CheckpointConfig:
-    """Per-stage safetensors checkpoints with a JSON manifest written last."""
+    """Sharded checkpoints (torch.distributed.checkpoint, safetensors), a JSON manifest written last."""
 
     enable: bool = False
     """Save checkpoints."""
@@ -204,6 +207,20 @@ class CheckpointConfig:
     """Resume from: null (start fresh), 'latest' (the newest complete checkpoint in folder; fresh start if none) or a path to a step-NNNNNN folder."""
     keep_latest_k: int = 0
     """Keep only the newest k complete checkpoints; 0 keeps all."""
+    async_mode: str = "disabled"
+    """disabled (the step waits for the save) or async (shards are written by a background thread from a CPU copy; the manifest follows at the next save or the end of the run)."""
+    resume_changes: str = "refuse"
+    """On resume, a recipe whose optimizer, lr_scheduler or data settings differ from the checkpoint's: refuse (list them and stop) or apply (train on with the new values from the resume step)."""
+    save_on_signal: bool = True
+    """On SIGINT/SIGTERM, save a checkpoint at the step boundary where the run stops (when checkpoint.enable)."""
+
+
+@dataclass(kw_only=True)
+class CommConfig:
+    """Communication liveness."""
+
+    timeout_s: float = 180.0
+    """Seconds any send/recv or collective may wait before the run stops naming the stage, the peer rank, the step and the unit (also the process-group timeout). Raise it for large models whose first step or checkpoint takes longer."""
 
 
 @dataclass(kw_only=True)
@@ -230,6 +247,8 @@ class JobConfig:
     """Profiler."""
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     """Checkpoints."""
+    comm: CommConfig = field(default_factory=CommConfig)
+    """Liveness."""
 
 
 # ----------------------------------------------------------------------------- docs
@@ -303,9 +322,11 @@ def _merge(base: Any, other: Any, where: str) -> Any:
             f"{where}: unknown key '{e.full_key}'; valid keys of {section}: {', '.join(keys)}"
         ) from None
     except ValidationError as e:
-        raise ConfigError(f"{where}: {e.full_key}: {e.msg.splitlines()[0]}") from None
-    except OmegaConfBaseException as e:
-        raise ConfigError(f"{where}: {e}") from None
+        msg = (e.msg or str(e) or type(e).__name__).splitlines()[0]
+        raise ConfigError(f"{where}: {e.full_key}: {msg}") from None
+    except (OmegaConfBaseException, TypeError, ValueError) as e:
+        # e.g. a tuple field given a list of the wrong length, or a list merged into a section
+        raise ConfigError(f"{where}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
 
 
 def load_config(path: str | None, overrides: Sequence[str] = ()) -> JobConfig:
@@ -321,6 +342,11 @@ def load_config(path: str | None, overrides: Sequence[str] = ()) -> JobConfig:
             raise ConfigError(f"recipe file {path!r} does not exist (see `pipelining-seq ls`)") from None
         except Exception as e:  # noqa: BLE001 - YAML syntax errors come in several types
             raise ConfigError(f"recipe file {path!r} is not valid YAML: {e}") from None
+        if not OmegaConf.is_dict(data):
+            raise ConfigError(
+                f"recipe file {path!r} holds a {type(data).__name__.replace('Config', '').lower() or 'value'}, not "
+                "sections: a recipe maps section names to fields (e.g. 'training:' then '  steps: 100')"
+            )
         cfg = _merge(cfg, data, str(path))
     bad = [o for o in overrides if "=" not in o or o.startswith("=")]
     if bad:
@@ -330,7 +356,15 @@ def load_config(path: str | None, overrides: Sequence[str] = ()) -> JobConfig:
             dot = OmegaConf.from_dotlist(list(overrides))
         except OmegaConfBaseException as e:
             raise ConfigError(f"overrides {list(overrides)}: {e}") from None
-        cfg = _merge(cfg, dot, "override")
+        try:
+            cfg = _merge(cfg, dot, "override")
+        except ConfigError as e:
+            for o in overrides:  # name the override that fails, when the error does not
+                try:
+                    _merge(cfg, OmegaConf.from_dotlist([o]), f"override {o}")
+                except ConfigError as one:
+                    raise ConfigError(str(one).replace(": None:", ":")) from None
+            raise e
     try:
         obj = OmegaConf.to_object(cfg)
     except GPTConfigError as e:  # GPTConfig checks its own shape on construction

@@ -108,11 +108,19 @@ def inspect_dataset(dataset: str, *, dtype: str = "uint16") -> DatasetInfo:
         return DatasetInfo(n_tokens=size, max_token=255, header_bytes=0)
     if dtype not in _DTYPES:
         raise ValueError(f"dtype {dtype!r}: use uint16 or uint32")
+    if os.path.isdir(dataset):
+        raise ValueError(
+            f"{os.path.abspath(dataset)} is a folder, not a token file: give the .bin file inside it "
+            "(training.dataset=path/to/file.bin)"
+        )
     if not os.path.isfile(dataset):
         raise FileNotFoundError(
             f"file {os.path.abspath(dataset)} does not exist: give a token file (make one with "
             "`python -m pipelining_seq.trainer.data text.txt out.bin`) or use training.dataset=builtin"
         )
+    if os.path.getsize(dataset) == 0:
+        raise ValueError(f"{os.path.abspath(dataset)} is empty (0 bytes): give a token file with tokens in it")
+    _refuse_text(dataset)
     header = _header_bytes(dataset, dtype)
     width = torch.tensor([], dtype=_DTYPES[dtype]).element_size()
     body = os.path.getsize(dataset) - header
@@ -122,7 +130,48 @@ def inspect_dataset(dataset: str, *, dtype: str = "uint16") -> DatasetInfo:
         )
     tokens = load_tokens(dataset, dtype=dtype)
     scan = tokens[:_SCAN_TOKENS].to(torch.int64)
+    _check_width(scan, dtype)
     return DatasetInfo(n_tokens=tokens.numel(), max_token=int(scan.max()), header_bytes=header)
+
+
+def _refuse_text(path: str) -> None:
+    """A text file given as token data would train on its bytes read as token ids."""
+    with open(path, "rb") as f:
+        head = f.read(4096)
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        try:  # a multi-byte character cut at the end of the sample
+            text = head[:-4].decode("utf-8")
+        except UnicodeDecodeError:
+            return
+    printable = sum(c.isprintable() or c in "\n\r\t" for c in text)
+    if text and printable >= 0.98 * len(text) and any(c in text for c in " \n"):
+        raise ValueError(
+            f"{os.path.abspath(path)} looks like a text file, not token ids: convert it with "
+            f"`python -m pipelining_seq.trainer.data {path} tokens.bin` and set training.dataset=tokens.bin"
+        )
+
+
+def _check_width(scan: torch.Tensor, dtype: str) -> None:
+    """uint32 ids below 65536 read as uint16 give a 0 in every second token; uint16 ids read
+    as uint32 give ids of billions (no vocabulary has a million tokens)."""
+    if scan.numel() < 64:
+        return
+    if dtype == "uint32":
+        if float((scan >= 1 << 20).float().mean()) > 0.5:
+            raise ValueError(
+                f"most token ids are above a million (largest {int(scan.max())}): this looks like a uint16 token "
+                "file read as uint32; set training.dataset_dtype=uint16"
+            )
+        return
+    n = scan.numel() // 2 * 2
+    low, high = scan[:n:2], scan[1:n:2]
+    if bool((high == 0).all()) and bool((low != 0).any()):
+        raise ValueError(
+            "every second uint16 token is 0: this looks like a uint32 token file read as uint16; "
+            "set training.dataset_dtype=uint32"
+        )
 
 
 def load_tokens(dataset: str, *, dtype: str = "uint16") -> torch.Tensor:

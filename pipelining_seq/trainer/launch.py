@@ -1,16 +1,21 @@
 """``pipelining-seq run | validate | ls``: recipes from the command line.
 
 ``run`` checks the recipe with the requested process count first (so a bad recipe fails
-before any process starts), then runs ``torchrun ... -m pipelining_seq.trainer.train recipe
-key=value ...``. ``validate`` is the same check without processes, ``ls`` lists the
+before any process starts), refuses a ``job.dump_folder`` another run holds, says "nothing to
+do" for a resume at or past ``training.steps``, then runs ``torchrun ... -m
+pipelining_seq.trainer.train recipe key=value ...`` in its own session, tied to this
+process: if the launcher dies torchrun gets SIGKILL (and the ranks, which watch torchrun,
+end); SIGINT/SIGTERM reach the ranks, which stop cleanly at a step boundary. ``validate`` is the same check without processes, ``ls`` lists the
 shipped recipes. A recipe is a YAML path or the name of a file in ``recipes/``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shlex
+import signal
 import subprocess
 import sys
 from importlib import resources
@@ -120,8 +125,13 @@ def main(args) -> int:
         recipe = find_recipe(args.config)
         overrides = _split_extra(args)
         cfg = load_config(recipe, overrides)
-        nproc = args.nproc_per_node or world_size(cfg)
+        nproc = world_size(cfg) if args.nproc_per_node is None else args.nproc_per_node
         nnodes = getattr(args, "nnodes", 1)
+        if nproc < 1 or nnodes < 1:
+            raise ConfigError(
+                f"--nproc-per-node {nproc} --nnodes {nnodes}: both must be at least 1 (omit --nproc-per-node "
+                f"for the recipe's {world_size(cfg)})"
+            )
         validate_config(cfg, world_size=nproc * nnodes)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -131,6 +141,9 @@ def main(args) -> int:
             print(to_yaml(cfg), end="")
         print(f"ok: {recipe}: {_describe(cfg, nproc * nnodes)}")
         return 0
+    early = _before_launch(cfg)
+    if early is not None:
+        return early
     cmd = torchrun_command(
         recipe, overrides, nproc_per_node=nproc, nnodes=nnodes, node_rank=args.node_rank, rdzv_endpoint=args.rdzv_endpoint,
     )
@@ -144,4 +157,79 @@ def main(args) -> int:
     root = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
     print(f"+ {shlex.join(cmd)}", flush=True)
-    return subprocess.call(cmd, env=env)
+    return supervise(cmd, env=env)
+
+
+def _before_launch(cfg: JobConfig) -> int | None:
+    """Refusals and no-ops that need no process: a busy dump folder, nothing left to train."""
+    from . import checkpoint, lock, resume
+
+    busy = lock.holder(cfg.job.dump_folder)
+    if busy is not None:
+        print(f"error: {lock.busy_error(cfg.job.dump_folder, busy)}", file=sys.stderr)
+        return 2
+    path = checkpoint.resolve_load(cfg)
+    if path is not None:
+        done = resume.nothing_to_do(checkpoint.read_manifest(path), cfg, path)
+        if done is not None:
+            print(done)
+            return 0
+    return None
+
+
+def _die_with_parent() -> None:
+    # Runs in the child between fork and exec: torchrun gets SIGKILL when this launcher
+    # dies, even by SIGKILL; the ranks in turn watch torchrun (liveness.py).
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def _rank_pids(parent: int) -> list[int]:
+    """Processes whose parent is ``parent`` (torchrun's workers), from /proc."""
+    pids = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                if int(fields[1]) == parent:
+                    pids.append(int(name))
+            except (OSError, IndexError, ValueError):
+                continue
+    return pids
+
+
+def supervise(cmd: list[str], *, env: dict[str, str]) -> int:
+    """Run torchrun in its own session, tied to this process's life. SIGINT/SIGTERM here are
+    passed to the ranks as SIGTERM (they stop at the next step boundary, save if configured,
+    and print one line); a second one kills them. Returns torchrun's exit code, or 128 +
+    the signal when the run was stopped by one."""
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=_die_with_parent)
+    got: list[int] = []
+
+    def forward(signum: int, frame) -> None:
+        got.append(signum)
+        sig = signal.SIGTERM if len(got) == 1 else signal.SIGKILL
+        for pid in _rank_pids(proc.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        if len(got) > 1:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+
+    old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        while True:
+            try:
+                code = proc.wait()
+                break
+            except InterruptedError:
+                continue
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+    return 128 + got[0] if got else code

@@ -33,11 +33,13 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.pipelining import PipelineStage
 
-from .. import placement
+from .. import agreement, p2p, placement
+from ..agreement import AgreementError
 from ..models.gpt import GPT, cross_entropy_loss, init_weights, split_stage, stage_layer_ranges
 from ..stage import SequencePipelineStage
 from . import checkpoint as ckpt
-from .config import ConfigError, JobConfig, load_config
+from . import guard, liveness, lock, resume
+from .config import ConfigError, JobConfig, load_config, to_dict
 from .data import TokenBatches, load_tokens
 from .layout import chunk_lengths, n_microbatches, resolve_path, schedule_info, seq_partition, stage_ranks
 from .metrics import MetricLogger, StageMemory, build_profiler, device_peak_tflops, model_flops_per_token
@@ -64,6 +66,8 @@ class StepResult:
     """Learning rate the step used."""
     seconds: float
     """Wall time of the step."""
+    verdict: guard.Verdict
+    """The numerical guard's decision: whether the update was applied, whether to stop."""
 
 
 def _device(cfg: JobConfig) -> torch.device:
@@ -111,6 +115,9 @@ class Trainer:
         self.device = _device(cfg)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
+        resume_path = ckpt.resolve_load(cfg)
+        _check_agreement(cfg, start_step=ckpt.read_manifest(resume_path)["step"] if resume_path else 0,
+                         device=self.device)
         self.threads = _set_threads(cfg, self.device)
         self._setup_mesh()
         self.flops_per_token = model_flops_per_token(cfg.model, seq_len=cfg.training.seq_len)
@@ -126,8 +133,12 @@ class Trainer:
             load_tokens(t.dataset, dtype=t.dataset_dtype), seq_len=t.seq_len, global_batch_size=t.local_batch_size * dp,
             seed=t.seed, dp_rank=self.dp_rank, dp_degree=dp,
         )
-        self.start_step = self._resume()
+        self.start_step = self._resume(resume_path)
+        self.timeline = _begin_timeline(cfg, resume_path, self.start_step)
         self._setup_metrics()
+        self.step_guard = guard.StepGuard(
+            skip_budget=t.skip_nonfinite_steps, reporting=self.reporting, device=self.device,
+        )
 
     # ------------------------------------------------------------------------- setup
     def _setup_mesh(self) -> None:
@@ -192,24 +203,17 @@ class Trainer:
         first = stages if info.multi_stage else stages[0]
         return stages, cls(first, n_microbatches=m, loss_fn=cross_entropy_loss, scale_grads=True)
 
-    def _resume(self) -> int:
-        cfg = self.cfg
-        load_path = ckpt.resolve_load(cfg)
-        if self.rank == 0 and cfg.checkpoint.enable and load_path is None:
-            old = [s for s, _ in ckpt.find_checkpoints(resolve_path(cfg, cfg.checkpoint.folder))]
-            if old:
-                logger.warning(
-                    "checkpoint.folder holds steps %s of an earlier run; this run starts fresh and replaces them as it "
-                    "reaches them (checkpoint.load=latest resumes instead)", old,
-                )
+    def _resume(self, load_path: str | None) -> int:
         if load_path is None:
             return 0
+        manifest = ckpt.read_manifest(load_path)
         step = ckpt.load_checkpoint(
-            load_path, cfg=cfg, stage_ids=self.stage_ids, parts=self.parts, optimizers=self.optimizers,
+            load_path, cfg=self.cfg, stage_ids=self.stage_ids, parts=self.parts, optimizers=self.optimizers,
             schedulers=self.schedulers,
         )
         if self.rank == 0:
             logger.info("resumed from %s at step %d", load_path, step)
+            resume.report(manifest, self.cfg)
         return step
 
     def _setup_metrics(self) -> None:
@@ -252,15 +256,16 @@ class Trainer:
             )
         return losses
 
-    def optimizer_step(self) -> tuple[torch.Tensor, float]:
-        """Clip by the pipeline-wide norm, step every stage's optimizer and LR schedule."""
-        grad_norm = clip_grad_norm_(self.params, self.cfg.training.max_norm, pp_group=self.pp_group)
+    def optimizer_step(self, *, update: bool) -> float:
+        """Step every stage's optimizer (unless the guard skips this update) and LR schedule;
+        returns the learning rate the step used."""
         lr = float(self.optimizers[0].param_groups[0]["lr"])
         for opt, sched in zip(self.optimizers, self.schedulers):
-            opt.step()
+            if update:
+                opt.step()
             opt.zero_grad(set_to_none=True)
             sched.step()
-        return grad_norm, lr
+        return lr
 
     def global_loss(self, losses: list[torch.Tensor]) -> torch.Tensor | None:
         """The mean loss of the global batch on ranks with the last stage (None elsewhere)."""
@@ -272,15 +277,21 @@ class Trainer:
         return loss
 
     def train_step(self, step: int, *, measure: bool = False) -> StepResult:
-        """One optimizer step on the batch of ``step``."""
+        """One optimizer step on the batch of ``step``; a non-finite loss or gradient norm is
+        caught by the guard before any weight changes."""
         x, y = self.batches.batch(step)
         t0 = time.perf_counter()
+        p2p.note(step=step)  # named by timeout messages
         losses = self.forward_backward(x, y, measure=measure)
-        grad_norm, lr = self.optimizer_step()
+        grad_norm = clip_grad_norm_(self.params, self.cfg.training.max_norm, pp_group=self.pp_group)
         loss = self.global_loss(losses)
+        verdict = self.step_guard.check(
+            step=step, loss=loss, grad_norm=grad_norm, stop_requested=liveness.stop_requested()
+        )
+        lr = self.optimizer_step(update=verdict.update)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        return StepResult(loss=loss, grad_norm=grad_norm, lr=lr, seconds=time.perf_counter() - t0)
+        return StepResult(loss=loss, grad_norm=grad_norm, lr=lr, seconds=time.perf_counter() - t0, verdict=verdict)
 
     def log(self, step: int, result: StepResult, *, steps: int, seconds: float) -> str:
         """Progress line and TensorBoard scalars over the last ``steps`` steps (collective over pp)."""
@@ -300,22 +311,26 @@ class Trainer:
         self.peak_memory = peak
         return self.metric_log.log(step, scalars, peak)
 
-    def maybe_save(self, step: int) -> None:
+    def maybe_save(self, step: int, *, stopping: bool = False) -> None:
+        """Save at every ``checkpoint.interval``, the last step, and a signalled stop when asked to."""
         ck = self.cfg.checkpoint
-        if ck.enable and (step % ck.interval == 0 or step == self.cfg.training.steps):
+        due = step % ck.interval == 0 or step == self.cfg.training.steps
+        if ck.enable and (due or (stopping and ck.save_on_signal)):
             ckpt.save_checkpoint(
                 cfg=self.cfg, step=step, stage_ids=self.stage_ids, parts=self.parts, optimizers=self.optimizers,
-                schedulers=self.schedulers, writer=self.dp_rank == 0 and self.tp_rank == 0,
+                schedulers=self.schedulers, timeline=self.timeline,
             )
 
     # --------------------------------------------------------------------------- loop
     def train(self) -> dict[str, Any]:
         """Train to ``training.steps``; returns this rank's record: ``losses`` (per step, on
-        ranks with the last stage), ``grad_norms``, ``start_step``, ``log_lines`` and
-        ``peak_memory`` (at the last log step)."""
+        ranks with the last stage), ``grad_norms``, ``start_step``, ``log_lines``,
+        ``peak_memory`` (at the last log step) and ``stopped`` (the step a signal stopped at)."""
         cfg, start = self.cfg, self.start_step
         total = cfg.training.steps
-        record: dict[str, Any] = {"losses": [], "grad_norms": [], "start_step": start, "log_lines": [], "peak_memory": {}}
+        record: dict[str, Any] = {
+            "losses": [], "grad_norms": [], "start_step": start, "log_lines": [], "peak_memory": {}, "stopped": None,
+        }
         window_time, window_steps = 0.0, 0
         kill_at = int(os.environ.get(KILL_ENV, "0") or 0)
         with self.profiler as prof:
@@ -333,12 +348,22 @@ class Trainer:
                     if line:
                         record["log_lines"].append(line)
                     window_time, window_steps = 0.0, 0
-                self.maybe_save(step)
+                self.maybe_save(step, stopping=result.verdict.stop)
                 prof.step()
                 if step == kill_at:
                     logger.warning("%s=%d: killing rank %d", KILL_ENV, kill_at, self.rank)
                     os.kill(os.getpid(), signal.SIGKILL)
+                if result.verdict.stop:
+                    record["stopped"] = step
+                    break
+        ckpt.finish_pending()
         self.metric_log.close()
+        if record["stopped"] is not None:
+            if self.rank == 0:
+                saved = " (checkpoint saved)" if cfg.checkpoint.enable and cfg.checkpoint.save_on_signal else ""
+                logger.warning("stopped by %s after step %d%s", liveness.stop_signal() or "a signal on another rank",
+                               record["stopped"], saved)
+            return record
         if self.reporting and record["losses"]:
             logger.info("done: loss %.4f -> %.4f over steps %d..%d", record["losses"][0], record["losses"][-1], start + 1, total)
         return record
@@ -347,7 +372,39 @@ class Trainer:
 def train(cfg: JobConfig) -> dict[str, Any]:
     """Run ``cfg`` on the initialised default process group; returns this rank's record
     (see :meth:`Trainer.train`)."""
+    done = _nothing_to_do(cfg)
+    if done is not None:
+        if dist.get_rank() == 0:
+            logger.info("%s", done)
+        return {"losses": [], "grad_norms": [], "start_step": cfg.training.steps, "log_lines": [], "peak_memory": {},
+                "stopped": None, "nothing_to_do": done}
     return Trainer(cfg).train()
+
+
+def _nothing_to_do(cfg: JobConfig) -> str | None:
+    path = ckpt.resolve_load(cfg)
+    return resume.nothing_to_do(ckpt.read_manifest(path), cfg, path) if path is not None else None
+
+
+def _begin_timeline(cfg: JobConfig, load_path: str | None, start_step: int) -> dict[str, Any]:
+    """Rank 0 moves checkpoints of an abandoned timeline aside (see checkpoint.start_timeline)."""
+    timeline: dict[str, Any] = {}
+    if cfg.checkpoint.enable and dist.get_rank() == 0:
+        timeline = ckpt.start_timeline(cfg, resumed_from=start_step if load_path is not None else None)
+    dist.barrier()
+    return timeline
+
+
+def _check_agreement(cfg: JobConfig, *, start_step: int, device: torch.device) -> None:
+    """Every rank runs the same recipe from the same step (one small collective, before
+    any stage is built or any checkpoint read)."""
+    d = to_dict(cfg)
+    fields = {k: d[k] for k in ("model", "parallelism", "seq1f1b", "training", "optimizer", "lr_scheduler")}
+    fields.update(
+        start_step=start_step, n_microbatches=n_microbatches(cfg), chunk_lengths=chunk_lengths(cfg),
+        stage_ranks=stage_ranks(cfg), world_size=dist.get_world_size(),
+    )
+    agreement.check(fields, what="recipe", device=device)
 
 
 def _gather_memory(key: str, nbytes: int, pp_group) -> dict[str, int]:
@@ -385,12 +442,33 @@ def main(argv: list[str] | None = None) -> int:
 
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1")
     backend = "nccl" if _device(cfg).type == "cuda" else "gloo"
-    dist.init_process_group(backend, timeout=timedelta(minutes=10))
+    liveness.install(timeout_s=cfg.comm.timeout_s, watch_parent="TORCHELASTIC_RUN_ID" in os.environ)
+    p2p.set_timeout(cfg.comm.timeout_s)
+    dist.init_process_group(backend, timeout=timedelta(seconds=cfg.comm.timeout_s))
+    code = 0
     try:
-        train(cfg)
+        with lock.hold_for_job(cfg.job.dump_folder, command=" ".join(sys.argv)):
+            train(cfg)
+    except (lock.FolderBusyError, ckpt.CheckpointError, ConfigError, AgreementError) as e:
+        if rank == 0:
+            logger.error("error: %s", e)
+        code = 2
+    except (guard.NonFiniteError, ckpt.NonFiniteStateError, ckpt.CheckpointSaveError) as e:
+        if rank == 0:
+            logger.error("error: %s", e)
+        code = 3
+    except Exception as e:  # noqa: BLE001 - one line per rank instead of a traceback per rank
+        logger.error("error: %s", liveness.describe_failure(e, where=p2p.context()))
+        logger.debug("traceback", exc_info=True)
+        code = 1
     finally:
-        dist.destroy_process_group()
-    return 0
+        if code == 0:
+            dist.destroy_process_group()
+    if code:
+        # A failed rank may leave peers mid-collective; tearing the group down would wait on them.
+        logging.shutdown()
+        os._exit(code)
+    return code
 
 
 if __name__ == "__main__":

@@ -23,10 +23,14 @@ def validate_config(cfg: JobConfig, *, world_size: int | None = None) -> None:
     ``world_size`` (when known) must equal pp * dp_shard * tp.
     """
     errors: list[str] = []
-    for check in (_check_training, _check_optimizer, _check_parallelism, _check_outputs):
+    from . import preflight
+
+    for check in (_check_training, _check_optimizer, _check_parallelism, _check_outputs, preflight.field_problems):
         errors += check(cfg, world_size)
     if not errors:  # these read the combination, so they need the basics right
         errors += _check_seq1f1b(cfg) + _check_checkpoint(cfg)
+    if not errors:
+        errors += preflight.machine_problems(cfg)
     if errors:
         raise ConfigError(errors)
 

@@ -88,6 +88,17 @@ def _calibrate_main(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_sizes(args: argparse.Namespace) -> None:
+    from .plan import parse_bytes
+
+    if args.gpus is not None and args.gpus < 1:
+        raise ValueError(f"--gpus {args.gpus}: must be at least 1 (or omit it for pp * dp_shard * tp)")
+    if parse_bytes(args.gpu_memory) <= 0:
+        raise ValueError(f"--gpu-memory {args.gpu_memory}: must be positive (e.g. 80GB)")
+    if parse_bytes(args.reserve) < 0:
+        raise ValueError(f"--reserve {args.reserve}: must be >= 0")
+
+
 def main(args: argparse.Namespace) -> int:
     if args.calibrate:
         return _calibrate_main(args)
@@ -98,10 +109,12 @@ def main(args: argparse.Namespace) -> int:
         print("error: give a recipe (or --calibrate)")
         return 2
     try:
+        _check_sizes(args)
         cfg = load_config(find_recipe(args.recipe), list(args.overrides) + list(getattr(args, "extra", []) or []))
         plan = plan_from_config(cfg, gpus=args.gpus, gpu_memory=args.gpu_memory, reserve=args.reserve)
     except (ConfigError, ValueError) as e:
-        print(f"error: {e}")
+        # validate_config speaks of the trainer's --nproc-per-node; plan's knob is --gpus.
+        print(f"error: {str(e).replace('--nproc-per-node', '--gpus')}")
         return 2
     print(json.dumps(plan_to_dict(plan), indent=1) if args.json else format_plan(plan))
     return 0 if plan.fits else 1
