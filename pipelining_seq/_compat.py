@@ -37,6 +37,8 @@ __all__ = [
     "wait_batch_p2p",
     "peer_global_rank",
     "single_schedule_order",
+    "OP_TYPES",
+    "SDPA_C",
 ]
 
 TORCH_VERSION = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
@@ -54,6 +56,12 @@ add_send_recv = _schedules._add_send_recv
 validate_schedule = _schedules._validate_schedule
 simulate_comms_compute = _schedules._simulate_comms_compute
 format_pipeline_order = _schedules._format_pipeline_order
+
+# Attention guard (pipelining_seq.guard): the types of ``torch.ops`` callables, which
+# reach a TorchFunctionMode as themselves, and SDPA's C entry point (the same kernel as
+# F.scaled_dot_product_attention, reachable without going through F).
+OP_TYPES = (torch._ops.OpOverload, torch._ops.OpOverloadPacket)
+SDPA_C = torch._C._nn.scaled_dot_product_attention
 
 _INIT_TAKES_TARGET = "target" in inspect.signature(
     _schedules.PipelineScheduleSingle._initialize_stage

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import itertools
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -38,18 +41,24 @@ class _LayerKV:
     # backward runs (LIFO order guarantees they are complete by then).
     dk: list[torch.Tensor | None] = field(default_factory=list)
     dv: list[torch.Tensor | None] = field(default_factory=list)
+    # Document ids of each chunk's tokens ([batch, len] integers), None without masking.
+    ids: list[torch.Tensor | None] = field(default_factory=list)
+    # The blockwise backend's tiles of each chunk (kept for its backward).
+    plan: list[Any] = field(default_factory=list)
 
-    def store(self, j: int, k: torch.Tensor, v: torch.Tensor) -> None:
+    def store(self, j: int, k: torch.Tensor, v: torch.Tensor, ids: torch.Tensor | None = None) -> None:
         if j == len(self.k):
             self.k.append(k)
             self.v.append(v)
             self.dk.append(None)
             self.dv.append(None)
+            self.ids.append(ids)
+            self.plan.append(None)
         else:
-            self.k[j], self.v[j] = k, v
+            self.k[j], self.v[j], self.ids[j] = k, v, ids
 
     def release(self, j: int) -> None:
-        self.k[j] = self.v[j] = self.dk[j] = self.dv[j] = None
+        self.k[j] = self.v[j] = self.dk[j] = self.dv[j] = self.ids[j] = self.plan[j] = None
 
     def nbytes(self) -> int:
         seen: set[int] = set()
@@ -72,6 +81,10 @@ class KVCache:
 
     def __init__(self) -> None:
         self._mbs: dict[int, dict[int, _LayerKV]] = {}
+        # A compiled graph's attention op finds the cache again by this number (an op
+        # takes tensors and scalars, not Python objects).
+        self.token = next(_TOKENS)
+        _CACHES[self.token] = self
 
     def layer(self, microbatch: int, layer_key: int) -> _LayerKV:
         return self._mbs.setdefault(microbatch, {}).setdefault(layer_key, _LayerKV())
@@ -91,6 +104,17 @@ class KVCache:
 
     def __len__(self) -> int:
         return len(self._mbs)
+
+
+_TOKENS = itertools.count(1)
+_CACHES: weakref.WeakValueDictionary[int, KVCache] = weakref.WeakValueDictionary()
+
+
+def cache_by_token(token: int) -> KVCache:
+    cache = _CACHES.get(token)
+    if cache is None:
+        raise ContractError(f"K/V cache {token} no longer exists: a chunk's backward ran after its stage was freed")
+    return cache
 
 
 @dataclass(frozen=True)
@@ -118,6 +142,14 @@ _CURRENT: contextvars.ContextVar[ChunkContext | None] = contextvars.ContextVar(
 )
 
 
+class _UnitFlag:
+    """Whether a unit is running, as a plain class attribute: torch.compile reads it while
+    tracing and guards on it (a context variable it cannot trace), so a compiled block
+    has one graph for inside units and one for outside."""
+
+    active: bool = False
+
+
 def current_chunk() -> ChunkContext | None:
     """The unit being run, or None outside a Seq1F1B stage."""
     return _CURRENT.get()
@@ -126,9 +158,12 @@ def current_chunk() -> ChunkContext | None:
 @contextlib.contextmanager
 def chunk_context(ctx: ChunkContext | None) -> Iterator[ChunkContext | None]:
     token = _CURRENT.set(ctx)
+    before = _UnitFlag.active
+    _UnitFlag.active = ctx is not None
     try:
         yield ctx
     finally:
+        _UnitFlag.active = before
         _CURRENT.reset(token)
 
 
