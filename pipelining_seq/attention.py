@@ -38,8 +38,9 @@ Outside a pipeline all backends are plain causal (block-causal with ``document_i
 
 from __future__ import annotations
 
+import itertools
 import math
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -53,6 +54,8 @@ from .guard import allow_attention
 __all__ = ["ChunkedCausalAttention", "flash_attn_available"]
 
 Backend = Literal["auto", "blockwise", "sdpa", "flash"]
+
+_LAYER_KEYS = itertools.count(1)
 
 try:  # optional dependency
     from flash_attn import flash_attn_func as _flash_attn_func
@@ -177,6 +180,20 @@ class ChunkedCausalAttention(nn.Module):
             )
         self.backend = backend
         self.scale = scale
+        self._new_key()
+
+    def _new_key(self) -> None:
+        # The key of this layer's entries in the K/V cache. The compiled path takes it as
+        # a CPU tensor that is no buffer: torch.compile then treats it as a graph input
+        # (an int attribute would be a constant, one graph per layer), and .to(device)
+        # leaves it alone.
+        self._key = next(_LAYER_KEYS)
+        self._key_t = torch.tensor(self._key)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # A deep copy is another layer: it gets its own key.
+        super().__setstate__(state)
+        self._new_key()
 
     def extra_repr(self) -> str:
         return f"backend={self.backend}"
@@ -217,13 +234,13 @@ class ChunkedCausalAttention(nn.Module):
                 )
         return q.shape[1] // k.shape[1]
 
-    def _whole(self, q, k, v, ids, scale, groups):
-        with allow_attention():
-            if ids is None:
-                return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=groups > 1)
-            return F.scaled_dot_product_attention(
-                q, k, v, attn_mask=document_mask(ids, ids), scale=scale, enable_gqa=groups > 1
-            )
+    @staticmethod
+    def _whole(q, k, v, ids, scale, groups):
+        if ids is None:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=groups > 1)
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=document_mask(ids, ids), scale=scale, enable_gqa=groups > 1
+        )
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                 document_ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -240,12 +257,12 @@ class ChunkedCausalAttention(nn.Module):
                     f"ChunkedCausalAttention(backend={self.backend!r}) cannot run under torch.compile "
                     "inside a Seq1F1B unit: use backend='auto' or 'blockwise'"
                 )
-            return compiled_chunk_attention(q, k, v, document_ids, id(self), scale, groups)[0]
+            return compiled_chunk_attention(q, k, v, document_ids, self._key_t, scale, groups)[0]
         ctx = current_chunk()
         if ctx is None:
             return self._whole(q, k, v, document_ids, scale, groups)
         with allow_attention():
-            _, kv, j = unit_layer(q, id(self))
+            _, kv, j = unit_layer(q, self._key)
             if j and (document_ids is None) != (kv.ids[0] is None):
                 raise ContractError(
                     f"ChunkedCausalAttention: chunk {j} of micro-batch {ctx.microbatch} got "

@@ -214,15 +214,16 @@ def unit_layer(q: torch.Tensor, layer_key: int) -> tuple[Any, _LayerKV, int]:
 @torch.library.custom_op("pipelining_seq::chunk_attention", mutates_args=())
 def compiled_chunk_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, document_ids: torch.Tensor | None,
-    layer_key: int, scale: float, groups: int,
+    layer_key: torch.Tensor, scale: float, groups: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(out, lse, meta) of the running unit's chunk; meta = (cache token, micro-batch, chunk)."""
+    """(out, lse, meta) of the running unit's chunk; meta = (cache token, micro-batch, chunk, layer)."""
+    key = int(layer_key)
     with allow_attention():
-        ctx, kv, j = unit_layer(q, layer_key)
+        ctx, kv, j = unit_layer(q, key)
         ids = None if document_ids is None else document_ids.clone()
         kv.store(j, k.detach().clone(), v.detach().clone(), ids)
         out, lse = forward_tiles(q, kv, j, scale, groups)
-    meta = torch.tensor([ctx.cache.token, ctx.microbatch, j], dtype=torch.int64)
+    meta = torch.tensor([ctx.cache.token, ctx.microbatch, j, key], dtype=torch.int64)
     return out.contiguous(), lse.contiguous(), meta
 
 
@@ -232,33 +233,33 @@ def _(q, k, v, document_ids, layer_key, scale, groups):
     return (
         q.new_empty((b, h, lq, v.shape[-1])),
         q.new_empty((b, h, lq), dtype=kernels.work_dtype(q.dtype)),
-        q.new_empty((3,), dtype=torch.int64, device="cpu"),
+        q.new_empty((4,), dtype=torch.int64, device="cpu"),
     )
 
 
 @torch.library.custom_op("pipelining_seq::chunk_attention_backward", mutates_args=())
 def _compiled_backward(
     dout: torch.Tensor, q: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, meta: torch.Tensor,
-    layer_key: int, scale: float, groups: int, kv_heads: int, v_head_dim: int,
+    scale: float, groups: int, kv_heads: int, v_head_dim: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    token, mb, j = (int(x) for x in meta.tolist())
-    kv = cache_by_token(token).layer(mb, layer_key)
+    token, mb, j, key = (int(x) for x in meta.tolist())
+    kv = cache_by_token(token).layer(mb, key)
     with allow_attention():
         dq, dk, dv = backward_tiles(dout.contiguous(), q, out, lse, kv, j, scale, groups)
     return dq.contiguous(), dk.contiguous(), dv.contiguous()
 
 
 @_compiled_backward.register_fake
-def _(dout, q, out, lse, meta, layer_key, scale, groups, kv_heads, v_head_dim):
+def _(dout, q, out, lse, meta, scale, groups, kv_heads, v_head_dim):
     b, _, lq, d = q.shape
     return q.new_empty(q.shape), q.new_empty((b, kv_heads, lq, d)), q.new_empty((b, kv_heads, lq, v_head_dim))
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, _, layer_key, scale, groups = inputs
+    q, k, v, _, _, scale, groups = inputs
     out, lse, meta = output
     ctx.save_for_backward(q, out, lse, meta)
-    ctx.args = (layer_key, scale, groups, k.shape[1], v.shape[-1])
+    ctx.args = (scale, groups, k.shape[1], v.shape[-1])
 
 
 def _backward(ctx, dout, _dlse, _dmeta):

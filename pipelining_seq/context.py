@@ -171,8 +171,13 @@ def chunk_positions(seq_len: int, device: torch.device | str | None = None) -> t
     """Absolute positions of the current chunk's tokens, for RoPE or learned positions.
 
     Inside a Seq1F1B stage this is ``arange(offset, offset + seq_len)``; outside it is
-    ``arange(seq_len)``.
+    ``arange(seq_len)``. Under ``torch.compile`` inside a unit it is an opaque op that
+    reads the unit when the graph runs (one graph serves every chunk).
     """
+    if torch.compiler.is_compiling():
+        if not _UnitFlag.active:
+            return torch.arange(seq_len, device=device)
+        return _positions_op(seq_len, torch.device(device if device is not None else "cpu"))
     ctx = _CURRENT.get()
     if ctx is None:
         return torch.arange(seq_len, device=device)
@@ -183,3 +188,13 @@ def chunk_positions(seq_len: int, device: torch.device | str | None = None) -> t
             "sequence dimension the stage received"
         )
     return torch.arange(ctx.offset, ctx.offset + seq_len, device=device)
+
+
+@torch.library.custom_op("pipelining_seq::chunk_positions", mutates_args=())
+def _positions_op(seq_len: int, device: torch.device) -> torch.Tensor:
+    return chunk_positions(seq_len, device)
+
+
+@_positions_op.register_fake
+def _(seq_len, device):
+    return torch.empty(seq_len, dtype=torch.int64, device=device)

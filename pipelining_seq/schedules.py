@@ -6,16 +6,27 @@ batches, cuts them into ``n_microbatches`` along dim 0 and each micro-batch into
 :mod:`pipelining_seq.schedule_ir`).
 
 Loss weighting. The loss function is called once per unit, on the chunk's outputs and
-targets. With ``loss_reduction="mean"`` (the default when ``scale_grads=True``: a
-per-token mean such as ``cross_entropy``) chunk j's loss is weighted by
-``len_j / seq_len``, so the k weighted chunk losses sum to the micro-batch's token mean
-whatever the chunk lengths, gradients are divided by ``n_microbatches`` at the end, and
-``losses`` receives one entry per micro-batch equal to what ``Schedule1F1B`` reports.
-With ``loss_reduction="sum"`` (the default when ``scale_grads=False``: a loss that adds
-over tokens, such as ``cross_entropy(reduction="sum")`` or torchtitan's
-``sum / global_tokens``) chunk losses are used as they are, gradients are not rescaled,
-and each micro-batch's reported loss is the sum of its chunks' losses, again what
-``Schedule1F1B`` reports.
+targets (:mod:`pipelining_seq.losses`). Two modes:
+
+``loss_reduction="mean"`` (the default when ``scale_grads=True``: a per-token mean such
+as ``cross_entropy``). Chunk j's loss is weighted by its share of the micro-batch's
+counted targets: with integer targets, the number of targets ``!= ignore_index`` in
+chunk j over the micro-batch's number (``ignore_index=-100`` by default, as in
+``F.cross_entropy``; prompt masking and padding are exact); with other targets, or when
+no target is ignored, ``len_j / seq_len``. The weighted chunk losses then sum to the
+micro-batch's mean over counted targets for any chunk lengths and any masking,
+gradients are divided by ``n_microbatches`` at the end, and ``losses`` receives one
+entry per micro-batch equal to what ``Schedule1F1B`` reports. A chunk with no counted
+target adds nothing; a micro-batch with none gives what the loss function gives on it
+(NaN for ``cross_entropy``), as under ``Schedule1F1B``. This is exact for a loss that is
+a mean over counted targets; a mean of something else (a per-sequence mean, a mean
+with per-class weights) is not a weighted sum of chunk means and needs ``"sum"`` mode.
+
+``loss_reduction="sum"`` (the default when ``scale_grads=False``: a loss that adds over
+tokens, such as ``cross_entropy(reduction="sum")`` or torchtitan's
+``sum / global_tokens``). Chunk losses are used as they are, gradients are not
+rescaled, and each micro-batch's reported loss is the sum of its chunks' losses, again
+what ``Schedule1F1B`` reports. Masked targets need nothing special here.
 """
 
 from __future__ import annotations
@@ -32,6 +43,7 @@ from torch.profiler import record_function
 from torch.utils._pytree import tree_map
 
 from . import _compat, schedule_ir
+from .losses import chunk_loss_weights, weight_chunk_loss
 from .partition import SeqPartition, resolve_partition
 from .stage import SequencePipelineStage
 
@@ -59,6 +71,8 @@ class ScheduleSeq1F1B(PipelineScheduleSingle):
             the chunk lengths down the pipeline at the start of every step.
         loss_reduction: ``"mean"`` or ``"sum"``; how chunk losses combine (module docs).
             Defaults to ``"mean"`` if ``scale_grads`` else ``"sum"``.
+        ignore_index: target value that does not count in ``"mean"`` mode (integer
+            targets); None counts every target. Must match the loss function's.
         early_recv: post each forward's activation receive one unit ahead, so the
             transfer overlaps the current unit's compute. Seq1F1B has k times as many
             receives as 1F1B, and a receive posted after its data arrived costs a few
@@ -80,6 +94,7 @@ class ScheduleSeq1F1B(PipelineScheduleSingle):
         seq_len: int | None = None,
         loss_reduction: Literal["mean", "sum"] | None = None,
         early_recv: bool | None = None,
+        ignore_index: int | None = -100,
         args_chunk_spec: Any = None,
         kwargs_chunk_spec: Any = None,
         output_merge_spec: Any = None,
@@ -100,6 +115,11 @@ class ScheduleSeq1F1B(PipelineScheduleSingle):
                 f"ScheduleSeq1F1B(n_seq_chunks={n_seq_chunks}) needs a SequencePipelineStage "
                 f"(got {type(stage).__name__}): build the stage with "
                 "pipelining_seq.SequencePipelineStage(...), same arguments"
+            )
+        if ignore_index is not None and (isinstance(ignore_index, bool) or not isinstance(ignore_index, int)):
+            raise TypeError(
+                f"ScheduleSeq1F1B: ignore_index={ignore_index!r} must be an int (the target value "
+                "the loss ignores, -100 for F.cross_entropy) or None"
             )
         if loss_reduction not in (None, "mean", "sum"):
             raise ValueError(f"loss_reduction={loss_reduction!r}: use 'mean' or 'sum'")
@@ -124,6 +144,8 @@ class ScheduleSeq1F1B(PipelineScheduleSingle):
         self._seq_len = seq_len
         self._loss_reduction = loss_reduction or ("mean" if scale_grads else "sum")
         self._early_recv = early_recv
+        self._ignore_index = ignore_index
+        self._unit_weights: list[float] | None = None
         self._fwd_recv_work: dict[int, list] = {}
         self._lengths: list[int] = []
         super().__init__(
@@ -244,11 +266,14 @@ class ScheduleSeq1F1B(PipelineScheduleSingle):
             self._stage.configure_seq_chunks(
                 n_microbatches=self._n_real_microbatches, chunk_lengths=self._lengths
             )
-        return (
-            self._units(arg_mbs, seq_len),
-            self._units(kwarg_mbs, seq_len),
-            self._units(target_mbs, seq_len) if target_mbs is not None else None,
-        )
+        target_units = self._units(target_mbs, seq_len) if target_mbs is not None else None
+        self._unit_weights = None
+        if (self._stage.is_last and self._loss_fn is not None and target_units is not None
+                and self._loss_reduction == "mean" and self._n_seq_chunks > 1):
+            self._unit_weights = chunk_loss_weights(
+                target_units, n_chunks=self._n_seq_chunks, lengths=self._lengths, ignore_index=self._ignore_index,
+            )
+        return self._units(arg_mbs, seq_len), self._units(kwarg_mbs, seq_len), target_units
 
     # ------------------------------------------------------------------------ step
     def step(
@@ -321,7 +346,11 @@ class ScheduleSeq1F1B(PipelineScheduleSingle):
         if stage.is_last and self._loss_fn is not None:
             loss = self._loss_fn(output, target_mbs[mb_index], **(loss_kwargs or {}))
             if self._loss_reduction == "mean" and self._n_seq_chunks > 1:
-                loss = loss * (self._lengths[mb_index % self._n_seq_chunks] / sum(self._lengths))
+                weights = self._unit_weights
+                weight = weights[mb_index] if weights is not None else (
+                    self._lengths[mb_index % self._n_seq_chunks] / sum(self._lengths)
+                )
+                loss = weight_chunk_loss(loss, output, weight)
             self._internal_losses.append(loss)
 
     def _update_losses(self, stages, losses):

@@ -8,6 +8,8 @@ Differences from torch's ``PipelineStage`` (same constructor, plus ``activation_
   (micro-batch, chunk, offset, length) to the layers, backward included so that
   activation-checkpoint recomputation sees the same chunk;
 * backwards must come in reverse chunk order within a micro-batch (enforced);
+* while a unit of a step cut into more than one chunk runs, attention kernels not
+  called by ``ChunkedCausalAttention`` raise ``ContractError`` (:mod:`pipelining_seq.guard`);
 * a micro-batch's K/V cache is freed once its chunk 0 has run backward, or after its
   last chunk's forward when there is no backward; nothing stays cached after a step.
 """
@@ -23,6 +25,7 @@ from torch.distributed.pipelining import PipelineStage
 
 from . import _compat
 from .context import ChunkContext, KVCache, chunk_context
+from .guard import chunked_unit
 
 __all__ = ["SequencePipelineStage"]
 
@@ -106,6 +109,9 @@ class SequencePipelineStage(PipelineStage):
             super()._validate_stage_tensors(desc, expected, actual)
 
     # ------------------------------------------------------------------- execution
+    def _where(self, ctx: ChunkContext, what: str) -> str:
+        return f"stage {self.stage_index}'s {what} of micro-batch {ctx.microbatch}, chunk {ctx.chunk}"
+
     def forward_one_chunk(
         self,
         fwd_chunk_id: int,
@@ -118,7 +124,7 @@ class SequencePipelineStage(PipelineStage):
         ctx = self.unit_context(fwd_chunk_id)
         self._unit = fwd_chunk_id
         try:
-            with chunk_context(ctx):
+            with chunk_context(ctx), chunked_unit(n_chunks=ctx.n_chunks, where=self._where(ctx, "forward")):
                 out = super().forward_one_chunk(fwd_chunk_id, args, kwargs, save_forward_output)
         finally:
             self._unit = None
@@ -146,7 +152,7 @@ class SequencePipelineStage(PipelineStage):
             )
         self._unit = bwd_chunk_id
         try:
-            with chunk_context(ctx):
+            with chunk_context(ctx), chunked_unit(n_chunks=ctx.n_chunks, where=self._where(ctx, "backward")):
                 out = super().backward_one_chunk(bwd_chunk_id, loss, full_backward, last_backward)
         finally:
             self._unit = None
