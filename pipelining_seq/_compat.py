@@ -60,7 +60,7 @@ format_pipeline_order = _schedules._format_pipeline_order
 # Attention guard (pipelining_seq.guard): the types of ``torch.ops`` callables, which
 # reach a TorchFunctionMode as themselves, and SDPA's C entry point (the same kernel as
 # F.scaled_dot_product_attention, reachable without going through F).
-OP_TYPES = (torch._ops.OpOverload, torch._ops.OpOverloadPacket)
+OP_TYPES = (torch._ops.OpOverload, torch._ops.OpOverloadPacket, torch._ops.HigherOrderOperator)
 SDPA_C = torch._C._nn.scaled_dot_product_attention
 
 _INIT_TAKES_TARGET = "target" in inspect.signature(

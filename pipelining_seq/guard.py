@@ -16,6 +16,7 @@ unit arrives through one of the refused calls.
 from __future__ import annotations
 
 import contextlib
+import re
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -62,6 +63,8 @@ def allow_attention() -> Iterator[None]:
 
 
 def _name(func: Any) -> str:
+    if isinstance(func, _OP_TYPES):
+        return f"torch.ops.{func}"
     return getattr(func, "__qualname__", None) or getattr(func, "__name__", None) or str(func)
 
 
@@ -73,13 +76,30 @@ class _AttentionGuard(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         if func in _WATCHED or (isinstance(func, _OP_TYPES) and any(w in str(func) for w in _OP_WORDS)):
             if not _allowed():
-                raise ContractError(
+                msg = (
                     f"{_name(func)} called inside {self.where} of a step cut into sequence chunks: "
                     "a chunk would attend only to itself and the result would be silently wrong. "
                     "Call pipelining_seq.ChunkedCausalAttention()(q, k, v) for causal attention "
                     "(document_ids=... for packed documents), or use n_seq_chunks=1"
                 )
+                raise ContractError(msg)
         return func(*args, **(kwargs or {}))
+
+
+_MARK = "of a step cut into sequence chunks"
+_QUOTED = re.compile(r"ContractError\(['\"](.*?" + _MARK + r".*?)['\"]\)", re.S)
+
+
+def _refusal_in(e: BaseException | None) -> str | None:
+    seen = 0
+    while e is not None and seen < 8:
+        if isinstance(e, ContractError) and _MARK in str(e):
+            return str(e)
+        found = _QUOTED.search(str(e))
+        if found:
+            return found.group(1)
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return None
 
 
 @contextlib.contextmanager
@@ -88,5 +108,13 @@ def chunked_unit(*, n_chunks: int, where: str) -> Iterator[None]:
     if n_chunks <= 1:
         yield
         return
-    with _AttentionGuard(where):
-        yield
+    try:
+        with _AttentionGuard(where):
+            yield
+    except Exception as e:
+        # Eager flex attention runs through torch.compile, which reports the refusal
+        # inside its own error type; give the caller the refusal.
+        refused = None if isinstance(e, ContractError) else _refusal_in(e)
+        if refused is not None:
+            raise ContractError(refused) from e
+        raise

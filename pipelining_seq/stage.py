@@ -24,7 +24,7 @@ import torch
 from torch.distributed.pipelining import PipelineStage
 
 from . import _compat
-from .context import ChunkContext, KVCache, chunk_context
+from .context import ChunkContext, ContractError, KVCache, chunk_context
 from .guard import chunked_unit
 
 __all__ = ["SequencePipelineStage"]
@@ -126,6 +126,12 @@ class SequencePipelineStage(PipelineStage):
         try:
             with chunk_context(ctx), chunked_unit(n_chunks=ctx.n_chunks, where=self._where(ctx, "forward")):
                 out = super().forward_one_chunk(fwd_chunk_id, args, kwargs, save_forward_output)
+        except RuntimeError as e:
+            # torch wraps forward errors in a generic RuntimeError; a broken contract is
+            # the user's to see as such.
+            if isinstance(e.__cause__, ContractError):
+                raise e.__cause__ from None
+            raise
         finally:
             self._unit = None
         if ctx.chunk == ctx.n_chunks - 1 and not (self.has_backward and torch.is_grad_enabled()):
