@@ -97,6 +97,8 @@ class ModelConfig:
     """ChunkedCausalAttention backend: auto, blockwise, sdpa or flash (flash needs CUDA and flash-attn)."""
     activation_checkpoint: bool = False
     """Recompute each transformer block in backward (saves activation memory, costs one more forward)."""
+    compile: bool = False
+    """torch.compile each transformer block (fullgraph=True, inductor); exact under Seq1F1B (attention runs as an opaque op). CPU needs a C++ compiler."""
 
     def to_gpt_config(self) -> GPTConfig:
         """The ``GPTConfig`` this section describes (raises ValueError on bad shapes)."""
@@ -127,6 +129,8 @@ class TrainingConfig:
     """auto (cuda when available, else cpu), cpu or cuda. CPU runs use gloo, CUDA runs use nccl."""
     num_threads: int = 0
     """Intra-op threads per process on CPU; 0 means the machine's cores divided by the local processes (at least 1)."""
+    document_masking: bool = False
+    """Pack the builtin corpus's documents (paragraphs) with an end-of-document separator, as torchtitan packs samples, and keep attention within each document (block-causal, exact across Seq1F1B chunks). Builtin dataset only."""
 
 
 @dataclass(kw_only=True)

@@ -35,13 +35,13 @@ from torch import nn
 from torch.distributed.pipelining import PipelineStage
 from torch.distributed.pipelining.schedules import get_schedule_class
 
-from ..models.gpt import GPT, cross_entropy_loss, split_stage, stage_layer_ranges
+from ..models.gpt import GPT, cross_entropy_loss, document_ids_from_tokens, split_stage, stage_layer_ranges
 from ..partition import balanced_partition
 from ..schedules import ScheduleSeq1F1B
 from ..stage import SequencePipelineStage
 from . import checkpoint as ckpt
 from .config import ConfigError, JobConfig, load_config
-from .data import TokenBatches, load_tokens
+from .data import DOCUMENT_SEPARATOR, TokenBatches, load_tokens
 from .metrics import MetricLogger, StageMemory, build_profiler, device_peak_tflops, model_flops_per_token
 from .validation import (
     chunk_lengths,
@@ -164,6 +164,8 @@ def _build_parts(cfg: JobConfig, stage_ids: list[int], *, device: torch.device, 
         part = split_stage(full, s, num_stages)
         part.to_empty(device=device)
         init_weights(part, seed=cfg.training.seed, n_layers=gpt_cfg.n_layers)
+        if gpt_cfg.compile:
+            part.compile_blocks()
         if mesh is not None:
             from pipelining_seq.parallel import parallelize_stage
 
@@ -272,7 +274,7 @@ def train(cfg: JobConfig) -> dict[str, Any]:
     dp = cfg.parallelism.data_parallel_shard_degree
     t = cfg.training
     batches = TokenBatches(
-        load_tokens(t.dataset, dtype=t.dataset_dtype), seq_len=t.seq_len, global_batch_size=t.local_batch_size * dp,
+        load_tokens(t.dataset, dtype=t.dataset_dtype, document_masking=t.document_masking), seq_len=t.seq_len, global_batch_size=t.local_batch_size * dp,
         seed=t.seed, dp_rank=dp_rank, dp_degree=dp,
     )
     start_step = 0
@@ -315,6 +317,9 @@ def train(cfg: JobConfig) -> dict[str, Any]:
     with profiler as prof:
         for step in range(start_step + 1, t.steps + 1):
             x, y = batches.batch(step)
+            # Packed documents: every stage gets the ids (attention needs them on each).
+            doc_kw = {"document_ids": document_ids_from_tokens(x, eos_id=DOCUMENT_SEPARATOR).to(device)} \
+                if t.document_masking else {}
             log_now = step % cfg.metrics.log_freq == 0 or step in (start_step + 1, t.steps)
             losses: list[torch.Tensor] = []
             t0 = time.perf_counter()
@@ -324,7 +329,7 @@ def train(cfg: JobConfig) -> dict[str, Any]:
                     losses=losses if has_last else None,
                     # Merged logits are never used here; keeping them would hold every unit's
                     # full-vocabulary output until the end of the step.
-                    return_outputs=False,
+                    return_outputs=False, **doc_kw,
                 )
             grad_norm = clip_grad_norm_(params, t.max_norm, pp_group=pp_group)
             lr = float(optimizers[0].param_groups[0]["lr"])
