@@ -8,8 +8,9 @@ Differences from torch's ``PipelineStage`` (same constructor, plus ``activation_
   (micro-batch, chunk, offset, length) to the layers, backward included so that
   activation-checkpoint recomputation sees the same chunk;
 * backwards must come in reverse chunk order within a micro-batch (enforced);
-* while a unit of a step cut into more than one chunk runs, attention kernels not
-  called by ``ChunkedCausalAttention`` raise ``ContractError`` (:mod:`pipelining_seq.guard`);
+* in a step cut into more than one chunk, attention kernels not called by
+  ``ChunkedCausalAttention`` raise ``ContractError`` (:mod:`pipelining_seq.guard`; watched:
+  the first forward of each step and every forward of a chunk length not seen before);
 * a micro-batch's K/V cache is freed once its chunk 0 has run backward, or after its
   last chunk's forward when there is no backward; nothing stays cached after a step.
 """
@@ -51,6 +52,8 @@ class SequencePipelineStage(PipelineStage):
         self._offsets: list[int] = []
         self._next_bwd_chunk: dict[int, int] = {}
         self._unit: int | None = None
+        # Chunk lengths whose forward ran under the attention guard (see _guarded).
+        self._guarded_lengths: set[int] = set()
 
     # ------------------------------------------------------------------ configuration
     def configure_seq_chunks(self, *, n_microbatches: int, chunk_lengths: Sequence[int]) -> None:
@@ -112,6 +115,19 @@ class SequencePipelineStage(PipelineStage):
     def _where(self, ctx: ChunkContext, what: str) -> str:
         return f"stage {self.stage_index}'s {what} of micro-batch {ctx.microbatch}, chunk {ctx.chunk}"
 
+    def _guarded(self, unit: int, ctx: ChunkContext) -> int:
+        """How many chunks the guard should assume for this forward (1 = no guard).
+
+        A TorchFunctionMode costs a Python call per torch call, so the guard watches the
+        first forward of every step and every forward whose chunk length it has not seen
+        yet (a model that attends by itself does so on every such unit); the other units,
+        and the backward recomputation of forwards already watched, run without it.
+        """
+        if ctx.n_chunks <= 1 or (unit != 0 and ctx.length in self._guarded_lengths):
+            return 1
+        self._guarded_lengths.add(ctx.length)
+        return ctx.n_chunks
+
     def forward_one_chunk(
         self,
         fwd_chunk_id: int,
@@ -124,7 +140,8 @@ class SequencePipelineStage(PipelineStage):
         ctx = self.unit_context(fwd_chunk_id)
         self._unit = fwd_chunk_id
         try:
-            with chunk_context(ctx), chunked_unit(n_chunks=ctx.n_chunks, where=self._where(ctx, "forward")):
+            guard = self._guarded(fwd_chunk_id, ctx)
+            with chunk_context(ctx), chunked_unit(n_chunks=guard, where=self._where(ctx, "forward")):
                 out = super().forward_one_chunk(fwd_chunk_id, args, kwargs, save_forward_output)
         except RuntimeError as e:
             # torch wraps forward errors in a generic RuntimeError; a broken contract is
@@ -158,7 +175,7 @@ class SequencePipelineStage(PipelineStage):
             )
         self._unit = bwd_chunk_id
         try:
-            with chunk_context(ctx), chunked_unit(n_chunks=ctx.n_chunks, where=self._where(ctx, "backward")):
+            with chunk_context(ctx):
                 out = super().backward_one_chunk(bwd_chunk_id, loss, full_backward, last_backward)
         finally:
             self._unit = None
