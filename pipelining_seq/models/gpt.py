@@ -156,7 +156,7 @@ class Block(nn.Module):
         self.feed_forward = MLP(cfg)
 
     def forward(self, x: torch.Tensor, document_ids: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.attention(self.attention_norm(x), document_ids)
+        x = x + self.attention(self.attention_norm(x), document_ids=document_ids)
         return x + self.feed_forward(self.ffn_norm(x))
 
 
@@ -205,9 +205,10 @@ class GPT(nn.Module):
             h = self.tok_embeddings(h)
         for block in self.layers.values():
             if self.config.activation_checkpoint and torch.is_grad_enabled():
-                h = checkpoint(block, h, document_ids, use_reentrant=False)
+                h = checkpoint(block, h, document_ids=document_ids, use_reentrant=False)
             else:
-                h = block(h, document_ids)
+                # By keyword: tensor parallelism's input plans count positional inputs.
+                h = block(h, document_ids=document_ids)
         if self.norm is not None:
             h = self.norm(h)
         if self.output is not None:
