@@ -39,6 +39,7 @@ __all__ = [
     "single_schedule_order",
     "OP_TYPES",
     "SDPA_C",
+    "has_compiled_module",
 ]
 
 TORCH_VERSION = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
@@ -62,6 +63,19 @@ format_pipeline_order = _schedules._format_pipeline_order
 # F.scaled_dot_product_attention, reachable without going through F).
 OP_TYPES = (torch._ops.OpOverload, torch._ops.OpOverloadPacket, torch._ops.HigherOrderOperator)
 SDPA_C = torch._C._nn.scaled_dot_product_attention
+
+
+
+def has_compiled_module(module: torch.nn.Module) -> bool:
+    """Whether ``module`` or a submodule runs through torch.compile (``Module.compile()``
+    sets the private ``_compiled_call_impl``; ``torch.compile(module)`` wraps it)."""
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    return any(
+        isinstance(m, OptimizedModule) or getattr(m, "_compiled_call_impl", None) is not None
+        for m in module.modules()
+    )
+
 
 _INIT_TAKES_TARGET = "target" in inspect.signature(
     _schedules.PipelineScheduleSingle._initialize_stage

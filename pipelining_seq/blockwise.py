@@ -105,7 +105,9 @@ def forward_tiles(q: torch.Tensor, kv: _LayerKV, j: int, scale: float, groups: i
     work = kernels.work_dtype(q.dtype)
     dv = kv.v[j].shape[-1]
     lse = torch.full((b, h, lq), float("-inf"), dtype=work, device=q.device)
-    acc = torch.zeros((b, h, lq, dv), dtype=work, device=q.device)
+    # [b, lq, h, dv] in memory, as the fused kernels return it: the caller's
+    # transpose(1, 2).reshape for the output projection is then a view, not a copy.
+    acc = torch.zeros((b, lq, h, dv), dtype=work, device=q.device).transpose(1, 2)
     for t in plan:
         r = slice(t.r0, t.r1)
         qt = q if (t.r0, t.r1) == (0, lq) else q[:, :, r].contiguous()

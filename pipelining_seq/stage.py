@@ -54,6 +54,7 @@ class SequencePipelineStage(PipelineStage):
         self._unit: int | None = None
         # Chunk lengths whose forward ran under the attention guard (see _guarded).
         self._guarded_lengths: set[int] = set()
+        self._compiled = False
 
     # ------------------------------------------------------------------ configuration
     def configure_seq_chunks(self, *, n_microbatches: int, chunk_lengths: Sequence[int]) -> None:
@@ -62,6 +63,7 @@ class SequencePipelineStage(PipelineStage):
         self._lengths = list(chunk_lengths)
         self._offsets = [sum(self._lengths[:j]) for j in range(self._n_chunks)]
         self._n_microbatches = n_microbatches
+        self._compiled = _compat.has_compiled_module(self.submod)
 
     def unit_context(self, unit: int, *, recompute: bool = False) -> ChunkContext:
         mb, j = divmod(unit, self._n_chunks)
@@ -121,9 +123,14 @@ class SequencePipelineStage(PipelineStage):
         A TorchFunctionMode costs a Python call per torch call, so the guard watches the
         first forward of every step and every forward whose chunk length it has not seen
         yet (a model that attends by itself does so on every such unit); the other units,
-        and the backward recomputation of forwards already watched, run without it.
+        and the backward recomputation of forwards already watched, run without it. A
+        stage with compiled modules is watched on every forward: torch.compile traces the
+        mode into the graph (no per-call cost) and keys its graphs on whether a mode is
+        pushed, so switching it on and off would double them.
         """
-        if ctx.n_chunks <= 1 or (unit != 0 and ctx.length in self._guarded_lengths):
+        if ctx.n_chunks <= 1:
+            return 1
+        if not self._compiled and unit != 0 and ctx.length in self._guarded_lengths:
             return 1
         self._guarded_lengths.add(ctx.length)
         return ctx.n_chunks
