@@ -65,13 +65,10 @@ LAYOUTS = {
 }
 
 
-@pytest.mark.parametrize("backend", ["blockwise", "sdpa"])
+@pytest.mark.parametrize("backend,tile", [("blockwise", 256), ("blockwise", 3), ("sdpa", 256)])
 @pytest.mark.parametrize("lengths", [[24], [6, 6, 6, 6], [11, 7, 4, 2], [1, 22, 1]])
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
-@pytest.mark.parametrize("tile", [256, 3])
-def test_documents_equal_block_causal(backend, lengths, layout, tile, monkeypatch):
-    if backend == "sdpa" and tile != 256:
-        pytest.skip("tiles are a blockwise detail")
+def test_documents_equal_block_causal(backend, tile, lengths, layout, monkeypatch):
     monkeypatch.setattr(blockwise, "TILE", tile)
     ids = ids_from_lengths(*LAYOUTS[layout])
     q, k, v, g = make()
