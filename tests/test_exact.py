@@ -110,6 +110,11 @@ def test_document_ids_from_tokens_and_eos_model():
     explicit.load_state_dict(with_eos.state_dict())
     torch.testing.assert_close(with_eos(tokens), explicit(tokens, document_ids=document_ids_from_tokens(tokens, eos_id=0)))
     assert not torch.allclose(with_eos(tokens), explicit(tokens))
+    from pipelining_seq import ChunkContext, KVCache
+    from pipelining_seq.context import chunk_context
+
+    with chunk_context(ChunkContext(0, 0, 2, 0, 7, KVCache())), pytest.raises(ContractError, match="inside a sequence"):
+        with_eos(tokens)
 
 
 class SelfAttending(nn.Module):

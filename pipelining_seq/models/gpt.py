@@ -191,11 +191,12 @@ class GPT(nn.Module):
         if document_ids is not None or eos is None:
             return document_ids
         ctx = current_chunk()
-        if self.tok_embeddings is None or (ctx is not None and ctx.n_chunks > 1):
+        chunked = ctx is not None and ctx.n_chunks > 1
+        if self.tok_embeddings is None or chunked:
+            where = "inside a sequence chunk" if chunked else "on a stage without the embedding"
             raise ContractError(
-                f"GPT(eos_id={eos}) got no document_ids {'on a stage without the embedding' if ctx is None or ctx.n_chunks == 1 else 'inside a sequence chunk'}: "
-                "ids must be built on whole sequences; pass document_ids=document_ids_from_tokens(tokens, "
-                "eos_id=...) to step() on every stage"
+                f"GPT(eos_id={eos}) got no document_ids {where}: ids must be built on whole sequences; pass "
+                "document_ids=document_ids_from_tokens(tokens, eos_id=...) to step() on every stage"
             )
         return document_ids_from_tokens(tokens, eos_id=eos)
 
