@@ -206,14 +206,22 @@ def test_matrix(world):
             check(res, last=rank == world - 1)
 
 
+COMPILED = {
+    2: dict(m=2, k=3, batch=2, seq=18, docs="crossing", targets="prompt", partition=(7, 6, 5), compile=True,
+            eval=True),
+    3: dict(m=2, k=3, batch=2, seq=18, docs="at_boundary", targets="padded", compile=True,
+            model=dict(activation_checkpoint=True, v_head_dim=12)),
+}
+
+
 @pytest.mark.slow
-def test_compiled_blocks_two_ranks():
-    # torch.compile(block, fullgraph=True) on CPU (inductor), float64, documents and masked targets.
-    cfg = dict(m=2, k=3, batch=2, seq=18, docs="crossing", targets="prompt", partition=(7, 6, 5),
-               compile=True, eval=True)
-    results = run_ranks(exact_worker, 2, [cfg], timeout_s=900)
+@pytest.mark.parametrize("world", sorted(COMPILED))
+def test_compiled_blocks(world):
+    # torch.compile(block, fullgraph=True) on CPU (inductor), float64: documents, masked targets, eval;
+    # activation checkpointing and an MLA value head size on 3 ranks.
+    results = run_ranks(exact_worker, world, [COMPILED[world]], timeout_s=900)
     for rank, (res,) in enumerate(results):
-        check(res, last=rank == 1)
+        check(res, last=rank == world - 1)
 
 
 @pytest.mark.slow
