@@ -207,3 +207,13 @@ def test_bfloat16_documents_close():
     assert (out.double() - ref_out).abs().max() < 3e-2
     for a, b in zip(grads, ref_grads):
         assert (a.double() - b).abs().max() / b.abs().max() < 3e-2
+
+
+def test_bench_documents_smoke(tmp_path):
+    from pipelining_seq.tools.bench import documents
+
+    ids = documents.random_documents(2, 64, 5, seed=0)
+    assert ids.shape == (2, 64) and all(int(r.max()) == 4 for r in ids)
+    rows = documents.run(seq_len=64, chunks=4, docs=4, batch=1, heads=2, kv_heads=1, head_dim=8, v_head_dim=4,
+                         dtype=torch.float32, device=torch.device("cpu"), repeats=1, warmup=0, seed=0)
+    assert [r["variant"] for r in rows] == ["causal (no documents)", "4 documents"] and rows[0]["vs_causal"] == 1

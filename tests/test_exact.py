@@ -237,3 +237,32 @@ def test_document_masking_recipe_trains_on_two_cpu_ranks(tmp_path):
         assert losses == pytest.approx(ref, rel=1e-4, abs=1e-4), name
     # The masks matter: the same packed stream without them gives another curve.
     assert max(abs(a - b) for a, b in zip(unmasked, ref)) > 1e-3
+
+
+def test_packed_builtin_corpus():
+    from pipelining_seq.trainer.data import DOCUMENT_SEPARATOR, builtin_documents, load_tokens, pack_documents
+
+    assert pack_documents([b"ab", b"c"], separator=0) == b"ab\x00c\x00"
+    with pytest.raises(ValueError, match="separator"):
+        pack_documents([b"a\x00b"], separator=0)
+    docs = builtin_documents()
+    packed = load_tokens("builtin", document_masking=True)
+    assert int((packed == DOCUMENT_SEPARATOR).sum()) == len(docs) > 100
+    ids = document_ids_from_tokens(packed[None, :4096].long(), eos_id=DOCUMENT_SEPARATOR)
+    assert int(ids.max()) >= 5  # several documents per 4096-token window
+    with pytest.raises(ValueError, match="document_masking=true needs training.dataset=builtin"):
+        load_tokens("some.bin", document_masking=True)
+
+
+def test_document_masking_recipe_validation():
+    from train_workers import DOCUMENTS_RECIPE
+
+    from pipelining_seq.trainer.config import ConfigError, load_config
+    from pipelining_seq.trainer.validation import validate_config
+
+    cfg = load_config(DOCUMENTS_RECIPE)
+    assert cfg.training.document_masking and not cfg.model.compile
+    assert cfg.model.to_gpt_config().compile is False
+    validate_config(cfg, world_size=2)
+    with pytest.raises(ConfigError, match="training.document_masking=true needs training.dataset=builtin"):
+        validate_config(load_config(DOCUMENTS_RECIPE, ["training.dataset=tokens.bin"]), world_size=2)
