@@ -51,7 +51,7 @@ from .blockwise import BlockwiseChunkAttention, compiled_chunk_attention, unit_l
 from .context import ContractError, _LayerKV, _UnitFlag, current_chunk
 from .guard import allow_attention
 
-__all__ = ["ChunkedCausalAttention", "flash_attn_available"]
+__all__ = ["ChunkedCausalAttention", "check_document_ids", "flash_attn_available"]
 
 Backend = Literal["auto", "blockwise", "sdpa", "flash"]
 
@@ -70,6 +70,19 @@ def flash_attn_available() -> bool:
 
 def _pad_last(t: torch.Tensor, size: int) -> torch.Tensor:
     return t if t.shape[-1] == size else F.pad(t, (0, size - t.shape[-1]))
+
+
+def check_document_ids(ids: object, *, batch: int | None = None, what: str = "document_ids") -> None:
+    """Raise ContractError unless ``ids`` is an integer tensor [batch, seq]."""
+    if not isinstance(ids, torch.Tensor) or ids.dtype.is_floating_point or ids.dtype.is_complex \
+            or ids.dtype == torch.bool:
+        got = ids.dtype if isinstance(ids, torch.Tensor) else type(ids).__name__
+        raise ContractError(f"{what} must be an integer tensor [batch, seq], got {got}")
+    if ids.dim() != 2 or (batch is not None and ids.shape[0] != batch):
+        raise ContractError(
+            f"{what} has shape {tuple(ids.shape)}, expected [batch, seq]"
+            + (f" with batch {batch} (the inputs')" if batch is not None else "")
+        )
 
 
 def document_mask(ids_q: torch.Tensor, ids_k: torch.Tensor) -> torch.Tensor:
@@ -220,12 +233,7 @@ class ChunkedCausalAttention(nn.Module):
                 f"k/v's {k.shape[1]} (grouped-query attention needs n_heads % n_kv_heads == 0)"
             )
         if ids is not None:
-            if not isinstance(ids, torch.Tensor) or ids.dtype.is_floating_point or ids.dtype.is_complex \
-                    or ids.dtype == torch.bool:
-                raise ContractError(
-                    "ChunkedCausalAttention: document_ids must be an integer tensor [batch, seq], got "
-                    f"{type(ids).__name__ if not isinstance(ids, torch.Tensor) else ids.dtype}"
-                )
+            check_document_ids(ids, what="ChunkedCausalAttention: document_ids")
             if tuple(ids.shape) != (q.shape[0], q.shape[2]):
                 raise ContractError(
                     f"ChunkedCausalAttention: document_ids has shape {tuple(ids.shape)}, expected "

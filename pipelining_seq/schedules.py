@@ -43,6 +43,7 @@ from torch.profiler import record_function
 from torch.utils._pytree import tree_map
 
 from . import _compat, schedule_ir
+from .attention import check_document_ids
 from .losses import chunk_loss_weights, weight_chunk_loss
 from .partition import SeqPartition, resolve_partition
 from .stage import SequencePipelineStage
@@ -307,6 +308,10 @@ class ScheduleSeq1F1B(PipelineScheduleSingle):
                     raise ValueError(f"step(): {name} has {len(mbs)} entries, expected n_microbatches={m}")
             seq_len = self._local_seq_len(arg_mbs[0], kwarg_mbs[0], target_mbs[0] if target_mbs else None)
         else:
+            if "document_ids" in kwargs:  # checked here, before any communication
+                first = next((a for a in args if isinstance(a, torch.Tensor)), None)
+                check_document_ids(kwargs["document_ids"], batch=None if first is None else first.shape[0],
+                                   what="step(document_ids=...)")
             tensors = [t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)]
             self._split_batch(tensors, "input")
             if isinstance(target, torch.Tensor):

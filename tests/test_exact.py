@@ -96,8 +96,11 @@ def test_bad_input_errors():
     x, y = make_batch(2, 16)
     with pytest.raises(ValueError, match="disagree on the sequence length"):
         sched.step(x, target=y, document_ids=torch.zeros(2, 15, dtype=torch.long))
-    with pytest.raises(ContractError, match="integer tensor"):
+    with pytest.raises(ContractError, match=r"step\(document_ids=...\) must be an integer tensor"):
         sched.step(x, target=y, document_ids=torch.zeros(2, 16))
+    with pytest.raises(ContractError, match=r"shape \(1, 16\), expected \[batch, seq\] with batch 2"):
+        sched.step(x, target=y, document_ids=torch.zeros(1, 16, dtype=torch.long))
+    assert all(p.grad is None for p in stage.submod.parameters())
 
 
 def test_document_ids_from_tokens_and_eos_model():
