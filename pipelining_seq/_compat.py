@@ -57,6 +57,9 @@ __all__ = [
     "check_overrides",
     "default_group",
     "local_tensor",
+    "OP_TYPES",
+    "SDPA_C",
+    "has_compiled_module",
 ]
 
 TORCH_VERSION = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
@@ -80,6 +83,25 @@ add_send_recv = _schedules._add_send_recv
 validate_schedule = _schedules._validate_schedule
 simulate_comms_compute = _schedules._simulate_comms_compute
 format_pipeline_order = _schedules._format_pipeline_order
+
+# Attention guard (pipelining_seq.guard): the types of ``torch.ops`` callables, which
+# reach a TorchFunctionMode as themselves, and SDPA's C entry point (the same kernel as
+# F.scaled_dot_product_attention, reachable without going through F).
+OP_TYPES = (torch._ops.OpOverload, torch._ops.OpOverloadPacket, torch._ops.HigherOrderOperator)
+SDPA_C = torch._C._nn.scaled_dot_product_attention
+
+
+
+def has_compiled_module(module: torch.nn.Module) -> bool:
+    """Whether ``module`` or a submodule runs through torch.compile (``Module.compile()``
+    sets the private ``_compiled_call_impl``; ``torch.compile(module)`` wraps it)."""
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    return any(
+        isinstance(m, OptimizedModule) or getattr(m, "_compiled_call_impl", None) is not None
+        for m in module.modules()
+    )
+
 
 _INIT_TAKES_TARGET = "target" in inspect.signature(
     _schedules.PipelineScheduleSingle._initialize_stage

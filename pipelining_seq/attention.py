@@ -1,4 +1,4 @@
-"""Causal attention that runs exactly over sequence chunks.
+"""Causal attention that runs exactly over sequence chunks, with packed documents.
 
 ``ChunkedCausalAttention`` is the one module a model needs to become Seq1F1B-ready.
 Inside a Seq1F1B stage, chunk j's queries attend to the cached K/V of chunks 0..j-1 of
@@ -7,121 +7,89 @@ detached data, and the gradients chunk j computes for them are kept in the cache
 chunk i's own backward adds them in: each unit's autograd graph is independent, which
 is what lets the pipeline runtime call backward once per unit.
 
+With ``document_ids`` (``[batch, seq]`` integers, one id per token; packed documents),
+a token attends to earlier-or-equal tokens of its own document only, cached chunks
+included (the cache keeps their ids). ``v`` may have a different head size than ``q``
+and ``k`` (MLA), and fewer heads than ``q`` (grouped-query attention), on every backend.
+
 Backends:
 
-``blockwise`` (default where torch has a fused kernel returning the logsumexp)
-    Attention over each earlier chunk without a mask, plus causal attention over the
-    chunk's own square block, merged by log-sum-exp; the backward replays the same
-    blocks against the merged output. Only one copy of each chunk's K/V is kept, and no
-    mask is ever materialised.
+``blockwise`` (default)
+    One kernel call per earlier chunk and one causal call on the chunk's own square
+    block, merged by log-sum-exp; the backward replays the same blocks against the
+    merged output. With document ids, cached blocks no query can reach are skipped and
+    only tiles that straddle a document boundary get a mask
+    (:mod:`pipelining_seq.blockwise`). Only one copy of each chunk's K/V is kept. Under
+    ``torch.compile`` it runs as an opaque custom op.
 ``sdpa``
     Concatenate cached and own K/V and call ``scaled_dot_product_attention`` with
-    ``causal_lower_right`` (``is_causal`` on chunk 0). Simple and kernel-agnostic, but
-    every chunk's SDPA saves its own concatenation: (k+1)/2 copies of K/V.
+    ``causal_lower_right`` (``is_causal`` on chunk 0; an explicit mask with documents).
+    Simple and kernel-agnostic, but every chunk's SDPA saves its own concatenation:
+    (k+1)/2 copies of K/V. Eager only.
 ``flash``
     Like ``sdpa`` with flash-attn's ``flash_attn_func(causal=True)``, whose causal mask
-    is bottom-right aligned. CUDA and fp16/bf16 only.
+    is bottom-right aligned; with documents ``flash_attn_varlen_func``, one segment per
+    (row, document), which needs each document to be one contiguous run of tokens. CUDA
+    and fp16/bf16 only. Eager only.
+
+Outside a pipeline all backends are plain causal (block-causal with ``document_ids``)
+``scaled_dot_product_attention`` on the whole sequence.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention.bias import causal_lower_right
 
-from . import kernels
-from .context import ContractError, _LayerKV, current_chunk
+from .blockwise import BlockwiseChunkAttention, compiled_chunk_attention, unit_layer
+from .context import ContractError, _LayerKV, _UnitFlag, current_chunk
+from .guard import allow_attention
 
-__all__ = ["ChunkedCausalAttention", "flash_attn_available"]
+__all__ = ["ChunkedCausalAttention", "check_document_ids", "flash_attn_available"]
 
 Backend = Literal["auto", "blockwise", "sdpa", "flash"]
 
+_LAYER_KEYS = itertools.count(1)
+
 try:  # optional dependency
     from flash_attn import flash_attn_func as _flash_attn_func
+    from flash_attn import flash_attn_varlen_func as _flash_attn_varlen_func
 except Exception:  # noqa: BLE001 - any import failure means "not available"
-    _flash_attn_func = None
+    _flash_attn_func = _flash_attn_varlen_func = None
 
 
 def flash_attn_available() -> bool:
     return _flash_attn_func is not None
 
 
-def _expand_heads(x: torch.Tensor, groups: int) -> torch.Tensor:
-    return x if groups == 1 else x.repeat_interleave(groups, dim=1)
+def _pad_last(t: torch.Tensor, size: int) -> torch.Tensor:
+    return t if t.shape[-1] == size else F.pad(t, (0, size - t.shape[-1]))
 
 
-def _reduce_heads(g: torch.Tensor, groups: int) -> torch.Tensor:
-    if groups == 1:
-        return g
-    b, h, s, d = g.shape
-    return g.view(b, h // groups, groups, s, d).sum(2)
+def check_document_ids(ids: object, *, batch: int | None = None, what: str = "document_ids") -> None:
+    """Raise ContractError unless ``ids`` is an integer tensor [batch, seq]."""
+    if not isinstance(ids, torch.Tensor) or ids.dtype.is_floating_point or ids.dtype.is_complex \
+            or ids.dtype == torch.bool:
+        got = ids.dtype if isinstance(ids, torch.Tensor) else type(ids).__name__
+        raise ContractError(f"{what} must be an integer tensor [batch, seq], got {got}")
+    if ids.dim() != 2 or (batch is not None and ids.shape[0] != batch):
+        raise ContractError(
+            f"{what} has shape {tuple(ids.shape)}, expected [batch, seq]"
+            + (f" with batch {batch} (the inputs')" if batch is not None else "")
+        )
 
 
-def _accumulate(buf: list, i: int, g: torch.Tensor) -> None:
-    buf[i] = g if buf[i] is None else buf[i] + g
-
-
-class _BlockwiseChunkAttention(torch.autograd.Function):
-    """Chunk j's attention over cached K/V blocks 0..j-1 and its own causal block."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, kv: _LayerKV, j: int, scale: float, groups: int):
-        kv.store(j, k.detach(), v.detach())
-        outs, lses, auxes = [], [], []
-        for i in range(j + 1):
-            o, lse, aux = kernels.flash_forward(
-                q, _expand_heads(kv.k[i], groups), _expand_heads(kv.v[i], groups),
-                causal=(i == j), scale=scale,
-            )
-            outs.append(o)
-            lses.append(lse)
-            auxes.append(aux)
-        if j == 0:
-            out, lse = outs[0], lses[0]
-        else:
-            lse = torch.logsumexp(torch.stack(lses), dim=0)
-            out = sum(
-                torch.exp(l_i - lse).unsqueeze(-1) * o_i.to(lse.dtype)
-                for o_i, l_i in zip(outs, lses)
-            ).to(q.dtype)
-        ctx.save_for_backward(q, out, lse)
-        ctx.kv, ctx.j, ctx.scale, ctx.groups, ctx.auxes = kv, j, scale, groups, auxes
-        return out
-
-    @staticmethod
-    def backward(ctx, dout):
-        q, out, lse = ctx.saved_tensors
-        kv, j, scale, groups = ctx.kv, ctx.j, ctx.scale, ctx.groups
-        if kv.pending_after("kv", j):
-            raise ContractError(
-                f"backward of chunk {j} ran while a later chunk's backward is still pending: "
-                "Seq1F1B needs backwards in reverse chunk order within a micro-batch"
-            )
-        dout = dout.contiguous()
-        dq = None
-        dk_own = dv_own = None
-        for i in range(j + 1):
-            dq_i, dk_i, dv_i = kernels.flash_backward(
-                dout, q, _expand_heads(kv.k[i], groups), _expand_heads(kv.v[i], groups),
-                out, lse, ctx.auxes[i], causal=(i == j), scale=scale,
-            )
-            dq = dq_i if dq is None else dq + dq_i
-            dk_i, dv_i = _reduce_heads(dk_i, groups), _reduce_heads(dv_i, groups)
-            if i < j:
-                _accumulate(kv.dk, i, dk_i)
-                _accumulate(kv.dv, i, dv_i)
-            else:
-                dk_own, dv_own = dk_i, dv_i
-        if kv.dk[j] is not None:
-            dk_own = dk_own + kv.dk[j]
-            dv_own = dv_own + kv.dv[j]
-        kv.mark_done("kv", j)
-        kv.release(j)
-        return dq, dk_own, dv_own, None, None, None, None
+def document_mask(ids_q: torch.Tensor, ids_k: torch.Tensor) -> torch.Tensor:
+    """bool [batch, 1, Lq, Lk]: same document and key not after query (bottom-right)."""
+    lq, lk = ids_q.shape[1], ids_k.shape[1]
+    causal = torch.ones(lq, lk, dtype=torch.bool, device=ids_q.device).tril(lk - lq)
+    return ((ids_q[:, :, None] == ids_k[:, None, :]) & causal).unsqueeze(1)
 
 
 class _KVRelay(torch.autograd.Function):
@@ -147,27 +115,70 @@ class _KVRelay(torch.autograd.Function):
         kv.mark_done(which, j)
         if not kv.keep:
             getattr(kv, which)[j] = None
+            if which == "k":
+                kv.ids[j] = None
         grads[j] = None
         if j:
             grads[j - 1] = g[:, :, :offset]
         return g[:, :, offset:], None, None, None
 
 
+def _flash_varlen(q, k, v, ids_q, ids_k, scale):
+    """flash-attn varlen over (row, document) segments; q [B,Lq,H,D], k/v [B,Lk,Hkv,D]."""
+    b, lq = ids_q.shape
+    lk = ids_k.shape[1]
+    off = lk - lq
+    # Each document must be one run: an id seen again after a change is refused.
+    change_k = torch.ones_like(ids_k, dtype=torch.bool)
+    change_k[:, 1:] = ids_k[:, 1:] != ids_k[:, :-1]
+    for row in range(b):
+        if int(change_k[row].sum()) != ids_k[row].unique().numel():
+            raise ContractError(
+                "ChunkedCausalAttention(backend='flash') with document_ids needs every document to be "
+                f"one contiguous run of tokens (row {row} is not); use backend='blockwise' for other layouts"
+            )
+    cu_q, cu_k, key_rows = [0], [0], []
+    max_q = max_k = 0
+    for row in range(b):
+        starts = change_k[row].nonzero().flatten().tolist() + [lk]
+        for s, e in zip(starts[:-1], starts[1:]):
+            qs, qe = max(s, off) - off, e - off  # the document's queries in this chunk
+            if qe <= 0:
+                continue
+            cu_q.append(cu_q[-1] + qe - qs)
+            cu_k.append(cu_k[-1] + e - s)
+            key_rows.append(torch.arange(row * lk + s, row * lk + e, device=k.device))
+            max_q, max_k = max(max_q, qe - qs), max(max_k, e - s)
+    idx = torch.cat(key_rows)
+    kp = k.reshape(b * lk, *k.shape[2:]).index_select(0, idx)
+    vp = v.reshape(b * lk, *v.shape[2:]).index_select(0, idx)
+    cq = torch.tensor(cu_q, dtype=torch.int32, device=q.device)
+    ck = torch.tensor(cu_k, dtype=torch.int32, device=q.device)
+    out = _flash_attn_varlen_func(
+        q.reshape(b * lq, *q.shape[2:]), kp, vp, cq, ck, max_q, max_k, softmax_scale=scale, causal=True,
+    )
+    return out.reshape(b, lq, *out.shape[1:])
+
+
 class ChunkedCausalAttention(nn.Module):
     """Causal softmax attention, exact over Seq1F1B sequence chunks.
 
-    Call as ``attn(q, k, v)`` with ``[batch, heads, seq, head_dim]`` tensors; ``k`` and
-    ``v`` may have fewer heads than ``q`` (grouped-query attention). Returns
-    ``[batch, heads, seq, head_dim]``. Use one instance per attention layer: the
-    instance is the key under which the layer's K/V are cached. Parameter-free.
+    Call as ``attn(q, k, v)`` or ``attn(q, k, v, document_ids=ids)`` with
+    ``[batch, heads, seq, head_dim]`` tensors; ``k`` and ``v`` may have fewer heads than
+    ``q`` (grouped-query attention) and ``v`` another head size (MLA). Returns
+    ``[batch, heads, seq, v_head_dim]``. ``document_ids`` is an integer tensor
+    ``[batch, seq]`` for the tokens given (inside a stage: the chunk's); tokens attend
+    to earlier-or-equal tokens with the same id only. Use one instance per attention
+    layer: the instance is the key under which the layer's K/V are cached.
+    Parameter-free.
 
-    Outside a Seq1F1B stage this is plain causal attention, so the same model runs
-    unpipelined.
+    Outside a Seq1F1B stage this is plain causal (block-causal) attention, so the same
+    model runs unpipelined.
 
     Args:
         backend: ``"auto"``, ``"blockwise"``, ``"sdpa"`` or ``"flash"`` (see module docs).
             ``"auto"`` picks ``blockwise``.
-        scale: softmax scale, default ``1/sqrt(head_dim)``.
+        scale: softmax scale, default ``1/sqrt(head_dim)`` of q/k.
     """
 
     def __init__(self, *, backend: Backend = "auto", scale: float | None = None) -> None:
@@ -184,73 +195,115 @@ class ChunkedCausalAttention(nn.Module):
             )
         self.backend = backend
         self.scale = scale
+        self._new_key()
+
+    def _new_key(self) -> None:
+        # The key of this layer's entries in the K/V cache. The compiled path takes it as
+        # a CPU tensor that is no buffer: torch.compile then treats it as a graph input
+        # (an int attribute would be a constant, one graph per layer), and .to(device)
+        # leaves it alone.
+        self._key = next(_LAYER_KEYS)
+        self._key_t = torch.tensor(self._key)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # A deep copy is another layer: it gets its own key.
+        super().__setstate__(state)
+        self._new_key()
 
     def extra_repr(self) -> str:
         return f"backend={self.backend}"
 
-    def _check(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> int:
+    def _check(self, q, k, v, ids) -> int:
         if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
             raise ContractError(
                 "ChunkedCausalAttention expects [batch, heads, seq, head_dim] tensors, got "
                 f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
             )
-        if k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
+        if q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2] or q.shape[3] != k.shape[3]:
             raise ContractError(
-                "ChunkedCausalAttention: q, k and v must share batch, seq and head_dim "
-                f"(k and v the same shape); got q {tuple(q.shape)}, k {tuple(k.shape)}, "
-                f"v {tuple(v.shape)}"
+                "ChunkedCausalAttention: q and k must share batch, seq and head_dim; got "
+                f"q {tuple(q.shape)}, k {tuple(k.shape)}"
+            )
+        if v.shape[:3] != k.shape[:3]:
+            raise ContractError(
+                "ChunkedCausalAttention: v must have k's batch, heads and seq (its head_dim may "
+                f"differ); got k {tuple(k.shape)}, v {tuple(v.shape)}"
             )
         if q.shape[1] % k.shape[1]:
             raise ContractError(
                 f"ChunkedCausalAttention: q has {q.shape[1]} heads, not a multiple of "
                 f"k/v's {k.shape[1]} (grouped-query attention needs n_heads % n_kv_heads == 0)"
             )
+        if ids is not None:
+            check_document_ids(ids, what="ChunkedCausalAttention: document_ids")
+            if tuple(ids.shape) != (q.shape[0], q.shape[2]):
+                raise ContractError(
+                    f"ChunkedCausalAttention: document_ids has shape {tuple(ids.shape)}, expected "
+                    f"[batch, seq] = {(q.shape[0], q.shape[2])} for q {tuple(q.shape)}: pass the ids "
+                    "of the same tokens (inside a stage, step(document_ids=...) splits them per chunk)"
+                )
         return q.shape[1] // k.shape[1]
 
-    def _resolve_backend(self, q: torch.Tensor) -> str:
-        if self.backend != "auto":
-            return self.backend
-        return "blockwise"
+    @staticmethod
+    def _whole(q, k, v, ids, scale, groups):
+        if ids is None:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=groups > 1)
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=document_mask(ids, ids), scale=scale, enable_gqa=groups > 1
+        )
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        groups = self._check(q, k, v)
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
+                document_ids: torch.Tensor | None = None) -> torch.Tensor:
+        groups = self._check(q, k, v, document_ids)
+        if document_ids is not None:
+            document_ids = document_ids.contiguous()
         scale = self.scale if self.scale is not None else 1.0 / math.sqrt(q.shape[-1])
+        backend = "blockwise" if self.backend == "auto" else self.backend
+        if torch.compiler.is_compiling():
+            if not _UnitFlag.active:
+                return self._whole(q, k, v, document_ids, scale, groups)
+            if backend != "blockwise":
+                raise ContractError(
+                    f"ChunkedCausalAttention(backend={self.backend!r}) cannot run under torch.compile "
+                    "inside a Seq1F1B unit: use backend='auto' or 'blockwise'"
+                )
+            return compiled_chunk_attention(q, k, v, document_ids, self._key_t, scale, groups)[0]
         ctx = current_chunk()
         if ctx is None:
-            return F.scaled_dot_product_attention(
-                q, k, v, is_causal=True, scale=scale, enable_gqa=groups > 1
-            )
-        if q.shape[2] != ctx.length:
-            raise ContractError(
-                f"ChunkedCausalAttention got {q.shape[2]} query tokens inside chunk "
-                f"{ctx.chunk} of micro-batch {ctx.microbatch}, which has {ctx.length}: "
-                "attention must see the whole chunk the stage received, along dim 2"
-            )
-        kv = ctx.cache.layer(ctx.microbatch, id(self))
-        j = ctx.chunk
-        if len(kv.k) != j and not ctx.recompute:
-            raise ContractError(
-                f"ChunkedCausalAttention instance called with cache of {len(kv.k)} chunks in "
-                f"chunk {j} of micro-batch {ctx.microbatch}: use one instance per attention "
-                "layer and call it once per forward"
-            )
-        backend = self._resolve_backend(q)
-        if backend == "blockwise":
-            return _BlockwiseChunkAttention.apply(q, k, v, kv, j, scale, groups)
-        kv.store(j, k.detach(), v.detach())
+            return self._whole(q, k, v, document_ids, scale, groups)
+        with allow_attention():
+            _, kv, j = unit_layer(q, self._key)
+            if j and (document_ids is None) != (kv.ids[0] is None):
+                raise ContractError(
+                    f"ChunkedCausalAttention: chunk {j} of micro-batch {ctx.microbatch} got "
+                    f"document_ids={'None' if document_ids is None else 'a tensor'} but chunk 0 did not "
+                    "agree: pass document_ids for every chunk or for none (step(document_ids=...))"
+                )
+            if backend == "blockwise":
+                return BlockwiseChunkAttention.apply(q, k, v, document_ids, kv, j, scale, groups)
+            return self._concat(q, k, v, document_ids, kv, j, scale, groups, backend)
+
+    def _concat(self, q, k, v, ids, kv, j, scale, groups, backend):
+        kv.store(j, k.detach(), v.detach(), ids)
         kk = _KVRelay.apply(k, kv, j, "k")
         vv = _KVRelay.apply(v, kv, j, "v")
+        ids_k = None if ids is None else torch.cat(kv.ids[: j + 1], dim=1)
         if backend == "flash":
-            out = _flash_attn_func(
-                q.transpose(1, 2), kk.transpose(1, 2), vv.transpose(1, 2),
-                causal=True, softmax_scale=scale,
-            )
-            return out.transpose(1, 2)
+            d, dv = q.shape[-1], v.shape[-1]
+            pad = max(d, dv)
+            qt, kt, vt = (_pad_last(t, pad).transpose(1, 2) for t in (q, kk, vv))
+            if ids is None:
+                out = _flash_attn_func(qt, kt, vt, causal=True, softmax_scale=scale)
+            else:
+                out = _flash_varlen(qt, kt, vt, ids, ids_k, scale)
+            return out.transpose(1, 2)[..., :dv]
         lq, lk = q.shape[2], kk.shape[2]
-        if lq == lk:
+        if ids is not None:
             return F.scaled_dot_product_attention(
-                q, kk, vv, is_causal=True, scale=scale, enable_gqa=groups > 1
+                q, kk, vv, attn_mask=document_mask(ids, ids_k), scale=scale, enable_gqa=groups > 1
             )
+        if lq == lk:
+            return F.scaled_dot_product_attention(q, kk, vv, is_causal=True, scale=scale, enable_gqa=groups > 1)
         return F.scaled_dot_product_attention(
             q, kk, vv, attn_mask=causal_lower_right(lq, lk), scale=scale, enable_gqa=groups > 1
         )

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import itertools
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -38,6 +41,10 @@ class _LayerKV:
     # backward runs (LIFO order guarantees they are complete by then).
     dk: list[torch.Tensor | None] = field(default_factory=list)
     dv: list[torch.Tensor | None] = field(default_factory=list)
+    # Document ids of each chunk's tokens ([batch, len] integers), None without masking.
+    ids: list[torch.Tensor | None] = field(default_factory=list)
+    # The blockwise backend's tiles of each chunk (kept for its backward).
+    plan: list[Any] = field(default_factory=list)
     # Chunks whose backward has consumed their relayed gradient, per relay ("kv" for the
     # blockwise kernel, "k"/"v" for the concatenating one): the LIFO check reads this.
     done: dict[str, set[int]] = field(default_factory=dict)
@@ -46,14 +53,16 @@ class _LayerKV:
     # checkpointing that pass recomputes the chunk's attention from these K/V.
     keep: bool = False
 
-    def store(self, j: int, k: torch.Tensor, v: torch.Tensor) -> None:
+    def store(self, j: int, k: torch.Tensor, v: torch.Tensor, ids: torch.Tensor | None = None) -> None:
         if j == len(self.k):
             self.k.append(k)
             self.v.append(v)
             self.dk.append(None)
             self.dv.append(None)
+            self.ids.append(ids)
+            self.plan.append(None)
         else:
-            self.k[j], self.v[j] = k, v
+            self.k[j], self.v[j], self.ids[j] = k, v, ids
 
     def mark_done(self, relay: str, j: int) -> None:
         self.done.setdefault(relay, set()).add(j)
@@ -66,7 +75,7 @@ class _LayerKV:
     def release(self, j: int) -> None:
         self.dk[j] = self.dv[j] = None
         if not self.keep:
-            self.k[j] = self.v[j] = None
+            self.k[j] = self.v[j] = self.ids[j] = self.plan[j] = None
 
     def nbytes(self) -> int:
         seen: set[int] = set()
@@ -91,6 +100,10 @@ class KVCache:
         self._mbs: dict[int, dict[int, _LayerKV]] = {}
         self.keep_until_drop = False
         """Keep each chunk's K/V past its backward until :meth:`drop` (split backward)."""
+        # A compiled graph's attention op finds the cache again by this number (an op
+        # takes tensors and scalars, not Python objects).
+        self.token = next(_TOKENS)
+        _CACHES[self.token] = self
 
     def layer(self, microbatch: int, layer_key: int) -> _LayerKV:
         layers = self._mbs.setdefault(microbatch, {})
@@ -102,7 +115,7 @@ class KVCache:
         for kv in self._mbs.pop(microbatch, {}).values():
             # Autograd graphs may still reference the entry: free its tensors now.
             for j in range(len(kv.k)):
-                kv.k[j] = kv.v[j] = kv.dk[j] = kv.dv[j] = None
+                kv.k[j] = kv.v[j] = kv.dk[j] = kv.dv[j] = kv.ids[j] = kv.plan[j] = None
 
     def clear(self) -> None:
         self._mbs.clear()
@@ -116,6 +129,17 @@ class KVCache:
 
     def __len__(self) -> int:
         return len(self._mbs)
+
+
+_TOKENS = itertools.count(1)
+_CACHES: weakref.WeakValueDictionary[int, KVCache] = weakref.WeakValueDictionary()
+
+
+def cache_by_token(token: int) -> KVCache:
+    cache = _CACHES.get(token)
+    if cache is None:
+        raise ContractError(f"K/V cache {token} no longer exists: a chunk's backward ran after its stage was freed")
+    return cache
 
 
 @dataclass(frozen=True)
@@ -143,6 +167,14 @@ _CURRENT: contextvars.ContextVar[ChunkContext | None] = contextvars.ContextVar(
 )
 
 
+class _UnitFlag:
+    """Whether a unit is running, as a plain class attribute: torch.compile reads it while
+    tracing and guards on it (a context variable it cannot trace), so a compiled block
+    has one graph for inside units and one for outside."""
+
+    active: bool = False
+
+
 def current_chunk() -> ChunkContext | None:
     """The unit being run, or None outside a Seq1F1B stage."""
     return _CURRENT.get()
@@ -151,9 +183,12 @@ def current_chunk() -> ChunkContext | None:
 @contextlib.contextmanager
 def chunk_context(ctx: ChunkContext | None) -> Iterator[ChunkContext | None]:
     token = _CURRENT.set(ctx)
+    before = _UnitFlag.active
+    _UnitFlag.active = ctx is not None
     try:
         yield ctx
     finally:
+        _UnitFlag.active = before
         _CURRENT.reset(token)
 
 
@@ -161,8 +196,13 @@ def chunk_positions(seq_len: int, device: torch.device | str | None = None) -> t
     """Absolute positions of the current chunk's tokens, for RoPE or learned positions.
 
     Inside a Seq1F1B stage this is ``arange(offset, offset + seq_len)``; outside it is
-    ``arange(seq_len)``.
+    ``arange(seq_len)``. Under ``torch.compile`` inside a unit it is an opaque op that
+    reads the unit when the graph runs (one graph serves every chunk).
     """
+    if torch.compiler.is_compiling():
+        if not _UnitFlag.active:
+            return torch.arange(seq_len, device=device)
+        return _positions_op(seq_len, torch.device(device if device is not None else "cpu"))
     ctx = _CURRENT.get()
     if ctx is None:
         return torch.arange(seq_len, device=device)
@@ -173,3 +213,13 @@ def chunk_positions(seq_len: int, device: torch.device | str | None = None) -> t
             "sequence dimension the stage received"
         )
     return torch.arange(ctx.offset, ctx.offset + seq_len, device=device)
+
+
+@torch.library.custom_op("pipelining_seq::chunk_positions", mutates_args=())
+def _positions_op(seq_len: int, device: torch.device) -> torch.Tensor:
+    return chunk_positions(seq_len, device)
+
+
+@_positions_op.register_fake
+def _(seq_len, device):
+    return torch.empty(seq_len, dtype=torch.int64, device=device)

@@ -92,7 +92,7 @@ class FlopModel:
         return cls(
             num_layers=cfg.n_layers, hidden_size=cfg.dim, num_heads=cfg.n_heads, ffn_hidden_size=cfg.ffn_dim,
             vocab_size=cfg.vocab_size, num_kv_heads=cfg.n_kv_heads, mlp=cfg.mlp,
-            head_dim=cfg.head_dim, v_head_dim=cfg.head_dim,
+            head_dim=cfg.head_dim, v_head_dim=cfg.value_head_dim,
         )
 
     def partition_kwargs(self) -> dict:

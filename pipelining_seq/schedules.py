@@ -6,16 +6,27 @@ batches, cuts them into ``n_microbatches`` along dim 0 and each micro-batch into
 :mod:`pipelining_seq.schedule_ir`).
 
 Loss weighting. The loss function is called once per unit, on the chunk's outputs and
-targets. With ``loss_reduction="mean"`` (the default when ``scale_grads=True``: a
-per-token mean such as ``cross_entropy``) chunk j's loss is weighted by
-``len_j / seq_len``, so the k weighted chunk losses sum to the micro-batch's token mean
-whatever the chunk lengths, gradients are divided by ``n_microbatches`` at the end, and
-``losses`` receives one entry per micro-batch equal to what ``Schedule1F1B`` reports.
-With ``loss_reduction="sum"`` (the default when ``scale_grads=False``: a loss that adds
-over tokens, such as ``cross_entropy(reduction="sum")`` or torchtitan's
-``sum / global_tokens``) chunk losses are used as they are, gradients are not rescaled,
-and each micro-batch's reported loss is the sum of its chunks' losses, again what
-``Schedule1F1B`` reports.
+targets (:mod:`pipelining_seq.losses`). Two modes:
+
+``loss_reduction="mean"`` (the default when ``scale_grads=True``: a per-token mean such
+as ``cross_entropy``). Chunk j's loss is weighted by its share of the micro-batch's
+counted targets: with integer targets, the number of targets ``!= ignore_index`` in
+chunk j over the micro-batch's number (``ignore_index=-100`` by default, as in
+``F.cross_entropy``; prompt masking and padding are exact); with other targets, or when
+no target is ignored, ``len_j / seq_len``. The weighted chunk losses then sum to the
+micro-batch's mean over counted targets for any chunk lengths and any masking,
+gradients are divided by ``n_microbatches`` at the end, and ``losses`` receives one
+entry per micro-batch equal to what ``Schedule1F1B`` reports. A chunk with no counted
+target adds nothing; a micro-batch with none gives what the loss function gives on it
+(NaN for ``cross_entropy``), as under ``Schedule1F1B``. This is exact for a loss that is
+a mean over counted targets; a mean of something else (a per-sequence mean, a mean
+with per-class weights) is not a weighted sum of chunk means and needs ``"sum"`` mode.
+
+``loss_reduction="sum"`` (the default when ``scale_grads=False``: a loss that adds over
+tokens, such as ``cross_entropy(reduction="sum")`` or torchtitan's
+``sum / global_tokens``). Chunk losses are used as they are, gradients are not
+rescaled, and each micro-batch's reported loss is the sum of its chunks' losses, again
+what ``Schedule1F1B`` reports. Masked targets need nothing special here.
 """
 
 from __future__ import annotations
@@ -59,6 +70,8 @@ class ScheduleSeq1F1B(PipelineScheduleSingle):
             the chunk lengths down the pipeline at the start of every step.
         loss_reduction: ``"mean"`` or ``"sum"``; how chunk losses combine (module docs).
             Defaults to ``"mean"`` if ``scale_grads`` else ``"sum"``.
+        ignore_index: target value that does not count in ``"mean"`` mode (integer
+            targets); None counts every target. Must match the loss function's.
         early_recv: post each forward's activation receive one unit ahead, so the
             transfer overlaps the current unit's compute. Seq1F1B has k times as many
             receives as 1F1B, and a receive posted after its data arrived costs a few
@@ -80,6 +93,7 @@ class ScheduleSeq1F1B(PipelineScheduleSingle):
         seq_len: int | None = None,
         loss_reduction: Literal["mean", "sum"] | None = None,
         early_recv: bool | None = None,
+        ignore_index: int | None = -100,
         args_chunk_spec: Any = None,
         kwargs_chunk_spec: Any = None,
         output_merge_spec: Any = None,
@@ -87,7 +101,7 @@ class ScheduleSeq1F1B(PipelineScheduleSingle):
         self._units = SeqUnits(
             owner="ScheduleSeq1F1B", n_microbatches=n_microbatches, n_seq_chunks=n_seq_chunks,
             seq_partition=seq_partition, seq_dim=seq_dim, seq_len=seq_len,
-            loss_reduction=loss_reduction, scale_grads=scale_grads,
+            loss_reduction=loss_reduction, scale_grads=scale_grads, ignore_index=ignore_index,
         )
         p = stage.num_stages
         if n_microbatches * n_seq_chunks < p:
@@ -157,11 +171,9 @@ class ScheduleSeq1F1B(PipelineScheduleSingle):
         )
         if isinstance(self._stage, SequencePipelineStage):
             self._stage.configure_seq_chunks(n_microbatches=self._n_real_microbatches, chunk_lengths=lengths)
-        return (
-            units.units(arg_mbs),
-            units.units(kwarg_mbs),
-            units.units(target_mbs) if target_mbs is not None else None,
-        )
+        target_units = units.units(target_mbs) if target_mbs is not None else None
+        units.set_targets(target_units if self._stage.is_last and self._loss_fn is not None else None)
+        return units.units(arg_mbs), units.units(kwarg_mbs), target_units
 
     # ------------------------------------------------------------------------ step
     def step(
@@ -203,7 +215,7 @@ class ScheduleSeq1F1B(PipelineScheduleSingle):
     def _maybe_compute_loss(self, stage, output, target_mbs, mb_index, loss_kwargs=None):
         if stage.is_last and self._loss_fn is not None:
             loss = self._loss_fn(output, target_mbs[mb_index], **(loss_kwargs or {}))
-            self._internal_losses.append(self._units.weight_loss(loss, mb_index))
+            self._internal_losses.append(self._units.weight_loss(loss, mb_index, output))
 
     def _update_losses(self, stages, losses):
         if self._stage.is_last and losses is not None:

@@ -33,7 +33,7 @@ class ScheduleInterleavedSeq1F1B(SeqRuntimeSchedule):
             ``n_seq_chunks=1``).
         n_microbatches: micro-batches per step, split along dim 0.
         loss_fn: ``loss_fn(output, target)``, called per unit on the last stage.
-        n_seq_chunks, seq_partition, seq_dim, scale_grads, seq_len, loss_reduction:
+        n_seq_chunks, seq_partition, seq_dim, scale_grads, seq_len, loss_reduction, ignore_index:
             as in :class:`pipelining_seq.ScheduleSeq1F1B`.
 
     ``n_microbatches`` must be at most, or a multiple of, ``ceil(p / n_seq_chunks)``
@@ -55,6 +55,7 @@ class ScheduleInterleavedSeq1F1B(SeqRuntimeSchedule):
         scale_grads: bool = True,
         seq_len: int | None = None,
         loss_reduction: Literal["mean", "sum"] | None = None,
+        ignore_index: int | None = -100,
         args_chunk_spec: Any = None,
         kwargs_chunk_spec: Any = None,
         output_merge_spec: Any = None,
@@ -65,7 +66,7 @@ class ScheduleInterleavedSeq1F1B(SeqRuntimeSchedule):
             )
         super().__init__(
             stages, n_microbatches, loss_fn, n_seq_chunks=n_seq_chunks, seq_partition=seq_partition,
-            seq_dim=seq_dim, scale_grads=scale_grads, seq_len=seq_len, loss_reduction=loss_reduction,
+            seq_dim=seq_dim, scale_grads=scale_grads, seq_len=seq_len, loss_reduction=loss_reduction, ignore_index=ignore_index,
             args_chunk_spec=args_chunk_spec, kwargs_chunk_spec=kwargs_chunk_spec,
             output_merge_spec=output_merge_spec,
         )

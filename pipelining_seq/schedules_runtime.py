@@ -46,6 +46,7 @@ class SeqRuntimeSchedule(_compat.PipelineScheduleRuntime):
         scale_grads: bool = True,
         seq_len: int | None = None,
         loss_reduction: Literal["mean", "sum"] | None = None,
+        ignore_index: int | None = -100,
         args_chunk_spec: Any = None,
         kwargs_chunk_spec: Any = None,
         output_merge_spec: Any = None,
@@ -53,7 +54,7 @@ class SeqRuntimeSchedule(_compat.PipelineScheduleRuntime):
         self._units = SeqUnits(
             owner=self.name, n_microbatches=n_microbatches, n_seq_chunks=n_seq_chunks,
             seq_partition=seq_partition, seq_dim=seq_dim, seq_len=seq_len,
-            loss_reduction=loss_reduction, scale_grads=scale_grads,
+            loss_reduction=loss_reduction, scale_grads=scale_grads, ignore_index=ignore_index,
         )
         stages = list(stages)
         self._check_stages(stages, n_microbatches, n_seq_chunks)
@@ -195,6 +196,8 @@ class SeqRuntimeSchedule(_compat.PipelineScheduleRuntime):
                 stage.configure_seq_chunks(n_microbatches=self._n_real_microbatches, chunk_lengths=lengths)
         arg_units, kwarg_units = units.units(arg_mbs), units.units(kwarg_mbs)
         target_units = units.units(target_mbs) if target_mbs is not None else None
+        has_last = any(st.is_last for st in self._stages)
+        units.set_targets(target_units if has_last and self._loss_fn is not None else None)
         if self._has_backward:
             self.pipeline_order_with_comms = self._train_order_with_comms
             self._step_microbatches(arg_units, kwarg_units, target_units, losses, return_outputs, loss_kwargs)
@@ -226,7 +229,7 @@ class SeqRuntimeSchedule(_compat.PipelineScheduleRuntime):
     def _maybe_compute_loss(self, stage, output, target_mbs, mb_index, loss_kwargs=None):
         if stage.is_last and self._loss_fn is not None:
             loss = self._loss_fn(output, target_mbs[mb_index], **(loss_kwargs or {}))
-            self._internal_losses.append(self._units.weight_loss(loss, mb_index))
+            self._internal_losses.append(self._units.weight_loss(loss, mb_index, output))
 
     def _update_losses(self, stages, losses):
         stages = stages if isinstance(stages, list) else [stages]

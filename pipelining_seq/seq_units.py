@@ -28,6 +28,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.pipelining.microbatch import split_args_kwargs_into_chunks
 
+from .attention import check_document_ids
+from .losses import chunk_loss_weights, weight_chunk_loss
 from .partition import SeqPartition, resolve_partition
 
 __all__ = ["SeqUnits", "check_positive"]
@@ -48,7 +50,7 @@ class SeqUnits:
     Args:
         owner: the schedule's name, for error messages.
         n_microbatches, n_seq_chunks, seq_partition, seq_dim, seq_len, loss_reduction,
-        scale_grads: as in :class:`pipelining_seq.ScheduleSeq1F1B`.
+        scale_grads, ignore_index: as in :class:`pipelining_seq.ScheduleSeq1F1B`.
     """
 
     def __init__(
@@ -62,10 +64,16 @@ class SeqUnits:
         seq_len: int | None = None,
         loss_reduction: Literal["mean", "sum"] | None = None,
         scale_grads: bool = True,
+        ignore_index: int | None = -100,
     ) -> None:
         check_positive(owner, n_microbatches=n_microbatches, n_seq_chunks=n_seq_chunks)
         if loss_reduction not in (None, "mean", "sum"):
             raise ValueError(f"loss_reduction={loss_reduction!r}: use 'mean' or 'sum'")
+        if ignore_index is not None and (isinstance(ignore_index, bool) or not isinstance(ignore_index, int)):
+            raise TypeError(
+                f"{owner}: ignore_index={ignore_index!r} must be an int (the target value the loss ignores, "
+                "-100 for F.cross_entropy) or None"
+            )
         if isinstance(seq_partition, str):
             # With seq_len known, check the lengths now; otherwise at least the name.
             resolve_partition(seq_partition, seq_len or n_seq_chunks, n_seq_chunks)
@@ -87,7 +95,9 @@ class SeqUnits:
         self.seq_dim = seq_dim
         self.seq_len = seq_len
         self.loss_reduction: str = loss_reduction or ("mean" if scale_grads else "sum")
+        self.ignore_index = ignore_index
         self.lengths: list[int] = []
+        self.unit_weights: list[float] | None = None
 
     # ------------------------------------------------------------------ splitting
     def split_step(
@@ -111,6 +121,10 @@ class SeqUnits:
                     raise ValueError(f"step(): {name} has {len(mbs)} entries, expected n_microbatches={m}")
             seq_len = self.local_seq_len(arg_mbs[0], kwarg_mbs[0], target_mbs[0] if target_mbs else None)
             return list(arg_mbs), list(kwarg_mbs), target_mbs, seq_len
+        if "document_ids" in kwargs:  # checked here, before any communication
+            first = next((a for a in args if isinstance(a, torch.Tensor)), None)
+            check_document_ids(kwargs["document_ids"], batch=None if first is None else first.shape[0],
+                               what="step(document_ids=...)")
         tensors = [t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)]
         self._check_batch(tensors, "input")
         if isinstance(target, torch.Tensor):
@@ -240,11 +254,24 @@ class SeqUnits:
         return merged
 
     # ------------------------------------------------------------------- losses
-    def weight_loss(self, loss: torch.Tensor, unit: int) -> torch.Tensor:
+    def set_targets(self, target_units: list | None) -> None:
+        """Compute this step's loss weights from the unit targets (last stage): in "mean"
+        mode, chunk j's share of the micro-batch's counted targets (:mod:`pipelining_seq.losses`)."""
+        self.unit_weights = None
+        if target_units is not None and self.loss_reduction == "mean" and self.n_seq_chunks > 1:
+            self.unit_weights = chunk_loss_weights(
+                target_units, n_chunks=self.n_seq_chunks, lengths=self.lengths, ignore_index=self.ignore_index,
+            )
+
+    def weight_loss(self, loss: torch.Tensor, unit: int, output: Any = None) -> torch.Tensor:
         """The loss of ``unit`` as it enters backward and the micro-batch sum."""
-        if self.loss_reduction == "mean" and self.n_seq_chunks > 1:
-            return loss * (self.lengths[unit % self.n_seq_chunks] / sum(self.lengths))
-        return loss
+        if self.loss_reduction != "mean" or self.n_seq_chunks == 1:
+            return loss
+        if self.unit_weights is not None:
+            weight = self.unit_weights[unit]
+        else:  # no targets seen this step (a loss_fn without targets): the length share
+            weight = self.lengths[unit % self.n_seq_chunks] / sum(self.lengths)
+        return weight_chunk_loss(loss, output, weight)
 
     def microbatch_losses(self, unit_losses: list) -> list:
         """One loss per micro-batch: the sum of its weighted chunk losses."""

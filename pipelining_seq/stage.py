@@ -8,6 +8,9 @@ Differences from torch's ``PipelineStage`` (same constructor, plus ``activation_
   (micro-batch, chunk, offset, length) to the layers, backward included so that
   activation-checkpoint recomputation sees the same chunk;
 * backwards must come in reverse chunk order within a micro-batch (enforced);
+* in a step cut into more than one chunk, attention kernels not called by
+  ``ChunkedCausalAttention`` raise ``ContractError`` (:mod:`pipelining_seq.guard`; watched:
+  the first forward of each step and every forward of a chunk length not seen before);
 * a micro-batch's K/V cache is freed once its chunk 0 has run backward (with a split
   backward: once its last weight pass ran), or after its last chunk's forward when there
   is no backward; nothing stays cached after a step.
@@ -23,7 +26,8 @@ import torch
 from torch.distributed.pipelining import PipelineStage
 
 from . import _compat
-from .context import ChunkContext, KVCache, chunk_context
+from .context import ChunkContext, ContractError, KVCache, chunk_context
+from .guard import chunked_unit
 
 __all__ = ["SequencePipelineStage"]
 
@@ -52,6 +56,9 @@ class SequencePipelineStage(PipelineStage):
         self._next_w_chunk: dict[int, int] = {}
         self._split_pending: dict[int, int] = {}  # per micro-batch: I done, W not yet
         self._unit: int | None = None
+        # Chunk lengths whose forward ran under the attention guard (see _guarded).
+        self._guarded_lengths: set[int] = set()
+        self._compiled = False
 
     # ------------------------------------------------------------------ configuration
     def configure_seq_chunks(self, *, n_microbatches: int, chunk_lengths: Sequence[int]) -> None:
@@ -60,6 +67,7 @@ class SequencePipelineStage(PipelineStage):
         self._lengths = list(chunk_lengths)
         self._offsets = [sum(self._lengths[:j]) for j in range(self._n_chunks)]
         self._n_microbatches = n_microbatches
+        self._compiled = _compat.has_compiled_module(self.submod)
 
     def unit_context(self, unit: int, *, recompute: bool = False) -> ChunkContext:
         mb, j = divmod(unit, self._n_chunks)
@@ -110,6 +118,27 @@ class SequencePipelineStage(PipelineStage):
             super()._validate_stage_tensors(desc, expected, actual)
 
     # ------------------------------------------------------------------- execution
+    def _where(self, ctx: ChunkContext, what: str) -> str:
+        return f"stage {self.stage_index}'s {what} of micro-batch {ctx.microbatch}, chunk {ctx.chunk}"
+
+    def _guarded(self, unit: int, ctx: ChunkContext) -> int:
+        """How many chunks the guard should assume for this forward (1 = no guard).
+
+        A TorchFunctionMode costs a Python call per torch call, so the guard watches the
+        first forward of every step and every forward whose chunk length it has not seen
+        yet (a model that attends by itself does so on every such unit); the other units,
+        and the backward recomputation of forwards already watched, run without it. A
+        stage with compiled modules is watched on every forward: torch.compile traces the
+        mode into the graph (no per-call cost) and keys its graphs on whether a mode is
+        pushed, so switching it on and off would double them.
+        """
+        if ctx.n_chunks <= 1:
+            return 1
+        if not self._compiled and unit != 0 and ctx.length in self._guarded_lengths:
+            return 1
+        self._guarded_lengths.add(ctx.length)
+        return ctx.n_chunks
+
     def forward_one_chunk(
         self,
         fwd_chunk_id: int,
@@ -122,8 +151,15 @@ class SequencePipelineStage(PipelineStage):
         ctx = self.unit_context(fwd_chunk_id)
         self._unit = fwd_chunk_id
         try:
-            with chunk_context(ctx):
+            guard = self._guarded(fwd_chunk_id, ctx)
+            with chunk_context(ctx), chunked_unit(n_chunks=guard, where=self._where(ctx, "forward")):
                 out = super().forward_one_chunk(fwd_chunk_id, args, kwargs, save_forward_output)
+        except RuntimeError as e:
+            # torch wraps forward errors in a generic RuntimeError; a broken contract is
+            # the user's to see as such.
+            if isinstance(e.__cause__, ContractError):
+                raise e.__cause__ from None
+            raise
         finally:
             self._unit = None
         if ctx.chunk == ctx.n_chunks - 1 and not (self.has_backward and torch.is_grad_enabled()):

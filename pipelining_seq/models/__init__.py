@@ -1,5 +1,16 @@
 """Reference models that follow the chunked-attention contract."""
 
-from .gpt import GPT, GPTConfig, cross_entropy_loss, init_weights, split_stage, stage_layer_ranges
+from .gpt import (
+    GPT,
+    GPTConfig,
+    cross_entropy_loss,
+    document_ids_from_tokens,
+    init_weights,
+    split_stage,
+    stage_layer_ranges,
+)
 
-__all__ = ["GPT", "GPTConfig", "cross_entropy_loss", "init_weights", "split_stage", "stage_layer_ranges"]
+__all__ = [
+    "GPT", "GPTConfig", "cross_entropy_loss", "document_ids_from_tokens", "init_weights", "split_stage",
+    "stage_layer_ranges",
+]

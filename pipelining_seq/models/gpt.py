@@ -1,7 +1,10 @@
 """A small GPT for Seq1F1B: RoPE, pre-norm, GELU or SwiGLU MLP, optional GQA.
 
 The only Seq1F1B-specific lines are the two calls into the chunk contract:
-``chunk_positions`` for RoPE and ``ChunkedCausalAttention`` for attention. Pruned
+``chunk_positions`` for RoPE and ``ChunkedCausalAttention`` for attention. Packed
+documents: ``forward(tokens, document_ids=ids)`` (or ``eos_id`` in the config, which
+builds the ids from the tokens when the model sees whole sequences) masks attention to
+each token's own document; positions stay those of the packed sequence, as in torchtitan. Pruned
 modules (``None``/empty ``ModuleDict``) make a pipeline stage: the first stage embeds,
 the last stage norms and projects to the vocabulary.
 """
@@ -18,7 +21,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..attention import ChunkedCausalAttention
-from ..context import chunk_positions
+from ..context import ContractError, chunk_positions, current_chunk
 
 __all__ = [
     "ATTN_BACKENDS",
@@ -26,6 +29,7 @@ __all__ = [
     "GPTConfig",
     "GPTConfigError",
     "cross_entropy_loss",
+    "document_ids_from_tokens",
     "init_value",
     "init_weights",
     "split_stage",
@@ -70,6 +74,12 @@ class GPTConfig:
     """ChunkedCausalAttention backend: auto, blockwise, sdpa or flash (flash needs CUDA and flash-attn)."""
     activation_checkpoint: bool = False
     """Recompute each transformer block in backward (saves activation memory, costs one more forward)."""
+    v_head_dim: int | None = None
+    """Value head size; None means dim // n_heads (MLA-style attention uses another)."""
+    eos_id: int | None = None
+    """End-of-document token: without document_ids, a model holding the embedding builds them from it."""
+    compile: bool = False
+    """torch.compile each transformer block (fullgraph; see GPT.compile_blocks)."""
 
     def __post_init__(self) -> None:
         problems = self.problems()
@@ -87,6 +97,7 @@ class GPTConfig:
             for name, value in (
                 ("vocab_size", self.vocab_size), ("n_layers", self.n_layers), ("dim", self.dim),
                 ("n_heads", self.n_heads), ("n_kv_heads", self.n_kv_heads), ("ffn_dim", self.ffn_dim),
+                ("v_head_dim", self.v_head_dim),
             )
             if value is not None and (not isinstance(value, int) or value < 1)
         ]
@@ -109,6 +120,20 @@ class GPTConfig:
     def head_dim(self) -> int:
         return self.dim // self.n_heads
 
+    @property
+    def value_head_dim(self) -> int:
+        return self.v_head_dim or self.head_dim
+
+
+def document_ids_from_tokens(tokens: torch.Tensor, *, eos_id: int) -> torch.Tensor:
+    """Document ids ``[batch, seq]`` of packed sequences: each ``eos_id`` ends a document.
+
+    The end token belongs to the document it ends; ids count documents from 0 within
+    each row. Build them on whole sequences (a chunk alone would restart the count).
+    """
+    ends = (tokens == eos_id).to(torch.int64)
+    return ends.cumsum(-1) - ends
+
 
 def _rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
     # x: [B, H, T, D]; rotate pairs (even, odd) by position-dependent angles.
@@ -125,25 +150,25 @@ def _rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tenso
 class Attention(nn.Module):
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
-        hd = cfg.head_dim
+        hd, vd = cfg.head_dim, cfg.value_head_dim
         # Separate projections so tensor parallelism shards whole heads.
         self.wq = nn.Linear(cfg.dim, cfg.n_heads * hd, bias=False)
         self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * hd, bias=False)
-        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * hd, bias=False)
-        self.wo = nn.Linear(cfg.n_heads * hd, cfg.dim, bias=False)
+        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * vd, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * vd, cfg.dim, bias=False)
         self.attn = ChunkedCausalAttention(backend=cfg.attn_backend)
-        self.head_dim = hd
+        self.head_dim, self.v_head_dim = hd, vd
         self.rope_theta = cfg.rope_theta
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, document_ids: torch.Tensor | None = None) -> torch.Tensor:
         b, t, _ = x.shape
         # -1 heads: under tensor parallelism each rank holds a slice of the heads.
         q = self.wq(x).view(b, t, -1, self.head_dim).transpose(1, 2)
         k = self.wk(x).view(b, t, -1, self.head_dim).transpose(1, 2)
-        v = self.wv(x).view(b, t, -1, self.head_dim).transpose(1, 2)
+        v = self.wv(x).view(b, t, -1, self.v_head_dim).transpose(1, 2)
         pos = chunk_positions(t, x.device)
         q, k = _rope(q, pos, self.rope_theta), _rope(k, pos, self.rope_theta)
-        y = self.attn(q, k, v)
+        y = self.attn(q, k, v, document_ids=document_ids)
         return self.wo(y.transpose(1, 2).reshape(b, t, -1))
 
 
@@ -168,13 +193,13 @@ class Block(nn.Module):
         self.ffn_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.feed_forward = MLP(cfg)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attention(self.attention_norm(x))
+    def forward(self, x: torch.Tensor, document_ids: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attention(self.attention_norm(x), document_ids=document_ids)
         return x + self.feed_forward(self.ffn_norm(x))
 
 
 class GPT(nn.Module):
-    """Decoder-only transformer; ``forward(tokens)`` returns logits ``[B, T, vocab]``."""
+    """Decoder-only transformer; ``forward(tokens, document_ids=None)`` returns logits ``[B, T, vocab]``."""
 
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
@@ -191,14 +216,35 @@ class GPT(nn.Module):
             for name, p in self.named_parameters():
                 p.copy_(init_value(name, p.shape, n_layers=self.config.n_layers, std=std, device=p.device))
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
+    def compile_blocks(self) -> None:
+        """``torch.compile`` each transformer block in place (fullgraph; names unchanged)."""
+        for block in self.layers.values():
+            block.compile(fullgraph=True)
+
+    def _document_ids(self, tokens: torch.Tensor, document_ids: torch.Tensor | None) -> torch.Tensor | None:
+        eos = self.config.eos_id
+        if document_ids is not None or eos is None:
+            return document_ids
+        ctx = current_chunk()
+        chunked = ctx is not None and ctx.n_chunks > 1
+        if self.tok_embeddings is None or chunked:
+            where = "inside a sequence chunk" if chunked else "on a stage without the embedding"
+            raise ContractError(
+                f"GPT(eos_id={eos}) got no document_ids {where}: ids must be built on whole sequences; pass "
+                "document_ids=document_ids_from_tokens(tokens, eos_id=...) to step() on every stage"
+            )
+        return document_ids_from_tokens(tokens, eos_id=eos)
+
+    def forward(self, h: torch.Tensor, document_ids: torch.Tensor | None = None) -> torch.Tensor:
+        document_ids = self._document_ids(h, document_ids)
         if self.tok_embeddings is not None:
             h = self.tok_embeddings(h)
         for block in self.layers.values():
             if self.config.activation_checkpoint and torch.is_grad_enabled():
-                h = checkpoint(block, h, use_reentrant=False)
+                h = checkpoint(block, h, document_ids=document_ids, use_reentrant=False)
             else:
-                h = block(h)
+                # By keyword: tensor parallelism's input plans count positional inputs.
+                h = block(h, document_ids=document_ids)
         if self.norm is not None:
             h = self.norm(h)
         if self.output is not None:

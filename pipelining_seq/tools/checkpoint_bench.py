@@ -64,6 +64,11 @@ def _old_module(rev: str) -> Any:
     spec = importlib.util.spec_from_loader("pipelining_seq.trainer._checkpoint_v1", loader=None)
     mod = importlib.util.module_from_spec(spec)
     mod.__package__ = "pipelining_seq.trainer"
+    # The derived settings it imported from validation.py now live in layout.py / placement.py.
+    source = source.replace(
+        "from .validation import chunk_lengths, pipeline_layout, resolve_path, resolve_schedule",
+        "from .layout import chunk_lengths, pipeline_layout, resolve_path\nfrom ..placement import resolve_schedule",
+    )
     exec(compile(source, f"{rev}:checkpoint.py", "exec"), mod.__dict__)  # noqa: S102 - our own earlier source
     return mod
 
@@ -72,20 +77,25 @@ def _worker(rank: int, world: int, fmt: str, overrides: list[str], folder: str, 
     import torch
     import torch.distributed as dist
 
+    from ..parallel import build_mesh
     from ..trainer import checkpoint as ckpt
     from ..trainer.config import load_config
     from ..trainer.layout import stage_ranks
-    from ..trainer.train import _build_parts, _mesh, build_optimizer
+    from ..trainer.optim import build_optimizer
+    from ..trainer.train import build_stage_module
 
     recipe = Path(__file__).resolve().parents[1] / "recipes" / "gpt_tiny_cpu.yaml"
     cfg = load_config(str(recipe), [*overrides, f"job.dump_folder={folder}", "checkpoint.enable=true",
                                     f"checkpoint.folder={folder}/{fmt}"])
-    mesh = _mesh(cfg)
+    par = cfg.parallelism
+    mesh = build_mesh(pp=par.pipeline_parallel_degree, dp_shard=par.data_parallel_shard_degree,
+                      tp=par.tensor_parallel_degree, device_type="cpu")
     pp_rank, dp_rank, tp_rank = (mesh[d].get_local_rank() for d in ("pp", "dp_shard", "tp"))
     stage_ids = [s for s, r in enumerate(stage_ranks(cfg)) if r == pp_rank]
 
     def build():
-        parts = _build_parts(cfg, stage_ids, device=torch.device("cpu"), mesh=mesh)
+        n = len(stage_ranks(cfg))
+        parts = [build_stage_module(cfg, s, num_stages=n, device=torch.device("cpu"), mesh=mesh) for s in stage_ids]
         opts, scheds = zip(*(build_optimizer(cfg, p) for p in parts))
         return parts, list(opts), list(scheds)
 

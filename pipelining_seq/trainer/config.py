@@ -97,6 +97,8 @@ class TrainingConfig:
     """Intra-op threads per process on CPU; 0 means the machine's cores divided by the local processes (at least 1)."""
     skip_nonfinite_steps: int = 0
     """A step whose loss or gradient norm is NaN/inf stops the run (naming the step and the value); up to this many such steps are skipped instead (no optimizer update)."""
+    document_masking: bool = False
+    """Pack the builtin corpus's documents (paragraphs) with an end-of-document separator, as torchtitan packs samples, and keep attention within each document (block-causal, exact across Seq1F1B chunks). Builtin dataset only."""
 
 
 @dataclass(kw_only=True)

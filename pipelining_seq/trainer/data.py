@@ -8,6 +8,12 @@ Two sources, both a flat 1-D stream of token ids:
   ids, optionally behind llm.c's 256 x int32 header, memory-mapped with
   ``torch.from_file`` so a corpus larger than memory costs nothing to open.
 
+With ``document_masking`` the builtin corpus is packed as torchtitan packs its samples:
+each document (a paragraph: text between blank lines) is followed by the separator
+token :data:`DOCUMENT_SEPARATOR` (byte 0, which the text never contains) and the
+documents are concatenated; :func:`pipelining_seq.models.document_ids_from_tokens` turns a
+window's tokens into document ids, so attention stays within documents.
+
 Batches are random windows of ``seq_len + 1`` tokens. Their start offsets come from a
 generator seeded with ``(seed, step)`` alone, so step s draws the same batch whether the
 run got there uninterrupted or resumed from a checkpoint; data-parallel ranks take
@@ -29,10 +35,13 @@ from pathlib import Path
 import torch
 
 __all__ = [
+    "DOCUMENT_SEPARATOR",
     "ByteTokenizer",
     "DatasetInfo",
     "TokenBatches",
     "builtin_corpus_files",
+    "builtin_documents",
+    "pack_documents",
     "inspect_dataset",
     "load_tokens",
     "write_token_file",
@@ -46,6 +55,8 @@ _LLMC_MAGIC = 20240520
 _LLMC_HEADER_BYTES = 256 * 4
 # Token-id range checks read at most this many tokens (the whole file when smaller).
 _SCAN_TOKENS = 1 << 22
+DOCUMENT_SEPARATOR = 0
+"""End-of-document token of the packed builtin corpus (byte 0, absent from the text)."""
 
 
 class ByteTokenizer:
@@ -174,10 +185,39 @@ def _check_width(scan: torch.Tensor, dtype: str) -> None:
         )
 
 
-def load_tokens(dataset: str, *, dtype: str = "uint16") -> torch.Tensor:
-    """The whole token stream as a 1-D tensor (memory-mapped for token files)."""
+def pack_documents(documents: list[bytes], *, separator: int) -> bytes:
+    """The documents, each followed by the separator byte, concatenated."""
+    sep = bytes([separator])
+    for i, doc in enumerate(documents):
+        if sep in doc:
+            raise ValueError(f"document {i} contains the separator byte {separator}: choose another separator")
+    return b"".join(doc + sep for doc in documents)
+
+
+def builtin_documents() -> list[bytes]:
+    """The builtin corpus as documents: its paragraphs (text between blank lines), in order."""
+    docs = []
+    for p in builtin_corpus_files():
+        docs += [d.strip(b"\n") for d in p.read_bytes().split(b"\n\n") if d.strip()]
+    return docs
+
+
+def load_tokens(dataset: str, *, dtype: str = "uint16", document_masking: bool = False) -> torch.Tensor:
+    """The whole token stream as a 1-D tensor (memory-mapped for token files).
+
+    ``document_masking`` packs the builtin corpus's documents, each ended by
+    :data:`DOCUMENT_SEPARATOR` (builtin only).
+    """
+    if document_masking and dataset != "builtin":
+        raise ValueError(
+            f"training.document_masking=true needs training.dataset=builtin (got {dataset!r}): token files "
+            "carry no document separator this trainer knows; set training.document_masking=false"
+        )
     if dataset == "builtin":
-        raw = b"".join(p.read_bytes() for p in builtin_corpus_files())
+        if document_masking:
+            raw = pack_documents(builtin_documents(), separator=DOCUMENT_SEPARATOR)
+        else:
+            raw = b"".join(p.read_bytes() for p in builtin_corpus_files())
         return torch.frombuffer(bytearray(raw), dtype=torch.uint8)
     header = _header_bytes(dataset, dtype)
     width = torch.tensor([], dtype=_DTYPES[dtype]).element_size()

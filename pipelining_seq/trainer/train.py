@@ -35,18 +35,25 @@ from torch.distributed.pipelining import PipelineStage
 
 from .. import agreement, p2p, placement
 from ..agreement import AgreementError
-from ..models.gpt import GPT, cross_entropy_loss, init_weights, split_stage, stage_layer_ranges
+from ..models.gpt import (
+    GPT,
+    cross_entropy_loss,
+    document_ids_from_tokens,
+    init_weights,
+    split_stage,
+    stage_layer_ranges,
+)
 from ..stage import SequencePipelineStage
 from . import checkpoint as ckpt
 from . import guard, liveness, lock, resume
 from .config import ConfigError, JobConfig, load_config, to_dict
-from .data import TokenBatches, load_tokens
+from .data import DOCUMENT_SEPARATOR, TokenBatches, load_tokens
 from .layout import chunk_lengths, n_microbatches, resolve_path, schedule_info, seq_partition, stage_ranks
 from .metrics import MetricLogger, StageMemory, build_profiler, device_peak_tflops, model_flops_per_token
 from .optim import build_optimizer, clip_grad_norm_
 from .validation import validate_config
 
-__all__ = ["StepResult", "Trainer", "main", "train"]
+__all__ = ["StepResult", "Trainer", "build_stage_module", "main", "train"]
 
 logger = logging.getLogger(__name__)
 
@@ -106,6 +113,32 @@ def _summary(cfg: JobConfig, *, device: torch.device, threads: int, flops: float
     )
 
 
+def _wants_bf16(cfg: JobConfig, device: torch.device) -> bool:
+    return device.type == "cuda" and cfg.training.mixed_precision_param == "bfloat16"
+
+
+def build_stage_module(
+    cfg: JobConfig, stage_index: int, *, num_stages: int, device: torch.device, mesh: Any = None
+) -> nn.Module:
+    """Stage ``stage_index`` of the recipe's GPT: cut on the meta device, materialised,
+    initialised per parameter name, blocks compiled if asked, then FSDP2/TP over ``mesh``."""
+    with torch.device("meta"):
+        full = GPT(cfg.model)
+    part = split_stage(full, stage_index, num_stages)
+    part.to_empty(device=device)
+    init_weights(part, seed=cfg.training.seed, n_layers=cfg.model.n_layers)
+    if cfg.model.compile:
+        part.compile_blocks()
+    if mesh is not None:
+        from ..parallel import parallelize_stage
+
+        parallelize_stage(
+            part, mesh=mesh, mixed_precision=_wants_bf16(cfg, device),
+            sequence_parallel=cfg.parallelism.enable_sequence_parallel,
+        )
+    return part
+
+
 class Trainer:
     """One rank of a recipe's training run, on the initialised default process group."""
 
@@ -130,7 +163,8 @@ class Trainer:
         self.params = [p for part in self.parts for p in part.parameters()]
         t, dp = cfg.training, cfg.parallelism.data_parallel_shard_degree
         self.batches = TokenBatches(
-            load_tokens(t.dataset, dtype=t.dataset_dtype), seq_len=t.seq_len, global_batch_size=t.local_batch_size * dp,
+            load_tokens(t.dataset, dtype=t.dataset_dtype, document_masking=t.document_masking), seq_len=t.seq_len,
+            global_batch_size=t.local_batch_size * dp,
             seed=t.seed, dp_rank=self.dp_rank, dp_degree=dp,
         )
         self.start_step = self._resume(resume_path)
@@ -161,24 +195,10 @@ class Trainer:
         self.stage_ids = [s for s, r in enumerate(ranks) if r == pp_rank]
         self.has_first, self.has_last = 0 in self.stage_ids, self.num_stages - 1 in self.stage_ids
 
-    def _wants_bf16(self) -> bool:
-        return self.device.type == "cuda" and self.cfg.training.mixed_precision_param == "bfloat16"
-
     def _build_part(self, stage_index: int) -> nn.Module:
-        cfg = self.cfg
-        with torch.device("meta"):
-            full = GPT(cfg.model)
-        part = split_stage(full, stage_index, self.num_stages)
-        part.to_empty(device=self.device)
-        init_weights(part, seed=cfg.training.seed, n_layers=cfg.model.n_layers)
-        if self.mesh is not None:
-            from ..parallel import parallelize_stage
-
-            parallelize_stage(
-                part, mesh=self.mesh, mixed_precision=self._wants_bf16(),
-                sequence_parallel=cfg.parallelism.enable_sequence_parallel,
-            )
-        return part
+        return build_stage_module(
+            self.cfg, stage_index, num_stages=self.num_stages, device=self.device, mesh=self.mesh
+        )
 
     def _build_schedule(self) -> tuple[list, Any]:
         cfg, info, m = self.cfg, schedule_info(self.cfg), n_microbatches(self.cfg)
@@ -238,13 +258,16 @@ class Trainer:
     # -------------------------------------------------------------------------- steps
     def _autocast(self) -> contextlib.AbstractContextManager:
         # With a mesh, FSDP2's MixedPrecisionPolicy owns the bf16 cast (parallelize_stage).
-        if self._wants_bf16() and self.mesh is None:
+        if _wants_bf16(self.cfg, self.device) and self.mesh is None:
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
     def forward_backward(self, x: torch.Tensor, y: torch.Tensor, *, measure: bool) -> list[torch.Tensor]:
         """Run the schedule on this step's batch; returns the micro-batch losses (last stage)."""
         losses: list[torch.Tensor] = []
+        # Packed documents: every stage gets the ids (attention needs them on each).
+        documents = {"document_ids": document_ids_from_tokens(x, eos_id=DOCUMENT_SEPARATOR).to(self.device)} \
+            if self.cfg.training.document_masking else {}
         with self.memory.measure(measure), self._autocast():
             self.schedule.step(
                 *((x.to(self.device),) if self.has_first else ()),
@@ -252,7 +275,7 @@ class Trainer:
                 losses=losses if self.has_last else None,
                 # Merged logits are never used here; keeping them would hold every unit's
                 # full-vocabulary output until the end of the step.
-                return_outputs=False,
+                return_outputs=False, **documents,
             )
         return losses
 

@@ -62,6 +62,11 @@ def _check_training(cfg: JobConfig, world_size: int | None) -> list[str]:
         if not torch.cuda.is_available():
             errors.append("training.device='cuda' but no CUDA device is available: use training.device=cpu or auto")
     _one_of(errors, "training.dataset_dtype", t.dataset_dtype, ("uint16", "uint32"))
+    if t.document_masking and t.dataset != "builtin":
+        errors.append(
+            f"training.document_masking=true needs training.dataset=builtin (got {t.dataset!r}): token files "
+            "carry no document separator this trainer knows; set training.document_masking=false"
+        )
     if errors:
         return errors
     from . import data

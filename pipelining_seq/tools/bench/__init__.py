@@ -4,6 +4,7 @@
 ``bench time``       step-time ratios on 2 CPU ranks, schedules interleaved A B A B
 ``bench partition``  per-chunk forward+backward time: uniform, FLOP-balanced, calibrated
 ``bench gpu``        one-GPU check: attention parity, real-size chunk times, stage memory
+``bench documents``  Seq1F1B attention time per step with vs without document masks
 
 Each prints one table and writes ``<name>.json`` and ``<name>.csv`` under ``--out``
 (default ``$OUT`` if set, else ``outputs/bench``). Benchmark modules are imported only
@@ -22,6 +23,7 @@ _BENCHES = {
     "time": ("pipelining_seq.tools.bench.steptime", "step-time ratios vs torch schedules (2 CPU ranks)"),
     "partition": ("pipelining_seq.tools.bench.partition", "per-chunk fwd+bwd time; linear_fit calibration"),
     "gpu": ("pipelining_seq.tools.bench.gpu", "one-GPU check (or --smoke on CPU)"),
+    "documents": ("pipelining_seq.tools.bench.documents", "attention time with vs without document masks"),
 }
 
 
