@@ -28,6 +28,7 @@ __all__ = [
     "RecvInfo",
     "TORCH_VERSION",
     "add_reduce_grad",
+    "assert_async",
     "add_send_recv",
     "batch_p2p",
     "format_pipeline_order",
@@ -109,3 +110,13 @@ def observe_input_reshard(callback: Any) -> Iterator[None]:
         yield
     finally:
         mod._pack_hook_tp = orig
+
+
+# --------------------------------------------------------------------------------------
+# Input checks that must not synchronise the device (torchtitan integration).
+# --------------------------------------------------------------------------------------
+
+
+def assert_async(cond: torch.Tensor, msg: str) -> None:
+    """``torch._assert_async``: raise where ``cond`` is false, without a host sync on CUDA."""
+    torch._assert_async(cond, msg)
