@@ -9,7 +9,9 @@ so CPU baselines swap in torchtitan's own ``ScaledDotProductAttention`` (plain c
 from __future__ import annotations
 
 import importlib
+from functools import partial
 
+from torch import nn
 from torchtitan.components.loss import CrossEntropyLoss
 from torchtitan.models.common.attention import BaseAttention, ScaledDotProductAttention
 from torchtitan.models.common.config_utils import decoder_vocab_size
@@ -36,7 +38,11 @@ def llama3_flex():
 
 
 def qwen3_sdpa():
-    return _sdpa(_registry("qwen3").qwen3_debugmodel())
+    config = _sdpa(_registry("qwen3").qwen3_debugmodel())
+    model = config.model_spec.model
+    model.enable_weight_tying = False  # torchtitan: weight tying is not supported with PP
+    model.tok_embeddings.param_init = {"weight": partial(nn.init.normal_, std=1.0)}  # was tied: no init
+    return config
 
 
 def deepseek_v3_sdpa():

@@ -183,7 +183,7 @@ def convert_attention(
             raise UnsupportedAttentionError(
                 f"{where} is {_describe(inner)} with torchtitan's block-causal document mask, but the "
                 "installed pipelining_seq.ChunkedCausalAttention has no document_ids argument: upgrade "
-                "pipelining_seq, or pass --seq1f1b.document_masking false to attend across packed documents"
+                "pipelining_seq, or pass --seq1f1b.no-document-masking to attend across packed documents"
             )
         cfg.inner_attention = ChunkedAttention.Config(
             document_masking=doc,

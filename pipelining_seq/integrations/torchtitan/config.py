@@ -35,7 +35,7 @@ class Seq1F1BConfig:
 
     document_masking: bool = True
     """Keep torchtitan's block-causal (per-document) masking of flex/varlen attention,
-    from the ``positions`` input. ``false`` attends across packed documents."""
+    from the ``positions`` input. ``--seq1f1b.no-document-masking`` attends across packed documents."""
 
     attention_backend: Literal["auto", "blockwise", "sdpa", "flash"] = "auto"
     """``ChunkedCausalAttention`` backend of the adapter."""

@@ -1,0 +1,168 @@
+"""enable() on torchtitan configs, in process: wiring, command-line parsing, and start-up errors.
+
+No process group is needed: everything here happens before the Trainer is built.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+
+pytest.importorskip("torchtitan", reason="torchtitan is not installed in this interpreter")
+
+import titan_configs  # noqa: E402
+from torchtitan.components.loss import ChunkedLossWrapper, CrossEntropyLoss  # noqa: E402
+from torchtitan.models.common.attention import BaseAttention, ScaledDotProductAttention  # noqa: E402
+from torchtitan.protocols.module import Module  # noqa: E402
+
+from pipelining_seq.integrations import torchtitan as tt  # noqa: E402
+from pipelining_seq.integrations.torchtitan.__main__ import _config_manager  # noqa: E402
+from pipelining_seq.integrations.torchtitan.attention import (  # noqa: E402
+    ChunkedAttention,
+    UnsupportedAttentionError,
+)
+from pipelining_seq.integrations.torchtitan.partition import model_flop_sizes  # noqa: E402
+
+pytestmark = pytest.mark.torchtitan
+
+
+def seq_config(name: str = "llama3_sdpa", **section):
+    config = tt.with_seq1f1b(getattr(titan_configs, name)(), tt.Seq1F1BConfig(**section))
+    config.parallelism.pipeline_parallel_degree = 2
+    config.parallelism.pipeline_parallel_schedule = "Seq1F1B"
+    config.training.seq_len = 256
+    return config
+
+
+def inner_attentions(config):
+    return [cfg.inner_attention for _, cfg, _, _ in config.model_spec.model.traverse(BaseAttention.Config)]
+
+
+def test_enable_wires_seq1f1b():
+    config = tt.enable(seq_config(n_seq_chunks=4, partition="balanced"))
+    assert all(isinstance(a, ChunkedAttention.Config) for a in inner_attentions(config))
+    assert config.model_spec.pipelining_fn._seq1f1b and config.model_spec.parallelize_fn._seq1f1b
+    assert tt.enable(config) is config  # idempotent
+
+
+def test_other_schedules_untouched():
+    config = titan_configs.llama3_sdpa()
+    config.parallelism.pipeline_parallel_degree = 2
+    config.parallelism.pipeline_parallel_schedule = "1F1B"
+    spec = config.model_spec
+    tt.enable(config)
+    assert config.model_spec is spec
+    assert all(isinstance(a, ScaledDotProductAttention.Config) for a in inner_attentions(config))
+
+
+def test_command_line_section():
+    manager = _config_manager()()
+    config = manager.parse_args([
+        "--module", "llama3", "--config", "llama3_debugmodel",
+        "--parallelism.pipeline_parallel_degree", "2", "--parallelism.pipeline_parallel_schedule", "Seq1F1B",
+        "--training.disable_cuda_graphs",
+        "--seq1f1b.n_seq_chunks", "4", "--seq1f1b.partition", "balanced", "--seq1f1b.no-document-masking",
+    ])
+    assert config.seq1f1b.n_seq_chunks == 4 and config.seq1f1b.partition == "balanced"
+    assert all(isinstance(a, ChunkedAttention.Config) for a in inner_attentions(config))
+    assert config.model_spec.pipelining_fn._seq1f1b
+
+
+def test_pipeline_module_restored_after_build():
+    import torchtitan.distributed.pipeline_parallel as pp
+    from torch.distributed.pipelining import PipelineStage
+
+    from pipelining_seq import SequencePipelineStage
+    from pipelining_seq.integrations.torchtitan.wiring import _seq1f1b_pipeline_module
+
+    cls = tt.seq1f1b_schedule_class(n_seq_chunks=2)
+    with _seq1f1b_pipeline_module(cls):
+        assert pp.PipelineStage is SequencePipelineStage and pp.get_schedule_class("seq1f1b") is cls
+    assert pp.PipelineStage is PipelineStage and pp.get_schedule_class.__module__.startswith("torch.")
+
+
+def test_flop_sizes_gqa_swiglu_mla():
+    llama = model_flop_sizes(titan_configs.llama3_sdpa().model_spec.model)
+    assert llama == dict(num_layers=6, hidden_size=256, num_heads=16, ffn_hidden_size=768, vocab_size=2048,
+                         num_kv_heads=16, mlp="swiglu", head_dim=16, v_head_dim=16)
+    qwen = model_flop_sizes(titan_configs.qwen3_sdpa().model_spec.model)
+    assert (qwen["num_kv_heads"], qwen["head_dim"]) == (8, 128)
+    ds = model_flop_sizes(titan_configs.deepseek_v3_sdpa().model_spec.model)
+    assert (ds["head_dim"], ds["v_head_dim"]) == (192, 128)
+
+
+def test_balanced_aligned_to_loss_chunks():
+    config = seq_config(n_seq_chunks=4, partition="balanced")
+    config.training.seq_len = 2048
+    assert isinstance(config.loss, ChunkedLossWrapper.Config) and config.loss.num_chunks == 8
+    from pipelining_seq.integrations.torchtitan.wiring import _chunk_lengths
+
+    lengths = _chunk_lengths(config, config.seq1f1b, "balanced")
+    assert sum(lengths) == 2048 and all(s % 8 == 0 for s in lengths)
+    assert lengths == sorted(lengths, reverse=True) and lengths[0] > lengths[-1]
+
+
+def bad(config, match):
+    with pytest.raises(ValueError, match=match):
+        tt.enable(config)
+
+
+def test_multi_stage_layout_refused():
+    config = seq_config()
+    config.parallelism.pipeline_parallel_layers_per_stage = 1
+    bad(config, "pipeline_parallel_layers_per_stage 1")
+    config = seq_config()
+    config.parallelism.module_fqns_per_model_part = [["tok_embeddings"], ["layers.0"], ["layers.1"], ["norm"]]
+    bad(config, "module_fqns_per_model_part has 4 parts")
+
+
+def test_chunks_that_do_not_fit_refused():
+    bad(seq_config(n_seq_chunks=3), r"divisible by\s+--seq1f1b.n_seq_chunks \(3\)")
+    bad(seq_config(n_seq_chunks=2, partition="100,100"), "sums to 200")
+    bad(seq_config(n_seq_chunks=3, partition="100,156"), "gives 2 chunk lengths")
+    bad(seq_config(n_seq_chunks=300), "does not fit training.seq_len 256")
+    bad(seq_config(partition="first-heavy"), "--seq1f1b.partition 'first-heavy'")
+
+
+def test_partition_against_loss_chunks_and_sequence_parallel():
+    bad(seq_config(partition="100,156"), "--loss.num_chunks 8")
+    config = seq_config(partition="129,127")
+    config.loss = CrossEntropyLoss.Config()
+    config.parallelism.tensor_parallel_degree = 2
+    bad(config, "--parallelism.tensor_parallel_degree 2")
+    config = seq_config()
+    config.parallelism.context_parallel_degree = 2
+    bad(config, "context_parallel_degree 2")
+
+
+@dataclass(kw_only=True, slots=True)
+class _MyAttentionConfig(Module.Config):
+    pass
+
+
+class MyAttention(Module):
+    Config = _MyAttentionConfig
+
+
+def test_unknown_attention_refused_naming_the_module():
+    config = seq_config()
+    config.model_spec.model.layers[3].attention.inner_attention = MyAttention.Config()
+    with pytest.raises(UnsupportedAttentionError, match=r"layers\.3\.attention\.inner_attention is .*MyAttention"):
+        tt.enable(config)
+
+
+def test_never_convert_refuses_plain_attention():
+    with pytest.raises(UnsupportedAttentionError, match=r"layers\.0\.attention\.inner_attention"):
+        tt.enable(seq_config(attention="never"))
+
+
+def test_compile_either_works_or_is_refused_at_start():
+    config = seq_config()
+    config.compile.enable = True
+    try:
+        tt.enable(config)
+    except ValueError as err:
+        assert "--compile.enable" in str(err) and "--compile.components loss" in str(err)
+    else:
+        assert config.model_spec.pipelining_fn._seq1f1b
