@@ -82,3 +82,36 @@ def run(args: list[str], *, log: Path, timeout: float = 900) -> dict:
             if rec["loss"] != -1.0:  # ranks without the last stage log -1
                 result[rec["kind"]][rec["step"]] = rec["loss"]
     return result
+
+
+def read_losses(path: Path) -> dict:
+    out: dict = {"train": {}, "validation": {}}
+    for line in path.read_text().splitlines():
+        rec = json.loads(line)
+        if rec["loss"] != -1.0:
+            out[rec["kind"]][rec["step"]] = rec["loss"]
+    return out
+
+
+def loss_table(root: Path, base: str, others: list[str]) -> str:
+    """Markdown table of per-step losses of the runs in ``root`` against ``base``."""
+    ref = read_losses(root / f"{base}.jsonl")
+    cols = [(n, read_losses(root / f"{n}.jsonl")) for n in others if (root / f"{n}.jsonl").exists()]
+    lines = ["| step | " + " | ".join([base, *(n for n, _ in cols)]) + " |", "|---" * (1 + 1 + len(cols)) + "|"]
+    for kind in ("train", "validation"):
+        for s in sorted(ref[kind]):
+            row = [f"{kind} {s}", f"{ref[kind][s]:.7f}"]
+            for _, c in cols:
+                v = c[kind].get(s)
+                row.append("" if v is None else f"{v:.7f} ({v - ref[kind][s]:+.1e})")
+            lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # python tests/titan_run.py <pytest tmp dir>/titan0
+    d = Path(sys.argv[1])
+    print(loss_table(d, "llama3_1f1b", ["llama3_k2_uniform", "llama3_k4_uniform", "llama3_k2_balanced",
+                                        "llama3_k4_balanced", "llama3_section", "llama3_k2_resume"]))
+    for m in ("qwen3", "deepseek_v3", "llama3_doc"):
+        if (d / f"{m}_1f1b.jsonl").exists():
+            print(f"\n{m}\n\n" + loss_table(d, f"{m}_1f1b", [f"{m}_k2", f"{m}_k4"]))
