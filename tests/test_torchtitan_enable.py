@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import pytest
+import torch
 
 pytest.importorskip("torchtitan", reason="torchtitan is not installed in this interpreter")
 
@@ -166,3 +167,110 @@ def test_compile_either_works_or_is_refused_at_start():
         assert "--compile.enable" in str(err) and "--compile.components loss" in str(err)
     else:
         assert config.model_spec.pipelining_fn._seq1f1b
+
+
+# ----------------------------------------------------------------- the adapter, in process
+
+
+def _units(lengths):
+    from pipelining_seq.context import ChunkContext, KVCache
+
+    cache, offset = KVCache(), 0
+    for j, n in enumerate(lengths):
+        yield ChunkContext(microbatch=0, chunk=j, n_chunks=len(lengths), offset=offset, length=n, cache=cache), offset
+        offset += n
+
+
+def _chunked(fn, lengths):
+    from pipelining_seq.context import chunk_context
+
+    outs = []
+    for ctx, off in _units(lengths):
+        with chunk_context(ctx):
+            outs.append(fn(off, off + ctx.length))
+    return torch.cat(outs, dim=1)
+
+
+@pytest.mark.parametrize("dq,dv,heads,kv_heads", [(16, 16, 4, 4), (16, 16, 4, 2), (24, 16, 4, 4), (16, 24, 2, 2)])
+def test_adapter_equals_causal_attention(dq, dv, heads, kv_heads):
+    """GQA and MLA head sizes, float64, whole sequence and 3 unequal chunks, outputs and gradients."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 20, heads, dq, dtype=torch.float64, generator=g, requires_grad=True)
+    k = torch.randn(2, 20, kv_heads, dq, dtype=torch.float64, generator=g, requires_grad=True)
+    v = torch.randn(2, 20, kv_heads, dv, dtype=torch.float64, generator=g, requires_grad=True)
+    scale = 0.3
+
+    def reference():
+        qq, kk, vv = (t.transpose(1, 2) for t in (q, k, v))
+        kk, vv = (t.repeat_interleave(heads // kv_heads, dim=1) for t in (kk, vv))
+        s = (qq @ kk.transpose(-1, -2)) * scale
+        s = s.masked_fill(torch.ones(20, 20, dtype=torch.bool).triu(1), float("-inf"))
+        return (s.softmax(-1) @ vv).transpose(1, 2)
+
+    want = reference()
+    adapter = ChunkedAttention(ChunkedAttention.Config())
+    torch.testing.assert_close(adapter(q, k, v, scale=scale), want, rtol=0, atol=1e-12)
+    dout = torch.randn_like(want)
+    ref_grads = torch.autograd.grad(want, (q, k, v), dout)
+    got = _chunked(lambda a, b: adapter(q[:, a:b], k[:, a:b], v[:, a:b], scale=scale), [9, 6, 5])
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    # Backward in reverse chunk order, as the schedule runs it: one graph per chunk here.
+    from pipelining_seq.context import chunk_context
+
+    units = list(_units([9, 6, 5]))
+    outs = []
+    for ctx, off in units:
+        with chunk_context(ctx):
+            outs.append((ctx, adapter(q[:, off:off + ctx.length], k[:, off:off + ctx.length],
+                                      v[:, off:off + ctx.length], scale=scale), off))
+    q.grad = k.grad = v.grad = None
+    for ctx, out, off in reversed(outs):
+        with chunk_context(ctx):
+            out.backward(dout[:, off:off + ctx.length])
+    for got_g, want_g in zip((q.grad, k.grad, v.grad), ref_grads):
+        torch.testing.assert_close(got_g, want_g, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("with_positions", [True, False])
+def test_model_chunks_equal_whole_sequence(with_positions):
+    """llama3 debug model made chunk-aware: chunked forward equals the whole-sequence one, with
+    torchtitan's per-document positions and without any (RoPE from the chunk offset)."""
+    import copy
+
+    from pipelining_seq.integrations.torchtitan.attention import convert_attention, install_chunk_inputs_hook
+
+    config = titan_configs.llama3_sdpa().model_spec.model
+    torch.manual_seed(0)
+    ref_model = config.build()
+    ref_model.init_weights(buffer_device=torch.device("cpu"))
+    converted = copy.deepcopy(config)
+    convert_attention(converted, document_masking=False)
+    model = converted.build()
+    model.load_state_dict(ref_model.state_dict())
+    model.init_weights(buffer_device=torch.device("cpu"))
+    model.load_state_dict(ref_model.state_dict())
+    tokens = torch.randint(0, 2048, (2, 48), generator=torch.Generator().manual_seed(1))
+    kw = {"positions": torch.cat([torch.arange(30), torch.arange(18)])[None].expand(2, -1)} if with_positions else {}
+    with torch.no_grad():
+        want = ref_model(tokens, **kw)
+        install_chunk_inputs_hook(model, document_masking=False)
+        got = _chunked(lambda a, b: model(tokens[:, a:b], **{n: t[:, a:b] for n, t in kw.items()}), [20, 16, 12])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_without_hook_positions_would_be_wrong():
+    """Negative control for the test above: without the hook, a chunk's RoPE restarts at 0."""
+    import copy
+
+    from pipelining_seq.integrations.torchtitan.attention import convert_attention
+
+    config = copy.deepcopy(titan_configs.llama3_sdpa().model_spec.model)
+    convert_attention(config, document_masking=False)
+    torch.manual_seed(0)
+    model = config.build()
+    model.init_weights(buffer_device=torch.device("cpu"))
+    tokens = torch.randint(0, 2048, (1, 32), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = model(tokens)
+        got = _chunked(lambda a, b: model(tokens[:, a:b]), [16, 16])
+    assert (got[:, 16:] - want[:, 16:]).abs().max() > 1e-3
