@@ -1,10 +1,19 @@
-"""Every use of a private torch API lives here.
+"""Every private torch API the package uses is declared here.
 
 torch.distributed.pipelining keeps its schedule IR (``_Action``), its p2p helpers and
 its simulator private, and their signatures move between releases (2.11 and 2.13 differ
-in ``_initialize_stage``, ``_maybe_compute_loss`` and metadata inference). Keeping the
-imports in one module means a torch upgrade breaks in one place, and
-``tests/test_compat.py`` fails loudly when a signature moves.
+in ``_initialize_stage``, ``_maybe_compute_loss`` and metadata inference). Three kinds of
+use, each declared once:
+
+* names imported or called: the aliases and wrappers below;
+* hooks the package's subclasses override (:data:`OVERRIDDEN_HOOKS`): every subclass
+  calls :func:`check_overrides` when it is defined, which raises if torch no longer has a
+  declared hook (the override would silently stop applying) or if the subclass overrides
+  a private torch method that is not declared here;
+* private state the subclasses read (:data:`READ_STATE`), checked by
+  ``tests/test_compat.py`` on real instances.
+
+A torch upgrade therefore breaks in this module, loudly, and nowhere else.
 """
 
 from __future__ import annotations
@@ -38,6 +47,11 @@ __all__ = [
     "wait_batch_p2p",
     "peer_global_rank",
     "single_schedule_order",
+    "OVERRIDDEN_HOOKS",
+    "READ_STATE",
+    "check_overrides",
+    "default_group",
+    "local_tensor",
 ]
 
 TORCH_VERSION = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
@@ -78,10 +92,73 @@ def single_schedule_order(schedule: Any) -> dict[int, list]:
     return schedule._get_pipeline_order() or {}
 
 
+def default_group() -> dist.ProcessGroup:
+    """The default process group (what a stage's ``group=None`` means)."""
+    return dist.distributed_c10d._get_default_group()
+
+
 def peer_global_rank(stage: Any, stage_index: int) -> int:
     """Global rank of the process that holds ``stage_index`` in ``stage``'s group."""
-    group = stage.group or dist.distributed_c10d._get_default_group()
-    return dist.get_global_rank(group, stage.stage_index_to_group_rank[stage_index])
+    return dist.get_global_rank(stage.group or default_group(), stage.stage_index_to_group_rank[stage_index])
+
+
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (the tensor itself otherwise)."""
+    from torch.distributed.tensor import DTensor
+
+    return t._local_tensor if isinstance(t, DTensor) else t
+
+
+# --------------------------------------------------------------------------------------
+# Private hooks overridden, and private state read, by the package's subclasses.
+# --------------------------------------------------------------------------------------
+
+OVERRIDDEN_HOOKS: dict[str, tuple[tuple[str, ...], ...]] = {
+    # torch base class -> groups of hook names; each group must have at least one name in
+    # the installed torch (a group lists the spellings of one hook across versions).
+    "PipelineScheduleSingle": (
+        ("_step_microbatches",), ("_maybe_compute_loss",), ("_update_losses",), ("_get_pipeline_order",),
+    ),
+    # 2.11 validates inputs/outputs with _validate_fwd_input/_validate_fwd_outputs; 2.13
+    # moved both checks into _validate_stage_tensors.
+    "PipelineStage": (("_validate_stage_tensors", "_validate_fwd_input", "_validate_fwd_outputs"),),
+}
+
+READ_STATE: dict[str, tuple[str, ...]] = {
+    # torch base class -> private attributes and methods the subclasses read or call.
+    "PipelineScheduleSingle": (
+        "_stage", "_num_stages", "_n_microbatches", "_loss_fn", "_has_backward", "_internal_losses",
+        "_args_chunk_spec", "_kwargs_chunk_spec", "_check_inputs", "_maybe_get_loss", "_merge_outputs",
+        "_initialize_stage",
+    ),
+    "PipelineStage": ("args_recv_info", "grad_recv_info", "stage_index_to_group_rank"),
+}
+
+_TORCH_BASES = {"PipelineScheduleSingle": _schedules.PipelineScheduleSingle, "PipelineStage": _stage.PipelineStage}
+
+
+def check_overrides(cls: type) -> type:
+    """Raise ``RuntimeError`` if ``cls`` overrides an undeclared private torch method, or if a
+    declared hook it overrides is gone from the installed torch. Returns ``cls``."""
+    for base_name, groups in OVERRIDDEN_HOOKS.items():
+        base = _TORCH_BASES[base_name]
+        if not issubclass(cls, base):
+            continue
+        declared = {name for group in groups for name in group}
+        for name, value in vars(cls).items():
+            method = inspect.isfunction(value) or isinstance(value, (property, staticmethod, classmethod))
+            if method and name.startswith("_") and not name.startswith("__") and hasattr(base, name) and name not in declared:
+                raise RuntimeError(
+                    f"{cls.__name__} overrides torch's private {base_name}.{name}, which pipelining_seq._compat "
+                    "does not declare: add it to OVERRIDDEN_HOOKS"
+                )
+        for group in groups:
+            if any(name in vars(cls) for name in group) and not any(hasattr(base, name) for name in group):
+                raise RuntimeError(
+                    f"torch {torch.__version__} has no {base_name}.{' / '.join(group)}: {cls.__name__}'s override "
+                    "would silently stop applying; pipelining_seq does not support this torch version yet"
+                )
+    return cls
 
 
 # --------------------------------------------------------------------------------------

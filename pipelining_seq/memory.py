@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from . import _compat
 from .context import KVCache
 
 __all__ = ["ActivationMemoryMeter"]
@@ -23,7 +24,7 @@ __all__ = ["ActivationMemoryMeter"]
 
 def _local(t: torch.Tensor) -> torch.Tensor:
     # A DTensor has no storage of its own; its bytes on this rank are its local shard's.
-    return t._local_tensor if isinstance(t, DTensor) else t
+    return _compat.local_tensor(t)
 
 
 class _Packed:

@@ -40,6 +40,7 @@ __all__ = ["ScheduleSeq1F1B"]
 logger = logging.getLogger(__name__)
 
 
+@_compat.check_overrides
 class ScheduleSeq1F1B(PipelineScheduleSingle):
     """Seq1F1B: 1F1B over (micro-batch, sequence-chunk) units.
 
@@ -385,7 +386,7 @@ class ScheduleSeq1F1B(PipelineScheduleSingle):
     def _use_early_recv(self) -> bool:
         if self._early_recv is not None:
             return self._early_recv
-        group = self._stage.group or dist.distributed_c10d._get_default_group()
+        group = self._stage.group or _compat.default_group()
         return dist.get_backend(group) == "gloo"
 
     def _post_fwd_recv(self, u: int) -> None:

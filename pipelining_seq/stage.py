@@ -29,6 +29,7 @@ __all__ = ["SequencePipelineStage"]
 logger = logging.getLogger(__name__)
 
 
+@_compat.check_overrides
 class SequencePipelineStage(PipelineStage):
     """A pipeline stage whose micro-batches are split into sequence chunks.
 

@@ -117,8 +117,7 @@ def tp_saved_bytes(lengths: tuple[int, ...] = (24, 16), batch: int = 2) -> list[
                     return t
 
                 cache, keep, offset = KVCache(), [], 0
-                am = ActivationModel(dim=64, n_heads=4, n_kv_heads=4, ffn_dim=model.config.ffn_dim, mlp=mlp,
-                                     vocab_size=VOCAB, tp=2, sequence_parallel=sp, act_bytes=dtype.itemsize,
+                am = ActivationModel(model=model.config, tp=2, sequence_parallel=sp, act_bytes=dtype.itemsize,
                                      device="cpu")
                 for j, s in enumerate(lengths):
                     seen.clear()

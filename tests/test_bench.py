@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pipelining_seq.cli import main as cli_main
-from pipelining_seq.models import cross_entropy_loss
+from pipelining_seq.models import GPTConfig, cross_entropy_loss
 from pipelining_seq.partition import balanced_partition
 from pipelining_seq.schedule_ir import compute_order
 from pipelining_seq.tools.bench.common import BenchModel, make_batch, make_model
@@ -57,7 +57,7 @@ def test_linear_fit_partition_equalises_the_diagonal_form():
 
 
 def test_time_chunks_runs_like_a_stage():
-    cfg = BenchModel(n_layers=2, dim=32, n_heads=2, seq_len=64)
+    cfg = BenchModel(model=GPTConfig(n_layers=2, dim=32, n_heads=2), seq_len=64)
     model = make_model(cfg)
     x, y = make_batch(cfg, 1)
     fwd, bwd = time_chunks(model, x, [32, 16, 16], loss_fn=cross_entropy_loss, target=y, repeats=1)

@@ -12,16 +12,17 @@ import torch
 from safetensors.torch import load_file
 from train_workers import DEFAULT_RECIPE, ROOT, TINY, tiny_config
 
-from pipelining_seq.models import GPT, split_stage
+from pipelining_seq.models import GPT, init_weights, split_stage
 from pipelining_seq.trainer import checkpoint as ckpt
 from pipelining_seq.trainer.config import ConfigError
-from pipelining_seq.trainer.train import KILL_ENV, build_optimizer, init_weights
+from pipelining_seq.trainer.optim import build_optimizer
+from pipelining_seq.trainer.train import KILL_ENV
 from pipelining_seq.trainer.validation import validate_config
 
 
 def _stages(cfg, seed_grads: int | None = 0):
     """Both stages of a 2-stage layout in this process, after one AdamW step."""
-    g = cfg.model.to_gpt_config()
+    g = cfg.model
     with torch.device("meta"):
         full = GPT(g)
     parts, opts, scheds = [], [], []
@@ -80,7 +81,7 @@ def test_export_merges_stages_into_a_loadable_gpt(tmp_path):
     out = str(tmp_path / "model.safetensors")
     ckpt.export(str(tmp_path / "checkpoint"), out)  # the folder: its newest checkpoint
     model = ckpt.load_exported(out)
-    plain = GPT(cfg.model.to_gpt_config())
+    plain = GPT(cfg.model)
     plain.load_state_dict(load_file(out))  # the documented plain-torch way works too
     x = torch.randint(0, 256, (2, 64))
     with torch.no_grad():

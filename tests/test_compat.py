@@ -2,6 +2,7 @@
 
 import inspect
 
+import pytest
 import torch
 
 from pipelining_seq import _compat, kernels
@@ -35,3 +36,45 @@ def test_kernels_agree_with_math_reference():
         mgrads = kernels._math_backward(do, q, k, v, out, lse, None, causal, 0.3)
         for a, b in zip(grads, mgrads):
             assert (a - b).abs().max() < 1e-12
+
+
+def test_overridden_hooks_exist_in_this_torch():
+    from pipelining_seq import ScheduleSeq1F1B, SequencePipelineStage
+
+    for cls in (ScheduleSeq1F1B, SequencePipelineStage):
+        assert _compat.check_overrides(cls) is cls
+    for base, groups in _compat.OVERRIDDEN_HOOKS.items():
+        torch_cls = _compat._TORCH_BASES[base]
+        for group in groups:
+            assert any(hasattr(torch_cls, name) for name in group), (torch.__version__, base, group)
+
+
+def test_an_undeclared_or_vanished_hook_is_refused(monkeypatch):
+    from torch.distributed.pipelining.schedules import PipelineScheduleSingle
+
+    class Sneaky(PipelineScheduleSingle):
+        def _maybe_get_loss(self, stage, mb_index):  # a real private torch method, not declared
+            return None
+
+    with pytest.raises(RuntimeError, match="_maybe_get_loss.*does not declare"):
+        _compat.check_overrides(Sneaky)
+    monkeypatch.setitem(_compat.OVERRIDDEN_HOOKS, "PipelineScheduleSingle", (("_renamed_in_torch_3",),))
+
+    class Stale(PipelineScheduleSingle):
+        def _renamed_in_torch_3(self):
+            pass
+
+    with pytest.raises(RuntimeError, match="silently stop applying"):
+        _compat.check_overrides(Stale)
+
+
+def test_private_state_read_exists_on_real_instances(world_of_one):
+    from pipelining_seq import ScheduleSeq1F1B, SequencePipelineStage
+    from pipelining_seq.models import GPT, GPTConfig
+
+    stage = SequencePipelineStage(GPT(GPTConfig(n_layers=1)), 0, 1, torch.device("cpu"))
+    sched = ScheduleSeq1F1B(stage, 2, lambda o, t: o.sum(), n_seq_chunks=2)
+    objs = {"PipelineScheduleSingle": sched, "PipelineStage": stage}
+    for base, names in _compat.READ_STATE.items():
+        missing = [n for n in names if not hasattr(objs[base], n)]
+        assert not missing, (torch.__version__, base, missing)

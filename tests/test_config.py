@@ -59,7 +59,7 @@ def test_every_field_has_a_docstring_and_recipes_md_is_up_to_date():
 def test_overrides_merge_and_types_convert():
     cfg = load_config(DEFAULT_RECIPE, ["training.steps=7", "seq1f1b.partition=[100,80,76]", "optimizer.betas=[0.8,0.9]"])
     assert cfg.training.steps == 7 and cfg.seq1f1b.partition == [100, 80, 76] and cfg.optimizer.betas == (0.8, 0.9)
-    assert cfg.model.to_gpt_config() == GPTConfig(vocab_size=256, n_layers=4, dim=128, n_heads=4, mlp="gelu")
+    assert cfg.model == GPTConfig(vocab_size=256, n_layers=4, dim=128, n_heads=4, mlp="gelu")
 
 
 # (overrides, --nproc-per-node or None, substrings the message must contain)

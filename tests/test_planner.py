@@ -9,8 +9,8 @@ import os
 import pytest
 import torch
 
+from pipelining_seq.flops import balanced_partition_for
 from pipelining_seq.models import GPT, GPTConfig
-from pipelining_seq.partition import balanced_partition
 from pipelining_seq.tools.planner import (
     calibrate,
     format_plan,
@@ -61,8 +61,7 @@ def _plan(schedule, lengths, **over):
 
 
 def test_30b_64k_seq1f1b_fits_and_1f1b_does_not():
-    balanced = balanced_partition(65536, 4, num_layers=64, hidden_size=6144, num_heads=64,
-                                  ffn_hidden_size=4 * 6144, vocab_size=50304, multiple_of=64)
+    balanced = balanced_partition_for(G30B, 65536, 4, multiple_of=64)
     seq = _plan("Seq1F1B", balanced)
     one = _plan("1F1B", [65536])
     assert seq.fits and not one.fits

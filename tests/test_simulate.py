@@ -8,6 +8,8 @@ import pytest
 
 from pipelining_seq import schedule_ir
 from pipelining_seq.cli import main as cli_main
+from pipelining_seq.flops import FlopModel
+from pipelining_seq.models import GPTConfig
 from pipelining_seq.partition import balanced_partition
 from pipelining_seq.tools import torch_schedules
 from pipelining_seq.tools.simulate import (
@@ -102,18 +104,37 @@ def test_torch_schedule_actions_cover_every_microbatch():
 
 
 def test_flop_model_balanced_beats_uniform():
-    shape = MODEL_PRESETS["7b"]
+    model = MODEL_PRESETS["7b"]
     plan = build_plan("Seq1F1B", pp=4, microbatches=8, chunks=4)
     dims = dict(num_layers=32, hidden_size=4096, num_heads=32, ffn_hidden_size=16384, vocab_size=51200)
-    uni = simulate(plan, flop_costs(plan, shape, [8192] * 4))
-    bal = simulate(plan, flop_costs(plan, shape, balanced_partition(32768, 4, **dims, multiple_of=8)))
+    lengths = balanced_partition(32768, 4, **dims, multiple_of=8)
+    assert lengths == [11024, 8416, 7088, 6240]  # the paper's own split
+    uni = simulate(plan, flop_costs(plan, model, [8192] * 4))
+    bal = simulate(plan, flop_costs(plan, model, lengths))
     base_plan = build_plan("1F1B", pp=4, microbatches=8)
-    base = simulate(base_plan, flop_costs(base_plan, shape, [32768]))
+    base = simulate(base_plan, flop_costs(base_plan, model, [32768]))
     assert bal.makespan < uni.makespan < base.makespan
     assert bal.bubble < 0.5 * base.bubble
     # Same total work whatever the schedule: the layer FLOPs of the sequence.
     assert sum(bal.busy) == pytest.approx(sum(base.busy), rel=1e-9)
     assert sum(uni.busy) == pytest.approx(sum(base.busy), rel=1e-9)
+    # That work is the FLOP model's (forward + 2 x backward), less the embedding the paper counts.
+    work = 3 * (FlopModel.from_gpt(model).chunk_cost(32768, 32768) - 2 * 32768 * 4096 * 51200) / 1e9
+    assert sum(base.busy) == pytest.approx(8 * work, rel=1e-9)
+
+
+def test_flop_costs_follow_the_models_shape():
+    """A GQA/SwiGLU model costs less per token than its MHA/GELU twin of the same width."""
+    plan = build_plan("Seq1F1B", pp=2, microbatches=2, chunks=2)
+    mha = GPTConfig(n_layers=3, dim=256, n_heads=8, vocab_size=1000, ffn_dim=688, mlp="gelu")
+    gqa = GPTConfig(n_layers=3, dim=256, n_heads=8, n_kv_heads=2, vocab_size=1000, ffn_dim=688, mlp="swiglu")
+    a, b = flop_costs(plan, mha, [600, 424]), flop_costs(plan, gqa, [600, 424])
+    # 3 layers over 2 stages: 2 and 1; the head on stage 1.
+    fm = FlopModel.from_gpt(gqa)
+    assert b.fwd[0][1] == pytest.approx(2 * fm.layer_cost(424, 1024) / 1e9)
+    assert b.fwd[1][0] == pytest.approx((fm.layer_cost(600, 600) + fm.head_cost(600)) / 1e9)
+    # SwiGLU's third matrix outweighs GQA's smaller K/V here: 2*256*688 > 2*2*256*(256-64).
+    assert b.fwd[0][0] > a.fwd[0][0]
 
 
 def test_measured_costs_and_chunk_mismatch():

@@ -14,7 +14,7 @@ import torch
 from train_workers import DEFAULT_RECIPE, ROOT, reference_run, schedules_worker, tiny_config
 
 from pipelining_seq.testing import run_ranks
-from pipelining_seq.trainer.train import clip_grad_norm_, lr_factor
+from pipelining_seq.trainer.optim import clip_grad_norm_, lr_factor
 
 
 def test_lr_factor_warmup_then_cosine_to_floor():

@@ -7,11 +7,11 @@ import os
 
 import torch
 
-from pipelining_seq.models import GPT
+from pipelining_seq.models import GPT, cross_entropy_loss, init_weights
 from pipelining_seq.trainer.config import JobConfig, load_config
 from pipelining_seq.trainer.data import TokenBatches, load_tokens
-from pipelining_seq.trainer.train import build_optimizer, clip_grad_norm_, cross_entropy_loss, init_weights
-from pipelining_seq.trainer.validation import n_microbatches
+from pipelining_seq.trainer.layout import n_microbatches
+from pipelining_seq.trainer.optim import build_optimizer, clip_grad_norm_
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_RECIPE = os.path.join(ROOT, "recipes", "gpt_tiny_cpu.yaml")
@@ -38,7 +38,7 @@ def reference_run(cfg: JobConfig) -> tuple[list[float], list[float]]:
     """The training loop on one process, whole model, no pipeline: per-step mean loss
     over the micro-batches and gradient norm."""
     torch.manual_seed(0)
-    gcfg = cfg.model.to_gpt_config()
+    gcfg = cfg.model
     with torch.device("meta"):
         model = GPT(gcfg)
     model.to_empty(device="cpu")

@@ -9,6 +9,7 @@ the last stage norms and projects to the vocabulary.
 from __future__ import annotations
 
 import copy
+import zlib
 from dataclasses import dataclass
 
 import torch
@@ -19,51 +20,90 @@ from torch.utils.checkpoint import checkpoint
 from ..attention import ChunkedCausalAttention
 from ..context import chunk_positions
 
-__all__ = ["GPT", "GPTConfig", "cross_entropy_loss", "split_stage", "stage_layer_ranges"]
+__all__ = [
+    "ATTN_BACKENDS",
+    "GPT",
+    "GPTConfig",
+    "GPTConfigError",
+    "cross_entropy_loss",
+    "init_value",
+    "init_weights",
+    "split_stage",
+    "stage_layer_ranges",
+]
+
+
+ATTN_BACKENDS = ("auto", "blockwise", "sdpa", "flash")
+
+
+class GPTConfigError(ValueError):
+    """A model shape that cannot be built; ``errors`` lists every problem."""
+
+    def __init__(self, errors: list[str]) -> None:
+        self.errors = errors
+        super().__init__("; ".join(errors))
 
 
 @dataclass(kw_only=True)
 class GPTConfig:
-    """Shape of the reference GPT."""
+    """Shape of the reference GPT (also the recipe's ``model`` section)."""
 
     vocab_size: int = 256
-    """Vocabulary size (256 for the byte-level tokenizer)."""
+    """Vocabulary size; 256 for the built-in byte-level tokenizer, at least the largest token id + 1 for token files."""
     n_layers: int = 4
-    """Transformer blocks."""
+    """Transformer blocks; must divide evenly over the pipeline stages."""
     dim: int = 64
     """Hidden size."""
     n_heads: int = 4
-    """Query heads."""
+    """Query heads; dim / n_heads must be even (RoPE)."""
     n_kv_heads: int | None = None
-    """Key/value heads (grouped-query attention); None means n_heads."""
+    """Key/value heads for grouped-query attention; null means n_heads."""
     ffn_dim: int | None = None
-    """MLP hidden size; None means 4*dim (GELU) or 8/3*dim rounded to 8 (SwiGLU)."""
+    """MLP hidden size; null means 4*dim (gelu) or 8/3*dim rounded up to 8 (swiglu)."""
     mlp: str = "gelu"
-    """'gelu' or 'swiglu'."""
+    """MLP kind: gelu or swiglu."""
     rope_theta: float = 10000.0
     """RoPE base."""
     norm_eps: float = 1e-5
     """RMSNorm epsilon."""
     attn_backend: str = "auto"
-    """ChunkedCausalAttention backend: auto, blockwise, sdpa or flash."""
+    """ChunkedCausalAttention backend: auto, blockwise, sdpa or flash (flash needs CUDA and flash-attn)."""
     activation_checkpoint: bool = False
-    """Recompute each block in backward (torch.utils.checkpoint, non-reentrant)."""
+    """Recompute each transformer block in backward (saves activation memory, costs one more forward)."""
 
     def __post_init__(self) -> None:
+        problems = self.problems()
+        if problems:
+            raise GPTConfigError(problems)
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
-        if self.dim % self.n_heads:
-            raise ValueError(f"model.dim={self.dim} must be divisible by model.n_heads={self.n_heads}")
-        if self.n_heads % self.n_kv_heads:
-            raise ValueError(
-                f"model.n_heads={self.n_heads} must be a multiple of model.n_kv_heads={self.n_kv_heads}"
-            )
-        if (self.dim // self.n_heads) % 2:
-            raise ValueError(f"head dim {self.dim // self.n_heads} must be even for RoPE: change model.dim or model.n_heads")
-        if self.mlp not in ("gelu", "swiglu"):
-            raise ValueError(f"model.mlp={self.mlp!r}: use 'gelu' or 'swiglu'")
         if self.ffn_dim is None:
             self.ffn_dim = 4 * self.dim if self.mlp == "gelu" else 8 * ((8 * self.dim // 3 + 7) // 8)
+
+    def problems(self) -> list[str]:
+        """Every reason this shape cannot be built, each naming its ``model.*`` field."""
+        errors = [
+            f"model.{name}={value!r} must be a positive integer"
+            for name, value in (
+                ("vocab_size", self.vocab_size), ("n_layers", self.n_layers), ("dim", self.dim),
+                ("n_heads", self.n_heads), ("n_kv_heads", self.n_kv_heads), ("ffn_dim", self.ffn_dim),
+            )
+            if value is not None and (not isinstance(value, int) or value < 1)
+        ]
+        if self.mlp not in ("gelu", "swiglu"):
+            errors.append(f"model.mlp={self.mlp!r}: use 'gelu' or 'swiglu'")
+        if self.attn_backend not in ATTN_BACKENDS:
+            errors.append(f"model.attn_backend={self.attn_backend!r}: use one of {', '.join(ATTN_BACKENDS)}")
+        if errors:
+            return errors
+        kv = self.n_heads if self.n_kv_heads is None else self.n_kv_heads
+        if self.dim % self.n_heads:
+            errors.append(f"model.dim={self.dim} must be divisible by model.n_heads={self.n_heads}")
+        elif (self.dim // self.n_heads) % 2:
+            errors.append(f"head dim {self.dim // self.n_heads} must be even for RoPE: change model.dim or model.n_heads")
+        if self.n_heads % kv:
+            errors.append(f"model.n_heads={self.n_heads} must be a multiple of model.n_kv_heads={kv}")
+        return errors
 
     @property
     def head_dim(self) -> int:
@@ -146,13 +186,10 @@ class GPT(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self, std: float = 0.02) -> None:
-        for name, p in self.named_parameters():
-            if p.dim() >= 2:
-                # GPT-2 style: residual projections scaled by depth.
-                scale = (2 * self.config.n_layers) ** -0.5 if name.endswith(("wo.weight", "w2.weight")) else 1.0
-                nn.init.normal_(p, mean=0.0, std=std * scale)
-            else:
-                nn.init.ones_(p)
+        """Initialise from the global RNG (:func:`init_weights` seeds per parameter name)."""
+        with torch.no_grad():
+            for name, p in self.named_parameters():
+                p.copy_(init_value(name, p.shape, n_layers=self.config.n_layers, std=std, device=p.device))
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         if self.tok_embeddings is not None:
@@ -167,6 +204,30 @@ class GPT(nn.Module):
         if self.output is not None:
             h = self.output(h)
         return h
+
+
+def init_value(
+    name: str, shape: torch.Size, *, n_layers: int, std: float = 0.02, generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """The initial value of parameter ``name``: GPT-2 style normal(0, std) matrices with the
+    residual projections (``wo``, ``w2``) scaled by (2 * n_layers)^-0.5, ones for norms."""
+    if len(shape) < 2:
+        return torch.ones(shape, device=device)
+    scale = (2 * n_layers) ** -0.5 if name.endswith(("wo.weight", "w2.weight")) else 1.0
+    return torch.empty(shape, device=device).normal_(0.0, std * scale, generator=generator)
+
+
+def init_weights(module: nn.Module, *, seed: int, n_layers: int, std: float = 0.02) -> None:
+    """Initialise every parameter from a generator seeded by ``(seed, parameter name)``.
+
+    Seeding by name makes the weights independent of how the model is cut into stages;
+    values are drawn on CPU, so a CUDA run starts from the same weights as a CPU run.
+    """
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            g = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % (1 << 62))
+            p.copy_(init_value(name, p.shape, n_layers=n_layers, std=std, generator=g))
 
 
 def cross_entropy_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

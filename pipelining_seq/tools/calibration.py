@@ -1,8 +1,8 @@
 """Measured chunk costs: profile, fit, re-partition (the ``linear_fit`` idea of Seq1F1B v2).
 
-The FLOP model behind :func:`~pipelining_seq.partition.balanced_partition` ignores
-how fast each kernel really runs (fused attention vs GEMMs, the causal diagonal block,
-GQA, SwiGLU). Here the cost of a chunk of ``s`` tokens ending at position ``P`` is
+The FLOP model behind :func:`~pipelining_seq.partition.balanced_partition`
+(:mod:`pipelining_seq.flops`) counts FLOPs, not how fast each kernel really runs
+(fused attention vs GEMMs, the causal diagonal block, small GQA/SwiGLU matmuls). Here the cost of a chunk of ``s`` tokens ending at position ``P`` is
 fitted to measured forward+backward times,
 
     cost(s, P) = a1·(s·P − s²/2) + a2·s + b   (+ a3·s² with ``diagonal=True``),

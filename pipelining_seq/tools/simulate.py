@@ -13,7 +13,8 @@ starts when the rank is free and its inputs exist:
 Seq1F1B's lists come from :mod:`pipelining_seq.schedule_ir`; torch's schedules are
 built for real on probe stages (through :mod:`pipelining_seq._compat`) and read back.
 Durations come from a :class:`CostModel`: equal-cost units (backward twice forward),
-the paper's FLOP model for a preset model, or measured per-chunk times.
+the FLOP model of :mod:`pipelining_seq.flops` for a preset model, or measured
+per-chunk times.
 """
 
 from __future__ import annotations
@@ -23,15 +24,16 @@ import json
 import logging
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 from .. import schedule_ir
-from ..partition import balanced_partition, chunk_cost, uniform_partition
+from ..flops import FlopModel, balanced_partition_for
+from ..models.gpt import GPTConfig
+from ..partition import uniform_partition
 from . import torch_schedules
 
 __all__ = [
     "CostModel",
-    "ModelShape",
     "MODEL_PRESETS",
     "Op",
     "Plan",
@@ -52,34 +54,20 @@ logger = logging.getLogger(__name__)
 SEQ1F1B = "Seq1F1B"
 
 
-@dataclass(frozen=True)
-class ModelShape:
-    """Dimensions the FLOP model needs (GPT style, as in the paper's ``exp.sh``)."""
-
-    num_layers: int
-    """Transformer blocks."""
-    hidden_size: int
-    """Model width H."""
-    num_heads: int
-    """Attention heads."""
-    ffn_hidden_size: int
-    """MLP width (4H, non-gated, in the paper's models)."""
-    vocab_size: int
-    """Padded vocabulary (51200 for GPT-2 BPE in the paper's runs)."""
+def _paper_model(layers: int, hidden: int, heads: int) -> GPTConfig:
+    # The paper's GPTs (its exp.sh): MHA, a non-gated 4H MLP, GPT-2 BPE padded to 51200.
+    return GPTConfig(n_layers=layers, dim=hidden, n_heads=heads, ffn_dim=4 * hidden, mlp="gelu", vocab_size=51200)
 
 
-def _paper_model(layers: int, hidden: int, heads: int) -> ModelShape:
-    return ModelShape(layers, hidden, heads, 4 * hidden, 51200)
-
-
-MODEL_PRESETS: dict[str, ModelShape] = {
+MODEL_PRESETS: dict[str, GPTConfig] = {
     "2.7b": _paper_model(32, 2560, 32),
     "7b": _paper_model(32, 4096, 32),
     "13b": _paper_model(40, 5120, 40),
     "30b": _paper_model(64, 6144, 64),
     # The CPU step-time benchmark's GPT (attention is most of its cost).
-    "cpu-bench": ModelShape(4, 128, 4, 512, 256),
+    "cpu-bench": GPTConfig(n_layers=4, dim=128, n_heads=4, ffn_dim=512, mlp="gelu", vocab_size=256),
 }
+"""Models ``simulate --model`` (and the benchmarks' defaults) know by name."""
 
 
 # ----------------------------------------------------------------------------- plans
@@ -191,33 +179,15 @@ def equal_costs(plan: Plan, *, lengths: Sequence[int] | None = None, bwd_ratio: 
     )
 
 
-def flop_costs(plan: Plan, shape: ModelShape, lengths: Sequence[int], *, bwd_ratio: float = 2.0) -> CostModel:
-    """The paper's forward-FLOP model, per stage: layers split evenly, head on the last.
-
-    A chunk of ``s`` tokens ending at ``P`` costs ``α(sP - s²/2) + βs`` per layer
-    (:func:`pipelining_seq.partition.chunk_cost`); the last stage adds the output
-    projection ``2sHV``. Backward is ``bwd_ratio`` times forward. Units: GFLOP.
+def flop_costs(plan: Plan, model: GPTConfig, lengths: Sequence[int], *, bwd_ratio: float = 2.0) -> CostModel:
+    """Forward FLOPs per stage and chunk from :class:`pipelining_seq.flops.FlopModel`:
+    the model's layers split over the stages as the launcher splits them, the output
+    head on the last stage. Backward is ``bwd_ratio`` times forward. Units: GFLOP.
     """
     S = plan.num_stages
-    if shape.num_layers < S:
-        raise ValueError(f"{shape.num_layers} layers cannot fill {S} stages: lower --pp or --stages-per-rank")
-    layer_dims = dict(
-        num_layers=1, hidden_size=shape.hidden_size, num_heads=shape.num_heads,
-        ffn_hidden_size=shape.ffn_hidden_size, vocab_size=1,
-    )
-    ends = [sum(lengths[: j + 1]) for j in range(len(lengths))]
-    # chunk_cost of one layer with a 1-token vocabulary carries 4sH of embedding/head cost.
-    per_layer = [
-        chunk_cost(s, e, **layer_dims) - 4 * s * shape.hidden_size for s, e in zip(lengths, ends)
-    ]
-    base, extra = divmod(shape.num_layers, S)
-    fwd = []
-    for st in range(S):
-        n_layers = base + (1 if st < extra else 0)
-        row = [n_layers * c for c in per_layer]
-        if st == S - 1:
-            row = [c + 2 * s * shape.hidden_size * shape.vocab_size for c, s in zip(row, lengths)]
-        fwd.append([c / 1e9 for c in row])
+    if model.n_layers < S:
+        raise ValueError(f"{model.n_layers} layers cannot fill {S} stages: lower --pp or --stages-per-rank")
+    fwd = [[c / 1e9 for c in row] for row in FlopModel.from_gpt(model).stage_costs(list(lengths), S)]
     bwd = [[c * bwd_ratio for c in row] for row in fwd]
     v = plan.stages_per_rank
     act = [[s / sum(lengths) / v for s in lengths] for _ in range(S)]
@@ -423,18 +393,18 @@ PAPER_7B = {
 def paper_comparison(*, pps: Sequence[int] = (4, 8), chunks: int = 4, bwd_ratio: float = 2.0,
                      comm: float = 0.0, recv_latency: float = 0.0) -> list[dict]:
     """Simulated Seq1F1B/1F1B and Seq1F1B/1F1B-interleaved for the paper's 7B runs."""
-    shape = MODEL_PRESETS["7b"]
+    model = MODEL_PRESETS["7b"]
     rows = []
     for (seq, m), measured in PAPER_7B.items():
         for pp in pps:
-            lengths = balanced_partition(seq, chunks, **asdict(shape), multiple_of=8)
+            lengths = balanced_partition_for(model, seq, chunks, multiple_of=8)
             seq_plan = build_plan(SEQ1F1B, pp=pp, microbatches=m, chunks=chunks)
-            seq_res = simulate(seq_plan, flop_costs(seq_plan, shape, lengths, bwd_ratio=bwd_ratio), comm=comm,
+            seq_res = simulate(seq_plan, flop_costs(seq_plan, model, lengths, bwd_ratio=bwd_ratio), comm=comm,
                                recv_latency=recv_latency)
             times = {}
             for name in ("1F1B", "Interleaved1F1B"):
                 plan = build_plan(name, pp=pp, microbatches=m)
-                times[name] = simulate(plan, flop_costs(plan, shape, [seq], bwd_ratio=bwd_ratio), comm=comm,
+                times[name] = simulate(plan, flop_costs(plan, model, [seq], bwd_ratio=bwd_ratio), comm=comm,
                                        recv_latency=recv_latency)
             rows.append(dict(
                 seq_len=seq, microbatches=m, pp=pp, chunks=chunks, lengths=lengths,
@@ -480,7 +450,7 @@ def _lengths_for(args: argparse.Namespace, part: str, seq_len: int) -> list[int]
     if part == "uniform":
         return uniform_partition(seq_len, k) if seq_len % k == 0 else [1] * k
     if part == "balanced":
-        return balanced_partition(seq_len, k, **asdict(MODEL_PRESETS[args.model]), multiple_of=8)
+        return balanced_partition_for(MODEL_PRESETS[args.model], seq_len, k, multiple_of=8)
     try:
         lengths = [int(x) for x in part.split(",")]
     except ValueError:
@@ -563,7 +533,12 @@ def main(args: argparse.Namespace) -> int:
             print(f"{name}: skipped ({exc})")
             continue
         for part in args.partition if name == SEQ1F1B else ["uniform"]:
-            res = simulate(plan, _costs(args, plan, part, times), comm=args.comm, recv_latency=args.recv_latency)
+            try:
+                cost = _costs(args, plan, part, times)
+            except ValueError as exc:  # e.g. a preset with fewer layers than this schedule's stages
+                print(f"{name}: skipped ({exc})")
+                continue
+            res = simulate(plan, cost, comm=args.comm, recv_latency=args.recv_latency)
             if name == SEQ1F1B and len(args.partition) > 1:
                 res.label = f"{name} ({part})"
             results.append(res)

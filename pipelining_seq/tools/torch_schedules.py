@@ -8,20 +8,14 @@ from __future__ import annotations
 
 from torch.distributed.pipelining import schedules as _schedules
 
-from .. import _compat
+from .. import _compat, placement
 
 __all__ = ["torch_schedule_actions", "torch_schedule_class", "torch_schedule_names", "torch_schedule_stages"]
 
-
-
-_TORCH_SCHEDULES = {
-    "1F1B": ("Schedule1F1B", 1, "loop"),
-    "GPipe": ("ScheduleGPipe", 1, "loop"),
-    "Interleaved1F1B": ("ScheduleInterleaved1F1B", None, "loop"),
-    "InterleavedZeroBubble": ("ScheduleInterleavedZeroBubble", None, "loop"),
-    "ZBVZeroBubble": ("ScheduleZBVZeroBubble", 2, "v"),
-    "DualPipeV": ("ScheduleDualPipeV", 2, "v"),
-}
+# Every torch schedule of pipelining_seq.placement except LoopedBFS (a breadth-first
+# baseline nobody benchmarks against; its memory grows with the micro-batch count).
+_NAMES = tuple(i.name for i in map(placement.resolve_schedule, placement.SCHEDULE_NAMES)
+               if i.torch_class is not None and i.name != "LoopedBFS")
 
 
 class _ScheduleProbeStage:
@@ -41,25 +35,25 @@ class _ScheduleProbeStage:
 
 def torch_schedule_names() -> list[str]:
     """Names of torch schedules :func:`torch_schedule_actions` can expand."""
-    return list(_TORCH_SCHEDULES)
+    return list(_NAMES)
+
+
+def _info(name: str) -> placement.ScheduleInfo:
+    if name not in _NAMES:
+        raise ValueError(f"unknown torch schedule {name!r}: choose one of {torch_schedule_names()}")
+    return placement.resolve_schedule(name)
 
 
 def torch_schedule_class(name: str) -> type:
     """The torch schedule class behind a name of :func:`torch_schedule_names`."""
-    if name not in _TORCH_SCHEDULES:
-        raise ValueError(f"unknown torch schedule {name!r}: choose one of {torch_schedule_names()}")
-    return getattr(_schedules, _TORCH_SCHEDULES[name][0])
+    return placement.schedule_class(_info(name))
 
 
 def torch_schedule_stages(name: str, num_ranks: int, rank: int, stages_per_rank: int = 2) -> list[int]:
     """Stage indices rank ``rank`` holds under schedule ``name`` (loop or V placement)."""
-    _, fixed, style = _TORCH_SCHEDULES[name] if name in _TORCH_SCHEDULES else (None, None, None)
-    if style is None:
-        raise ValueError(f"unknown torch schedule {name!r}: choose one of {torch_schedule_names()}")
-    v = fixed or stages_per_rank
-    if style == "v":
-        return [rank, 2 * num_ranks - 1 - rank]
-    return [rank + i * num_ranks for i in range(v)]
+    info = _info(name)
+    spr = info.fixed_stages_per_rank or stages_per_rank
+    return placement.rank_stages(info, pp=num_ranks, rank=rank, stages_per_rank=spr)
 
 
 def torch_schedule_actions(

@@ -45,7 +45,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from ..models.gpt import GPT, GPTConfig
 from .config import JobConfig, to_dict
-from .validation import chunk_lengths, pipeline_layout, resolve_path, resolve_schedule
+from .layout import chunk_lengths, pipeline_layout, resolve_path, schedule_info
 
 __all__ = [
     "CheckpointError",
@@ -150,7 +150,7 @@ def find_checkpoints(folder: str) -> list[tuple[int, str]]:
 
 
 def _model_diff(saved: dict[str, Any], cfg: JobConfig) -> list[str]:
-    want = GPTConfig(**to_dict(cfg)["model"]).__dict__
+    want = cfg.model.__dict__
     have = GPTConfig(**saved).__dict__
     return [f"model.{k}: checkpoint {have[k]!r}, recipe {want[k]!r}" for k in want if k not in _RUNTIME_ONLY and have[k] != want[k]]
 
@@ -302,7 +302,7 @@ def save_checkpoint(
             "step": step,
             "model": to_dict(cfg)["model"],
             "layout": layout,
-            "schedule": resolve_schedule(cfg.parallelism.pipeline_parallel_schedule).name,
+            "schedule": schedule_info(cfg).name,
             "partition": {"num_seq_chunks": cfg.seq1f1b.num_seq_chunks, "chunk_lengths": chunk_lengths(cfg)},
             "data": {
                 "next_step": step + 1, "dataset": t.dataset, "seed": t.seed, "seq_len": t.seq_len,

@@ -26,7 +26,7 @@ from typing import Any
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
-from ..models.gpt import GPTConfig
+from ..models.gpt import GPTConfig, GPTConfigError
 
 __all__ = [
     "CheckpointConfig",
@@ -35,7 +35,6 @@ __all__ = [
     "JobSection",
     "LRSchedulerConfig",
     "MetricsConfig",
-    "ModelConfig",
     "OptimizerConfig",
     "ParallelismConfig",
     "ProfilingConfig",
@@ -69,38 +68,6 @@ class JobSection:
     """Root of every output of the run; relative output folders below are resolved against it."""
     description: str = ""
     """One line shown by `pipelining-seq ls` and at the start of the run."""
-
-
-@dataclass(kw_only=True)
-class ModelConfig:
-    """Shape of the reference GPT (mirrors pipelining_seq.models.GPTConfig)."""
-
-    vocab_size: int = 256
-    """Vocabulary size; 256 for the built-in byte-level tokenizer, at least the largest token id + 1 for token files."""
-    n_layers: int = 4
-    """Transformer blocks; must divide evenly over the pipeline stages."""
-    dim: int = 128
-    """Hidden size."""
-    n_heads: int = 4
-    """Query heads; dim / n_heads must be even (RoPE)."""
-    n_kv_heads: int | None = None
-    """Key/value heads for grouped-query attention; null means n_heads."""
-    ffn_dim: int | None = None
-    """MLP hidden size; null means 4*dim (gelu) or 8/3*dim rounded up to 8 (swiglu)."""
-    mlp: str = "gelu"
-    """MLP kind: gelu or swiglu."""
-    rope_theta: float = 10000.0
-    """RoPE base."""
-    norm_eps: float = 1e-5
-    """RMSNorm epsilon."""
-    attn_backend: str = "auto"
-    """ChunkedCausalAttention backend: auto, blockwise, sdpa or flash (flash needs CUDA and flash-attn)."""
-    activation_checkpoint: bool = False
-    """Recompute each transformer block in backward (saves activation memory, costs one more forward)."""
-
-    def to_gpt_config(self) -> GPTConfig:
-        """The ``GPTConfig`` this section describes (raises ValueError on bad shapes)."""
-        return GPTConfig(**dataclasses.asdict(self))
 
 
 @dataclass(kw_only=True)
@@ -245,8 +212,8 @@ class JobConfig:
 
     job: JobSection = field(default_factory=JobSection)
     """Outputs."""
-    model: ModelConfig = field(default_factory=ModelConfig)
-    """Model shape."""
+    model: GPTConfig = field(default_factory=GPTConfig)
+    """Model shape (:class:`pipelining_seq.models.GPTConfig`)."""
     training: TrainingConfig = field(default_factory=TrainingConfig)
     """Data and loop."""
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
@@ -344,6 +311,9 @@ def _merge(base: Any, other: Any, where: str) -> Any:
 def load_config(path: str | None, overrides: Sequence[str] = ()) -> JobConfig:
     """Schema defaults, then the YAML at ``path`` (if any), then ``key=value`` overrides."""
     cfg = OmegaConf.structured(JobConfig)
+    # From the class, not an instance: GPTConfig() would fill its derived fields (ffn_dim,
+    # n_kv_heads) from the default dim before the recipe's dim is merged in.
+    cfg.model = OmegaConf.structured(GPTConfig)
     if path is not None:
         try:
             data = OmegaConf.load(path)
@@ -363,6 +333,8 @@ def load_config(path: str | None, overrides: Sequence[str] = ()) -> JobConfig:
         cfg = _merge(cfg, dot, "override")
     try:
         obj = OmegaConf.to_object(cfg)
+    except GPTConfigError as e:  # GPTConfig checks its own shape on construction
+        raise ConfigError(e.errors) from None
     except OmegaConfBaseException as e:
         raise ConfigError(str(e)) from None
     assert isinstance(obj, JobConfig)

@@ -17,7 +17,8 @@ from importlib import resources
 from pathlib import Path
 
 from .config import ConfigError, JobConfig, load_config, to_yaml
-from .validation import chunk_lengths, n_microbatches, resolve_schedule, stage_ranks, validate_config
+from .layout import chunk_lengths, n_microbatches, schedule_info, stage_ranks, world_size
+from .validation import validate_config
 
 __all__ = ["add_arguments", "find_recipe", "main", "recipe_dirs", "torchrun_command"]
 
@@ -39,11 +40,6 @@ def find_recipe(name: str) -> str:
             if candidate.is_file():
                 return str(candidate)
     raise ConfigError(f"recipe {name!r} not found (not a file, nor in {[str(d) for d in recipe_dirs()]}); see `pipelining-seq ls`")
-
-
-def world_size(cfg: JobConfig) -> int:
-    p = cfg.parallelism
-    return p.pipeline_parallel_degree * p.data_parallel_shard_degree * p.tensor_parallel_degree
 
 
 def torchrun_command(
@@ -92,8 +88,8 @@ def _split_extra(args) -> list[str]:
 
 
 def _describe(cfg: JobConfig, world: int) -> str:
-    info = resolve_schedule(cfg.parallelism.pipeline_parallel_schedule)
-    chunks = f", k={cfg.seq1f1b.num_seq_chunks} chunks {chunk_lengths(cfg)}" if info.name == "Seq1F1B" else ""
+    info = schedule_info(cfg)
+    chunks = f", k={cfg.seq1f1b.num_seq_chunks} chunks {chunk_lengths(cfg)}" if info.seq_chunks else ""
     return (
         f"{world} process(es); {info.name} over {len(stage_ranks(cfg))} stages, {n_microbatches(cfg)} micro-batches"
         f"{chunks}; model {cfg.model.n_layers}x{cfg.model.dim}, seq {cfg.training.seq_len}, {cfg.training.steps} steps"
@@ -109,7 +105,7 @@ def _ls() -> int:
         for path in sorted(d.rglob("*.yaml")):
             try:
                 cfg = load_config(str(path))
-                info = resolve_schedule(cfg.parallelism.pipeline_parallel_schedule)
+                info = schedule_info(cfg)
                 line = f"{world_size(cfg)} proc  {info.name:<14} {cfg.job.description}"
             except ConfigError as e:
                 line = f"(invalid: {e})"

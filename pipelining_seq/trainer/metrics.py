@@ -1,7 +1,8 @@
 """What a run reports: model FLOPs, peak memory per stage, TensorBoard, profiler traces.
 
 * :func:`model_flops_per_token` counts model FLOPs the way the Seq1F1B paper does
-  (3 x forward, causal attention at half, recompute not counted).
+  (3 x forward, causal attention at half, recompute not counted), with
+  :mod:`pipelining_seq.flops`.
 * :class:`StageMemory` is the peak memory of one pipeline rank during a step: the CUDA
   allocator's high-water mark on GPU; on CPU, where no allocator keeps one, the live
   bytes of tensors saved for backward plus the Seq1F1B K/V cache
@@ -27,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..flops import FlopModel
 from ..memory import ActivationMemoryMeter
 from ..models.gpt import GPTConfig
 
@@ -55,20 +57,12 @@ _GPU_PEAK_BF16_TFLOPS = {
 def model_flops_per_token(cfg: GPTConfig, *, seq_len: int) -> float:
     """Training FLOPs per token: 3 x forward FLOPs of one token in a ``seq_len`` sequence.
 
-    Forward FLOPs per token, as the paper's ``get_seq_tflops`` counts them (see
-    docs/recipes.md and :func:`pipelining_seq.partition.chunk_cost`): 4·H·V for the
-    embedding and output head, plus per layer the projections (2·H·(2·H + 2·H_kv)), the
-    MLP (4·H·F, or 6·H·F for SwiGLU) and causal attention ((4·d + 3)·h per query/key pair,
-    at seq_len/2 keys on average). For MHA with a GELU MLP this equals
-    ``3 * chunk_cost(seq_len, seq_len, ...) / seq_len``.
+    The one FLOP model (:class:`pipelining_seq.flops.FlopModel`, the same that balances
+    chunks and drives the simulator): embedding and output head ``4·H·V``, per layer
+    the projections (GQA-aware), the MLP (GELU or SwiGLU) and causal attention at
+    ``seq_len/2`` keys on average.
     """
-    h, v, f = cfg.dim, cfg.vocab_size, cfg.ffn_dim
-    kv = cfg.n_kv_heads * cfg.head_dim
-    proj = 2 * h * (2 * h + 2 * kv)
-    mlp = (6 if cfg.mlp == "swiglu" else 4) * h * f
-    attn = (4 * cfg.head_dim + 3) * cfg.n_heads * seq_len / 2
-    forward = 4 * h * v + cfg.n_layers * (proj + mlp + attn)
-    return 3.0 * forward
+    return FlopModel.from_gpt(cfg).training_flops_per_token(seq_len)
 
 
 def device_peak_tflops(device: torch.device, configured: float | None) -> float | None:

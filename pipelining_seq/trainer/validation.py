@@ -1,143 +1,29 @@
-"""Settings derived from a recipe, and the checks that run before any process starts.
+"""The checks a recipe must pass before any process starts.
 
 :func:`validate_config` checks everything that depends on several fields (stage layout,
 micro-batches, chunk lengths, parallel degrees, data, checkpoints) and names the knob to
-change. The layout helpers (:func:`resolve_schedule`, :func:`stage_ranks`,
-:func:`pipeline_layout`, :func:`chunk_lengths`) are what the training loop, the
-checkpoints and the planner derive from a recipe.
+change. The settings it checks are derived in :mod:`pipelining_seq.trainer.layout`.
 """
 
 from __future__ import annotations
 
-import functools
 import importlib.util
-import os
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from .config import ConfigError, JobConfig
+from .layout import chunk_lengths, n_microbatches, schedule_info, stages_per_rank
 
-__all__ = [
-    "ScheduleInfo",
-    "chunk_lengths",
-    "n_microbatches",
-    "pipeline_layout",
-    "resolve_path",
-    "resolve_schedule",
-    "stage_ranks",
-    "stages_per_rank",
-    "validate_config",
-]
+__all__ = ["validate_config"]
 
 
-# ---------------------------------------------------------------- derived settings
-_MULTI_STAGE_V = ("ZBVZeroBubble", "DualPipeV")
-
-
-@dataclass(frozen=True)
-class ScheduleInfo:
-    """What the training loop needs to know about a schedule name."""
-
-    name: str
-    """Canonical name (Seq1F1B or torch's spelling)."""
-    multi_stage: bool
-    """A PipelineScheduleMulti (several stages per rank)."""
-    style: str
-    """Stage placement over ranks: 'loop' (rank r holds r, r+pp, ...) or 'v' (r and 2pp-1-r)."""
-
-
-def resolve_schedule(name: str) -> ScheduleInfo:
-    """Seq1F1B, or a torch built-in schedule by its (case-insensitive) name."""
-    if name.lower() == "seq1f1b":
-        return ScheduleInfo(name="Seq1F1B", multi_stage=False, style="loop")
-    from torch.distributed.pipelining.schedules import PipelineScheduleMulti, PipelineScheduleSingle, get_schedule_class
-
-    try:
-        cls = get_schedule_class(name)
-    except ValueError:
-        cls = None
-    if cls is None or cls in (PipelineScheduleSingle, PipelineScheduleMulti):
-        raise ConfigError(
-            f"parallelism.pipeline_parallel_schedule={name!r} is not a schedule; use Seq1F1B or one of torch's: "
-            "1F1B, GPipe, Interleaved1F1B, LoopedBFS, InterleavedZeroBubble, ZBVZeroBubble, DualPipeV"
-        )
-    canonical = {c.__name__: n for n, c in _torch_schedule_names().items()}[cls.__name__]
-    multi = issubclass(cls, PipelineScheduleMulti)
-    return ScheduleInfo(name=canonical, multi_stage=multi, style="v" if canonical in _MULTI_STAGE_V else "loop")
-
-
-@functools.cache
-def _torch_schedule_names() -> dict[str, type]:
-    from torch.distributed.pipelining import schedules as s
-
-    names = ("1F1B", "GPipe", "Interleaved1F1B", "LoopedBFS", "InterleavedZeroBubble", "ZBVZeroBubble", "DualPipeV")
-    return {n: s.get_schedule_class(n) for n in names}
-
-
-def stages_per_rank(cfg: JobConfig) -> int:
-    spr = cfg.parallelism.pipeline_parallel_stages_per_rank
-    if spr is not None:
-        return spr
-    return 2 if resolve_schedule(cfg.parallelism.pipeline_parallel_schedule).multi_stage else 1
-
-
-def n_microbatches(cfg: JobConfig) -> int:
-    return cfg.training.local_batch_size // cfg.parallelism.pipeline_parallel_microbatch_size
-
-
-def stage_ranks(cfg: JobConfig) -> list[int]:
-    """Pipeline rank (within the pp group) holding each stage."""
-    pp = cfg.parallelism.pipeline_parallel_degree
-    n = pp * stages_per_rank(cfg)
-    if resolve_schedule(cfg.parallelism.pipeline_parallel_schedule).style == "v":
-        return [s if s < pp else n - 1 - s for s in range(n)]
-    return [s % pp for s in range(n)]
-
-
-def pipeline_layout(cfg: JobConfig) -> dict[str, Any]:
-    """How the model is cut into stages: what a checkpoint must match to be loaded."""
-    from ..models.gpt import stage_layer_ranges
-
-    ranks = stage_ranks(cfg)
-    ranges = stage_layer_ranges(cfg.model.n_layers, len(ranks))
-    return {
-        "num_stages": len(ranks),
-        "pipeline_parallel_degree": cfg.parallelism.pipeline_parallel_degree,
-        "stage_ranks": ranks,
-        "stage_layers": [[r.start, r.stop] for r in ranges],
-    }
-
-
-def chunk_lengths(cfg: JobConfig) -> list[int]:
-    """Seq1F1B chunk lengths of ``training.seq_len`` (``[seq_len]`` for other schedules)."""
-    from ..partition import balanced_partition, resolve_partition
-
-    s, seq = cfg.seq1f1b, cfg.training.seq_len
-    if resolve_schedule(cfg.parallelism.pipeline_parallel_schedule).name != "Seq1F1B":
-        return [seq]
-    if isinstance(s.partition, str) and s.partition == "balanced":
-        g = cfg.model.to_gpt_config()
-        return balanced_partition(
-            seq, s.num_seq_chunks, num_layers=g.n_layers, hidden_size=g.dim, num_heads=g.n_heads,
-            ffn_hidden_size=g.ffn_dim, vocab_size=g.vocab_size, multiple_of=s.multiple_of,
-        )
-    return resolve_partition(s.partition, seq, s.num_seq_chunks)
-
-
-def resolve_path(cfg: JobConfig, path: str) -> str:
-    """``path`` relative to ``job.dump_folder`` unless absolute."""
-    return path if os.path.isabs(path) else os.path.join(cfg.job.dump_folder, path)
-
-
-# ------------------------------------------------------------------------- validation
 def validate_config(cfg: JobConfig, *, world_size: int | None = None) -> None:
     """Raise :class:`ConfigError` listing every problem of ``cfg``; starts no process.
 
     ``world_size`` (when known) must equal pp * dp_shard * tp.
     """
     errors: list[str] = []
-    for check in (_check_model, _check_training, _check_optimizer, _check_parallelism, _check_outputs):
+    for check in (_check_training, _check_optimizer, _check_parallelism, _check_outputs):
         errors += check(cfg, world_size)
     if not errors:  # these read the combination, so they need the basics right
         errors += _check_seq1f1b(cfg) + _check_checkpoint(cfg)
@@ -154,23 +40,6 @@ def _positive(errors: list[str], **knobs: Any) -> None:
 def _one_of(errors: list[str], knob: str, value: Any, choices: Sequence[str]) -> None:
     if value not in choices:
         errors.append(f"{knob}={value!r}: use one of {', '.join(choices)}")
-
-
-def _check_model(cfg: JobConfig, world_size: int | None) -> list[str]:
-    errors: list[str] = []
-    m = cfg.model
-    _positive(errors, model__vocab_size=m.vocab_size, model__n_layers=m.n_layers, model__dim=m.dim, model__n_heads=m.n_heads)
-    if m.n_kv_heads is not None:
-        _positive(errors, model__n_kv_heads=m.n_kv_heads)
-    if m.ffn_dim is not None:
-        _positive(errors, model__ffn_dim=m.ffn_dim)
-    _one_of(errors, "model.attn_backend", m.attn_backend, ("auto", "blockwise", "sdpa", "flash"))
-    if not errors:
-        try:
-            m.to_gpt_config()
-        except (ValueError, ZeroDivisionError) as e:
-            errors.append(str(e))
-    return errors
 
 
 def _check_training(cfg: JobConfig, world_size: int | None) -> list[str]:
@@ -237,7 +106,7 @@ def _check_parallelism(cfg: JobConfig, world_size: int | None) -> list[str]:
         parallelism__tensor_parallel_degree=tp, parallelism__pipeline_parallel_microbatch_size=p.pipeline_parallel_microbatch_size,
     )
     try:
-        info = resolve_schedule(p.pipeline_parallel_schedule)
+        info = schedule_info(cfg)
     except ConfigError as e:
         errors += e.errors
     if errors:
@@ -247,20 +116,12 @@ def _check_parallelism(cfg: JobConfig, world_size: int | None) -> list[str]:
             f"{world_size} processes but parallelism.pipeline_parallel_degree ({pp}) * data_parallel_shard_degree ({dp}) "
             f"* tensor_parallel_degree ({tp}) = {pp * dp * tp}: make them agree (--nproc-per-node {pp * dp * tp})"
         )
-    spr = p.pipeline_parallel_stages_per_rank
-    if spr is not None and spr < 1:
-        errors.append(f"parallelism.pipeline_parallel_stages_per_rank={spr} must be positive (or null)")
-    elif not info.multi_stage and spr not in (None, 1):
-        errors.append(
-            f"parallelism.pipeline_parallel_schedule={info.name} runs one stage per rank but "
-            f"parallelism.pipeline_parallel_stages_per_rank={spr}: set it to 1 or null, or pick Interleaved1F1B"
-        )
-    elif info.multi_stage and spr is not None and (spr < 2 or (info.style == "v" and spr != 2)):
-        need = "exactly 2" if info.style == "v" else "at least 2"
-        errors.append(f"parallelism.pipeline_parallel_stages_per_rank={spr}: {info.name} needs {need} stages per rank")
+    try:
+        spr = stages_per_rank(cfg)
+    except ConfigError as e:
+        return errors + [f"{e} (or set it to null for the schedule's default)"]
     if errors:
         return errors
-    spr = stages_per_rank(cfg)
     n_stages = pp * spr
     if m.n_layers % n_stages:
         where = "parallelism.pipeline_parallel_degree" + (" * pipeline_parallel_stages_per_rank" if spr > 1 else "")
@@ -277,7 +138,7 @@ def _check_parallelism(cfg: JobConfig, world_size: int | None) -> list[str]:
         return errors
     nmb = n_microbatches(cfg)
     k = cfg.seq1f1b.num_seq_chunks
-    if info.name == "Seq1F1B" and k >= 1 and nmb * k < pp:
+    if info.seq_chunks and k >= 1 and nmb * k < pp:
         errors.append(
             f"Seq1F1B needs micro-batches * seq1f1b.num_seq_chunks >= pipeline stages: {nmb} * {k} < {pp}; raise "
             "training.local_batch_size, lower parallelism.pipeline_parallel_microbatch_size or raise seq1f1b.num_seq_chunks"
@@ -295,8 +156,7 @@ def _check_parallelism(cfg: JobConfig, world_size: int | None) -> list[str]:
             f"multiple of parallelism.pipeline_parallel_degree={pp} micro-batches"
         )
     if tp > 1:
-        g = m.to_gpt_config()
-        for knob, val in (("model.n_heads", g.n_heads), ("model.n_kv_heads", g.n_kv_heads), ("model.ffn_dim", g.ffn_dim)):
+        for knob, val in (("model.n_heads", m.n_heads), ("model.n_kv_heads", m.n_kv_heads), ("model.ffn_dim", m.ffn_dim)):
             if val % tp:
                 errors.append(f"{knob}={val} is not divisible by parallelism.tensor_parallel_degree={tp}")
     if p.enable_sequence_parallel and tp == 1:
@@ -328,9 +188,8 @@ def _check_outputs(cfg: JobConfig, world_size: int | None) -> list[str]:
 
 def _check_seq1f1b(cfg: JobConfig) -> list[str]:
     s, seq = cfg.seq1f1b, cfg.training.seq_len
-    name = resolve_schedule(cfg.parallelism.pipeline_parallel_schedule).name
     tp = cfg.parallelism.tensor_parallel_degree
-    if name != "Seq1F1B":
+    if not schedule_info(cfg).seq_chunks:
         if cfg.parallelism.enable_sequence_parallel and seq % tp:
             return [f"training.seq_len={seq} must be a multiple of parallelism.tensor_parallel_degree={tp} with sequence parallelism"]
         return []

@@ -4,23 +4,26 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import datetime
 import json
 import logging
 import os
 import platform
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch.distributed.pipelining import PipelineStage
 
+from ...flops import balanced_partition_for
 from ...models import GPT, GPTConfig, cross_entropy_loss, split_stage
-from ...partition import balanced_partition, uniform_partition
+from ...partition import uniform_partition
 from ...schedules import ScheduleSeq1F1B
 from ...stage import SequencePipelineStage
 from .. import torch_schedules
+from ..simulate import MODEL_PRESETS
 
 __all__ = [
     "BenchModel",
@@ -40,58 +43,48 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 
+def _cpu_bench_gpt() -> GPTConfig:
+    return dataclasses.replace(MODEL_PRESETS["cpu-bench"])  # a copy: GPTConfig is mutable
+
+
 @dataclass(frozen=True)
 class BenchModel:
-    """The GPT a benchmark runs (float32, GELU MLP, byte vocabulary)."""
+    """What a benchmark runs: a GPT (float32; default the ``cpu-bench`` preset) and its sequence length."""
 
-    n_layers: int = 4
-    """Transformer blocks (split evenly over the stages)."""
-    dim: int = 128
-    """Hidden size."""
-    n_heads: int = 4
-    """Attention heads (MHA)."""
+    model: GPTConfig = field(default_factory=_cpu_bench_gpt)
+    """The model (its layers split evenly over the stages)."""
     seq_len: int = 2048
     """Tokens per sequence."""
-    vocab_size: int = 256
-    """Vocabulary size."""
-    attn_backend: str = "auto"
-    """ChunkedCausalAttention backend under Seq1F1B (auto = blockwise)."""
-
-    def gpt_config(self) -> GPTConfig:
-        return GPTConfig(vocab_size=self.vocab_size, n_layers=self.n_layers, dim=self.dim,
-                         n_heads=self.n_heads, mlp="gelu", attn_backend=self.attn_backend)
-
-    def flop_dims(self) -> dict:
-        return dict(num_layers=self.n_layers, hidden_size=self.dim, num_heads=self.n_heads,
-                    ffn_hidden_size=4 * self.dim, vocab_size=self.vocab_size)
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, defaults: BenchModel) -> None:
-    g = parser.add_argument_group("model")
-    g.add_argument("--layers", type=int, default=defaults.n_layers, help=f"blocks (default {defaults.n_layers})")
-    g.add_argument("--dim", type=int, default=defaults.dim, help=f"hidden size (default {defaults.dim})")
-    g.add_argument("--heads", type=int, default=defaults.n_heads, help=f"attention heads (default {defaults.n_heads})")
+    g, m = parser.add_argument_group("model"), defaults.model
+    g.add_argument("--layers", type=int, default=m.n_layers, help=f"blocks (default {m.n_layers})")
+    g.add_argument("--dim", type=int, default=m.dim, help=f"hidden size (default {m.dim})")
+    g.add_argument("--heads", type=int, default=m.n_heads, help=f"attention heads (default {m.n_heads})")
     g.add_argument("--seq-len", type=int, default=defaults.seq_len, help=f"sequence length (default {defaults.seq_len})")
-    g.add_argument("--vocab", type=int, default=defaults.vocab_size, help=f"vocabulary (default {defaults.vocab_size})")
-    g.add_argument("--attn-backend", default=defaults.attn_backend, choices=["auto", "blockwise", "sdpa"],
+    g.add_argument("--vocab", type=int, default=m.vocab_size, help=f"vocabulary (default {m.vocab_size})")
+    g.add_argument("--attn-backend", default=m.attn_backend, choices=["auto", "blockwise", "sdpa"],
                    help="chunked attention backend for Seq1F1B (default auto = blockwise)")
     g.add_argument("--out", default=None, help="output folder (default $OUT, else outputs/bench)")
 
 
 def model_from_args(args: argparse.Namespace) -> BenchModel:
-    return BenchModel(n_layers=args.layers, dim=args.dim, n_heads=args.heads, seq_len=args.seq_len,
-                      vocab_size=args.vocab, attn_backend=args.attn_backend)
+    """The benchmark's GPT from the flags: MHA, GELU MLP (4 x dim)."""
+    gpt = GPTConfig(vocab_size=args.vocab, n_layers=args.layers, dim=args.dim, n_heads=args.heads, mlp="gelu",
+                    attn_backend=args.attn_backend)
+    return BenchModel(model=gpt, seq_len=args.seq_len)
 
 
 def make_model(cfg: BenchModel, seed: int = 0) -> GPT:
     torch.manual_seed(seed)
-    return GPT(cfg.gpt_config())
+    return GPT(cfg.model)
 
 
 def make_batch(cfg: BenchModel, batch: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    x = torch.randint(0, cfg.vocab_size, (batch, cfg.seq_len), generator=g)
-    y = torch.randint(0, cfg.vocab_size, (batch, cfg.seq_len), generator=g)
+    x = torch.randint(0, cfg.model.vocab_size, (batch, cfg.seq_len), generator=g)
+    y = torch.randint(0, cfg.model.vocab_size, (batch, cfg.seq_len), generator=g)
     return x, y
 
 
@@ -101,7 +94,7 @@ def partition_lengths(name: str, cfg: BenchModel, n_chunks: int, calibrated: dic
     if name == "uniform":
         return uniform_partition(cfg.seq_len, n_chunks)
     if name == "balanced":
-        return balanced_partition(cfg.seq_len, n_chunks, **cfg.flop_dims(), multiple_of=min(8, cfg.seq_len // n_chunks))
+        return balanced_partition_for(cfg.model, cfg.seq_len, n_chunks, multiple_of=min(8, cfg.seq_len // n_chunks))
     if name == "calibrated":
         if calibrated is None or n_chunks not in calibrated:
             raise ValueError(f"no calibrated partition for k={n_chunks}")

@@ -26,7 +26,7 @@ import logging
 import math
 import time
 import traceback
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -35,9 +35,10 @@ from torch import nn
 from ... import schedule_ir
 from ...attention import ChunkedCausalAttention, flash_attn_available
 from ...context import ChunkContext, KVCache, chunk_context
+from ...flops import balanced_partition_for
 from ...memory import ActivationMemoryMeter
 from ...models.gpt import Block, GPTConfig
-from ...partition import balanced_partition, uniform_partition
+from ...partition import uniform_partition
 from .. import simulate
 from ..calibration import default_samples, fit_chunk_cost, linear_fit_partition, time_chunk, time_chunks
 from .common import env_info, out_dir, print_table, write_results
@@ -50,20 +51,21 @@ logger = logging.getLogger(__name__)
 GIB = 2**30
 
 
+def _layers_gpt(*, n_layers: int, dim: int, n_heads: int) -> GPTConfig:
+    # A stack of blocks: MHA, GELU MLP; vocabulary 1 (the FLOP model's head term is then negligible).
+    return GPTConfig(vocab_size=1, n_layers=n_layers, dim=dim, n_heads=n_heads, ffn_dim=4 * dim, mlp="gelu")
+
+
 @dataclass(frozen=True)
 class GpuCheckConfig:
     """Sizes of the GPU check (defaults: real size; see ``SMOKE`` for the CPU toy)."""
 
-    hidden: int = 4096
-    """Model width of the timed layers."""
-    heads: int = 32
-    """Attention heads of the timed layers."""
+    model: GPTConfig = field(default_factory=lambda: _layers_gpt(n_layers=4, dim=4096, n_heads=32))
+    """The timed layers (``n_layers`` of them in the chunk-timing stack); no embedding or head."""
     seq_len: int = 32768
     """Sequence length of the timed layers and the stage-memory run."""
     chunks: int = 4
     """Seq1F1B chunks k."""
-    layers: int = 4
-    """Layers in the chunk-timing stack."""
     mem_layers: int = 1
     """Layers in the stage of the memory section."""
     pp: int = 4
@@ -84,20 +86,15 @@ class GpuCheckConfig:
     """Compute dtype of the timing and memory sections."""
 
 
-SMOKE = GpuCheckConfig(hidden=64, heads=4, seq_len=256, chunks=4, layers=2, mem_layers=1, pp=4, microbatches=8,
-                       parity_seq=128, parity_heads=4, parity_head_dim=16, repeats=1, calib_repeats=1,
+SMOKE = GpuCheckConfig(model=_layers_gpt(n_layers=2, dim=64, n_heads=4), seq_len=256, chunks=4, mem_layers=1, pp=4,
+                       microbatches=8, parity_seq=128, parity_heads=4, parity_head_dim=16, repeats=1, calib_repeats=1,
                        dtype="float32")
-
-
-def _layer_config(cfg: GpuCheckConfig) -> GPTConfig:
-    return GPTConfig(vocab_size=1, n_layers=cfg.layers, dim=cfg.hidden, n_heads=cfg.heads, ffn_dim=4 * cfg.hidden,
-                     mlp="gelu")
 
 
 def _stack(cfg: GpuCheckConfig, n_layers: int, device: torch.device) -> nn.Module:
     torch.manual_seed(0)
     with torch.device(device):
-        stack = nn.Sequential(*[Block(_layer_config(cfg)) for _ in range(n_layers)])
+        stack = nn.Sequential(*[Block(cfg.model) for _ in range(n_layers)])
     return stack.to(getattr(torch, cfg.dtype))
 
 
@@ -169,9 +166,9 @@ def section_parity(cfg: GpuCheckConfig, device: torch.device) -> list[dict]:
 
 # -------------------------------------------------------------------- 2. chunk times
 def section_chunk_times(cfg: GpuCheckConfig, device: torch.device) -> dict:
-    stack = _stack(cfg, cfg.layers, device)
+    stack = _stack(cfg, cfg.model.n_layers, device)
     dtype = getattr(torch, cfg.dtype)
-    x = torch.randn(1, cfg.seq_len, cfg.hidden, device=device, dtype=dtype)
+    x = torch.randn(1, cfg.seq_len, cfg.model.dim, device=device, dtype=dtype)
     t0 = time.perf_counter()
     samples = [(s, e, time_chunk(stack, x, length=s, end=e, repeats=cfg.calib_repeats))
                for s, e in default_samples(cfg.seq_len, multiple_of=64 if cfg.seq_len >= 4096 else 8)]
@@ -180,9 +177,7 @@ def section_chunk_times(cfg: GpuCheckConfig, device: torch.device) -> dict:
     partitions = {
         "full": [cfg.seq_len],
         "uniform": uniform_partition(cfg.seq_len, cfg.chunks),
-        "balanced": balanced_partition(cfg.seq_len, cfg.chunks, num_layers=cfg.layers, hidden_size=cfg.hidden,
-                                       num_heads=cfg.heads, ffn_hidden_size=4 * cfg.hidden, vocab_size=1,
-                                       multiple_of=mult),
+        "balanced": balanced_partition_for(cfg.model, cfg.seq_len, cfg.chunks, multiple_of=mult),
         "calibrated": linear_fit_partition(cfg.seq_len, cfg.chunks, cost, multiple_of=mult),
     }
     calib_s = time.perf_counter() - t0
@@ -223,7 +218,7 @@ def _run_order(stack, ops, lengths, cfg: GpuCheckConfig, device: torch.device) -
             n, j = divmod(u, k)
             if kind == "F":
                 # The activation the previous stage would have sent.
-                x = torch.randn(1, lengths[j], cfg.hidden, device=device, dtype=dtype, requires_grad=True)
+                x = torch.randn(1, lengths[j], cfg.model.dim, device=device, dtype=dtype, requires_grad=True)
                 with chunk_context(ChunkContext(n, j, k, offs[j], lengths[j], cache)):
                     live[u] = (x, stack(x))
             else:
@@ -250,9 +245,8 @@ def section_stage_memory(cfg: GpuCheckConfig, device: torch.device) -> list[dict
     runs = {
         "1F1B": (schedule_ir.compute_order(p, 0, m, 1), [S]),
         "Seq1F1B uniform": (schedule_ir.compute_order(p, 0, m, k), uniform_partition(S, k)),
-        "Seq1F1B balanced": (schedule_ir.compute_order(p, 0, m, k), balanced_partition(
-            S, k, num_layers=cfg.mem_layers, hidden_size=cfg.hidden, num_heads=cfg.heads,
-            ffn_hidden_size=4 * cfg.hidden, vocab_size=1, multiple_of=mult)),
+        "Seq1F1B balanced": (schedule_ir.compute_order(p, 0, m, k), balanced_partition_for(
+            replace(cfg.model, n_layers=cfg.mem_layers), S, k, multiple_of=mult)),
     }
     rows = []
     for name, (ops, lengths) in runs.items():
@@ -376,7 +370,7 @@ def main(args: argparse.Namespace) -> int:
     if args.seq_len:
         cfg = replace(cfg, seq_len=args.seq_len)
     if args.layers:
-        cfg = replace(cfg, layers=args.layers)
+        cfg = replace(cfg, model=replace(cfg.model, n_layers=args.layers))
     if cfg.seq_len % cfg.chunks:
         raise SystemExit(f"--seq-len {cfg.seq_len} must be divisible by k={cfg.chunks}")
     meta = dict(env=env_info(), flash_attn=flash_attn_available())

@@ -23,7 +23,7 @@ import torch
 
 from ... import schedule_ir
 from ...memory import ActivationMemoryMeter
-from ...models import cross_entropy_loss, split_stage
+from ...models import GPTConfig, cross_entropy_loss, split_stage
 from ...testing import run_ranks
 from .. import torch_schedules
 from .common import (
@@ -53,13 +53,13 @@ def _stage_activation(cfg: BenchModel, stage_index: int, num_stages: int) -> tup
     """(saved bytes, K/V bytes) of one micro-batch through one stage, measured alone."""
     part = split_stage(make_model(cfg), stage_index, num_stages)
     x, y = make_batch(cfg, 1)
-    inp = x if stage_index == 0 else torch.randn(1, cfg.seq_len, cfg.dim, requires_grad=True)
+    inp = x if stage_index == 0 else torch.randn(1, cfg.seq_len, cfg.model.dim, requires_grad=True)
     meter = ActivationMemoryMeter(modules=[part])
     with meter:
         out = part(inp)
         if stage_index == num_stages - 1:
             out = cross_entropy_loss(out, y)
-    kv = 2 * len(part.layers) * cfg.seq_len * cfg.dim * 4
+    kv = 2 * len(part.layers) * cfg.seq_len * cfg.model.dim * 4
     return meter.peak_bytes, kv
 
 
@@ -90,7 +90,7 @@ def memory_worker(rank: int, world: int, cfg: BenchModel, configs: list[dict]) -
     for c in configs:
         m = c["m"]
         x, y = make_batch(cfg, m)
-        mcfg = replace(cfg, attn_backend=c.get("backend", cfg.attn_backend))
+        mcfg = replace(cfg, model=replace(cfg.model, attn_backend=c.get("backend", cfg.model.attn_backend)))
         sched, stages = build_schedule(c["schedule"], make_model(mcfg), rank, world, m=m, k=c["k"],
                                        lengths=c.get("lengths"), seq_len=cfg.seq_len)
         run_step(sched, stages, x, y)  # warm-up: metadata inference and p2p set-up
@@ -118,7 +118,7 @@ def memory_worker(rank: int, world: int, cfg: BenchModel, configs: list[dict]) -
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = __doc__.splitlines()[0].replace("``", "")
-    add_model_arguments(parser, BenchModel(n_layers=8, dim=64, n_heads=4, seq_len=512))
+    add_model_arguments(parser, BenchModel(model=GPTConfig(n_layers=8, dim=64, n_heads=4, vocab_size=256), seq_len=512))
     parser.add_argument("--ranks", type=int, default=4, help="pipeline ranks (default 4)")
     parser.add_argument("--microbatches", default="4,8", help="comma-separated m values (default 4,8)")
     parser.add_argument("--chunks", default="2,4,8", help="comma-separated Seq1F1B k values (default 2,4,8)")
@@ -195,10 +195,10 @@ def main(args: argparse.Namespace) -> int:
     torch_names = [s for s in args.schedules.split(",") if s]
     if "1F1B" not in torch_names:
         torch_names.insert(0, "1F1B")  # the ratios' reference
-    if cfg.n_layers < 2 * args.ranks:
-        raise SystemExit(f"--layers {cfg.n_layers} < 2 x --ranks: the two-stage-per-rank schedules need more layers")
+    if cfg.model.n_layers < 2 * args.ranks:
+        raise SystemExit(f"--layers {cfg.model.n_layers} < 2 x --ranks: the two-stage-per-rank schedules need more layers")
     configs = []
-    backends = [cfg.attn_backend] + [b for b in (args.backends or "").split(",") if b]
+    backends = [cfg.model.attn_backend] + [b for b in (args.backends or "").split(",") if b]
     for m in ms:
         configs += [dict(schedule=n, m=m, k=1) for n in torch_names]
         for k in ks:

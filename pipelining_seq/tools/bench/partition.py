@@ -18,8 +18,8 @@ from dataclasses import asdict
 
 import torch
 
+from ...flops import FlopModel
 from ...models import cross_entropy_loss
-from ...partition import chunk_cost
 from ..calibration import default_samples, fit_chunk_cost, linear_fit_partition, time_chunk, time_chunks
 from .common import (
     BenchModel,
@@ -92,13 +92,13 @@ def run(cfg: BenchModel, *, ks: list[int], partitions: list[str], repeats: int, 
                 fwd[i].append(f)
                 bwd[i].append(b)
     rows, entries = [], {}
-    dims = cfg.flop_dims()
+    flop_model = FlopModel.from_gpt(cfg.model)
     for i, (name, k, lengths) in enumerate(configs):
         f = [statistics.median(r[j] for r in fwd[i]) for j in range(k)]
         b = [statistics.median(r[j] for r in bwd[i]) for j in range(k)]
         tot = [a + c for a, c in zip(f, b)]
         ends = [sum(lengths[: j + 1]) for j in range(k)]
-        flops = [chunk_cost(s, e, **dims) for s, e in zip(lengths, ends)]
+        flops = [flop_model.chunk_cost(s, e) for s, e in zip(lengths, ends)]
         rows.append(dict(
             partition=name, k=k, lengths=lengths, fwd_ms=[round(t * 1e3, 2) for t in f],
             bwd_ms=[round(t * 1e3, 2) for t in b], chunk_ms=[round(t * 1e3, 2) for t in tot],

@@ -128,8 +128,8 @@ def main(args: argparse.Namespace) -> int:
     for k in ks:
         if cfg.seq_len % k:
             raise SystemExit(f"--seq-len {cfg.seq_len} is not divisible by k={k}: change --chunks or --seq-len")
-    if cfg.n_layers < 2 * args.ranks:
-        raise SystemExit(f"--layers {cfg.n_layers} < 2 x --ranks: the two-stage-per-rank schedules need more layers")
+    if cfg.model.n_layers < 2 * args.ranks:
+        raise SystemExit(f"--layers {cfg.model.n_layers} < 2 x --ranks: the two-stage-per-rank schedules need more layers")
     partitions = [p.strip() for p in args.partition.split(",") if p.strip()]
     for p in partitions:
         if p not in ("uniform", "balanced", "calibrated"):

@@ -21,7 +21,6 @@ from .plan import (
     GiB,
     MemoryPlan,
     StagePlan,
-    chunk_lengths_for,
     format_plan,
     parse_bytes,
     plan_from_config,
@@ -36,7 +35,6 @@ __all__ = [
     "StagePlan",
     "add_arguments",
     "calibrate",
-    "chunk_lengths_for",
     "format_plan",
     "main",
     "parse_bytes",
@@ -94,12 +92,13 @@ def main(args: argparse.Namespace) -> int:
     if args.calibrate:
         return _calibrate_main(args)
     from ...trainer.config import ConfigError, load_config
+    from ...trainer.launch import find_recipe
 
     if not args.recipe:
         print("error: give a recipe (or --calibrate)")
         return 2
     try:
-        cfg = load_config(args.recipe, list(args.overrides) + list(getattr(args, "extra", []) or []))
+        cfg = load_config(find_recipe(args.recipe), list(args.overrides) + list(getattr(args, "extra", []) or []))
         plan = plan_from_config(cfg, gpus=args.gpus, gpu_memory=args.gpu_memory, reserve=args.reserve)
     except (ConfigError, ValueError) as e:
         print(f"error: {e}")

@@ -15,6 +15,8 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
+from ...models.gpt import GPTConfig
+
 __all__ = ["ActivationModel"]
 
 
@@ -29,18 +31,9 @@ class ActivationModel:
     in backward, as Megatron does.
     """
 
-    dim: int
-    """Hidden size h."""
-    n_heads: int
-    """Query heads a."""
-    n_kv_heads: int
-    """Key/value heads."""
-    ffn_dim: int
-    """MLP hidden size F."""
-    mlp: str
-    """gelu (saves 2F: w1 output, GELU output) or swiglu (4F: w1, SiLU, w3 outputs and their product)."""
-    vocab_size: int
-    """Vocabulary V (logits on the last stage)."""
+    model: GPTConfig
+    """The model's shape (hidden size h, heads a, kv heads, MLP kind and width F, vocabulary V),
+    its attention backend and whether its blocks recompute in backward."""
     tp: int = 1
     """Tensor-parallel degree t."""
     sequence_parallel: bool = False
@@ -49,12 +42,16 @@ class ActivationModel:
     """Bytes per activation element (2 for bf16 compute)."""
     device: str = "cuda"
     """cuda: fused RMSNorm saves its input; cpu: the composite RMSNorm saves an (upcast) input and the normalised tensor."""
-    attn_backend: str = "blockwise"
-    """blockwise keeps one K/V copy per chunk (the cache); flash and sdpa also save each chunk's concatenated prefix K/V."""
-    activation_checkpoint: bool = False
-    """Blocks recompute in backward: a layer then keeps only its input (and its K/V cache)."""
+    attn_backend: str | None = None
+    """blockwise keeps one K/V copy per chunk (the cache); flash and sdpa also save each chunk's concatenated
+    prefix K/V. None means the model's backend; 'auto' means blockwise."""
     loss_fp32: bool = True
     """The loss upcasts the logits, so log_softmax saves fp32 (4V bytes per token)."""
+
+    def __post_init__(self) -> None:
+        # Resolve once (frozen): the planner reports the kernel it assumed, not 'auto'.
+        backend = self.attn_backend or self.model.attn_backend
+        object.__setattr__(self, "attn_backend", "blockwise" if backend == "auto" else backend)
 
     @property
     def _t_sp(self) -> int:
@@ -64,37 +61,33 @@ class ActivationModel:
     def _acc(self) -> int:  # fp32 statistics (rstd, lse, RoPE tables); fp64 runs keep fp64
         return max(self.act_bytes, 4)
 
-    @property
-    def head_dim(self) -> int:
-        return self.dim // self.n_heads
-
     def _projection_inputs(self) -> float:
         """Saved projection inputs, in units of the hidden state h."""
         if self.sequence_parallel:
-            return (3 + (2 if self.mlp == "swiglu" else 1)) / self.tp  # wq, wk, wv, w1 (, w3) slices
+            return (3 + (2 if self.model.mlp == "swiglu" else 1)) / self.tp  # wq, wk, wv, w1 (, w3) slices
         return 2  # Q/K/V share one whole input, w1/w3 another
 
     def layer_saved(self, length: int, chunk: int, batch: int = 1) -> int:
         """Bytes one layer saves for a chunk of ``length`` tokens (chunk index ``chunk``)."""
-        e, h, t, tsp, s = self.act_bytes, self.dim, self.tp, self._t_sp, length
-        if self.activation_checkpoint:
+        e, h, t, tsp, s = self.act_bytes, self.model.dim, self.tp, self._t_sp, length
+        if self.model.activation_checkpoint:
             return batch * s * e * h // tsp
         norm = 2 * self._acc if self.device == "cpu" else e  # per element of a norm input
         per_token = (
             2 * (norm * h + self._acc) / tsp  # attention_norm and ffn_norm: input(s) + rstd
             + self._projection_inputs() * e * h
             + 2 * e * h / t  # attention: q (after RoPE) and the output
-            + self._acc * self.n_heads / t  # attention: logsumexp
-            + (2 if self.mlp == "gelu" else 4) * e * self.ffn_dim / t
+            + self._acc * self.model.n_heads / t  # attention: logsumexp
+            + (2 if self.model.mlp == "gelu" else 4) * e * self.model.ffn_dim / t
         )
         if self.device == "cpu" and self.attn_backend == "blockwise" and chunk == 0:
             per_token += e * h / t  # CPU kernel output is [b,a,s,d]: the out-projection input is a copy
-        rope = 4 * (self.head_dim // 2) * self._acc * s  # cos/sin for q and k; shared by the batch
+        rope = 4 * (self.model.head_dim // 2) * self._acc * s  # cos/sin for q and k; shared by the batch
         return math.ceil(batch * s * per_token) + rope
 
     def kv_bytes(self, length: int, batch: int = 1) -> int:
         """K and V of one chunk in one layer's cache (local heads)."""
-        return batch * length * 2 * self.act_bytes * self.n_kv_heads * self.head_dim // self.tp
+        return batch * length * 2 * self.act_bytes * self.model.n_kv_heads * self.model.head_dim // self.tp
 
     def kv_concat(self, prefix_end: int, chunk: int, batch: int = 1) -> int:
         """flash/sdpa: the prefix K/V concatenation a later chunk's kernel saves."""
@@ -108,25 +101,26 @@ class ActivationModel:
 
     def head_saved(self, length: int, batch: int = 1) -> int:
         """Last stage: final norm, output-projection input, log_softmax output, targets."""
-        e, h, s = self.act_bytes, self.dim, length
+        e, h, s = self.act_bytes, self.model.dim, length
         norm = 2 * self._acc if self.device == "cpu" else e
         logits = 4 if self.loss_fp32 else e
-        return batch * s * ((norm * h + self._acc) // self._t_sp + e * h // self._t_sp + logits * self.vocab_size + 8)
+        return batch * s * ((norm * h + self._acc) // self._t_sp + e * h // self._t_sp + logits * self.model.vocab_size + 8)
 
     def stage_io(self, length: int, *, first: bool, last: bool, batch: int = 1) -> int:
         """What the pipeline stage itself holds per unit until its backward: the received
         input (unless the first norm saved that very tensor) and the output (the logits on
         the last stage), both whole chunks."""
         e, s = self.act_bytes, length
-        out = e * (self.vocab_size if last else self.dim)
+        out = e * (self.model.vocab_size if last else self.model.dim)
         aliased = self.device == "cpu" and e >= 4 or self.device != "cpu"
-        held_in = 0 if first or (aliased and not self.sequence_parallel) or self.activation_checkpoint else e * self.dim
+        held_in = 0 if first or (aliased and not self.sequence_parallel) or self.model.activation_checkpoint else e * self.model.dim
         return batch * s * (out + held_in)
 
     def layer_transient(self, length: int, batch: int = 1) -> int:
         """Gradient buffers alive while one layer runs backward (about its saved bytes)."""
-        return dataclasses.replace(self, activation_checkpoint=False).layer_saved(length, 1, batch)
+        recomputed = dataclasses.replace(self.model, activation_checkpoint=False)
+        return dataclasses.replace(self, model=recomputed).layer_saved(length, 1, batch)
 
     def head_transient(self, length: int, batch: int = 1) -> int:
         """Last stage: the logits gradient in fp32 and in the compute dtype."""
-        return batch * length * self.vocab_size * (4 + self.act_bytes)
+        return batch * length * self.model.vocab_size * (4 + self.act_bytes)

@@ -13,8 +13,8 @@ from collections.abc import Sequence
 import torch
 
 from ... import schedule_ir
+from ...flops import balanced_partition_for
 from ...models.gpt import GPT, GPTConfig
-from ...partition import balanced_partition
 from .activations import ActivationModel
 from .plan import replay
 
@@ -104,11 +104,9 @@ def calibrate(
         measured = torch.cuda.max_memory_allocated(dev) - base
     else:
         measured = meter.peak_bytes
-    am = ActivationModel(
-        dim=model.dim, n_heads=model.n_heads, n_kv_heads=model.n_kv_heads, ffn_dim=model.ffn_dim, mlp=model.mlp,
-        vocab_size=model.vocab_size, act_bytes=dtype.itemsize, device=dev.type,
-        attn_backend="blockwise" if model.attn_backend == "auto" else model.attn_backend,
-    )
+    # A bare block stack never recomputes (only GPT.forward checkpoints its blocks).
+    run_model = model if whole_model else dataclasses.replace(model, activation_checkpoint=False)
+    am = ActivationModel(model=run_model, act_bytes=dtype.itemsize, device=dev.type)
     cpu = dev.type == "cpu"
 
     def kv_of(j: int) -> int:
@@ -145,10 +143,7 @@ def run_calibration(*, device: str, dtype: torch.dtype, dim: int, heads: int, se
     stage 0 of p=4 with m=4, for a middle-stage block stack and for a whole GPT."""
     k, pp, m = 4, 4, 4
     cfg = GPTConfig(vocab_size=50304 if device == "cuda" else 512, n_layers=layers, dim=dim, n_heads=heads)
-    balanced = balanced_partition(
-        seq_len, k, num_layers=layers, hidden_size=dim, num_heads=heads, ffn_hidden_size=cfg.ffn_dim,
-        vocab_size=cfg.vocab_size, multiple_of=64 if seq_len >= 4096 else 8,
-    )
+    balanced = balanced_partition_for(cfg, seq_len, k, multiple_of=64 if seq_len >= 4096 else 8)
     rows = []
     for whole in (False, True):
         for name, lengths in (("1F1B", [seq_len]), ("Seq1F1B", balanced)):

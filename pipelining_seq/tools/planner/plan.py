@@ -33,7 +33,6 @@ from ... import schedule_ir
 from ...models.gpt import GPT, GPTConfig, stage_layer_ranges
 from ...parallel.mesh import validate_layout
 from ...parallel.tensor_parallel import tp_shard_dim
-from ...partition import balanced_partition, resolve_partition
 from .activations import ActivationModel
 
 __all__ = [
@@ -41,7 +40,6 @@ __all__ = [
     "MemoryPlan",
     "SCHEDULES",
     "StagePlan",
-    "chunk_lengths_for",
     "format_plan",
     "parse_bytes",
     "plan_from_config",
@@ -231,10 +229,8 @@ def plan_memory(
         n_kv_heads=model.n_kv_heads, chunk_lengths=chunk_lengths, sequence_parallel=sequence_parallel,
     )
     am = ActivationModel(
-        dim=model.dim, n_heads=model.n_heads, n_kv_heads=model.n_kv_heads, ffn_dim=model.ffn_dim,
-        mlp=model.mlp, vocab_size=model.vocab_size, tp=tp, sequence_parallel=sequence_parallel and tp > 1,
-        act_bytes=act_bytes, device=device, attn_backend="blockwise" if attn_backend == "auto" else attn_backend,
-        activation_checkpoint=model.activation_checkpoint, loss_fp32=loss_fp32,
+        model=model, tp=tp, sequence_parallel=sequence_parallel and tp > 1, act_bytes=act_bytes, device=device,
+        attn_backend=attn_backend, loss_fp32=loss_fp32,
     )
     b = microbatch_size
     offsets = [sum(chunk_lengths[:j]) for j in range(k)]
@@ -300,39 +296,23 @@ def plan_memory(
 
 
 # -------------------------------------------------------------------- recipes
-def chunk_lengths_for(cfg) -> list[int]:
-    """The chunk lengths a recipe's schedule runs (one whole sequence for 1F1B/GPipe)."""
-    seq, sch = cfg.training.seq_len, cfg.parallelism.pipeline_parallel_schedule
-    if sch != "Seq1F1B":
-        return [seq]
-    k, part = cfg.seq1f1b.num_seq_chunks, cfg.seq1f1b.partition
-    if part == "balanced":
-        g = cfg.model.to_gpt_config()
-        return balanced_partition(
-            seq, k, num_layers=g.n_layers, hidden_size=g.dim, num_heads=g.n_heads,
-            ffn_hidden_size=g.ffn_dim, vocab_size=g.vocab_size, multiple_of=cfg.seq1f1b.multiple_of,
-        )
-    return resolve_partition(part if isinstance(part, str) else list(part), seq, k)
-
-
 def plan_from_config(
     cfg, *, gpus: int | None = None, gpu_memory: str | int = "80GB", reserve: str | int = "2GiB", title: str = ""
 ) -> MemoryPlan:
     """Plan a loaded recipe (:class:`pipelining_seq.trainer.config.JobConfig`); runs its validation first."""
+    from ...trainer import layout
     from ...trainer.validation import validate_config
 
     par, tr = cfg.parallelism, cfg.training
-    world = gpus if gpus is not None else par.pipeline_parallel_degree * par.data_parallel_shard_degree * par.tensor_parallel_degree
-    validate_config(cfg, world_size=world)
+    validate_config(cfg, world_size=layout.world_size(cfg) if gpus is None else gpus)
     device = "cpu" if tr.device == "cpu" else "cuda"
     mixed = device == "cuda" and tr.mixed_precision_param == "bfloat16"
-    g = cfg.model.to_gpt_config()
+    g = cfg.model
     return plan_memory(
         model=g, pp=par.pipeline_parallel_degree, dp_shard=par.data_parallel_shard_degree,
         tp=par.tensor_parallel_degree, sequence_parallel=par.enable_sequence_parallel,
-        schedule=par.pipeline_parallel_schedule,
-        n_microbatches=tr.local_batch_size // par.pipeline_parallel_microbatch_size,
-        microbatch_size=par.pipeline_parallel_microbatch_size, chunk_lengths=chunk_lengths_for(cfg),
+        schedule=layout.schedule_info(cfg).name, n_microbatches=layout.n_microbatches(cfg),
+        microbatch_size=par.pipeline_parallel_microbatch_size, chunk_lengths=layout.chunk_lengths(cfg),
         gpu_memory_bytes=parse_bytes(gpu_memory), reserve_bytes=parse_bytes(reserve), device=device,
         mixed_precision=mixed, act_bytes=2 if mixed else 4, attn_backend=g.attn_backend,
         title=title or cfg.job.description,
