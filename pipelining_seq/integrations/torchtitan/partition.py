@@ -11,7 +11,6 @@ degree under sequence parallelism (each chunk's tokens are sharded across TP ran
 
 from __future__ import annotations
 
-import inspect
 import math
 from typing import Any
 
@@ -58,18 +57,6 @@ def model_flop_sizes(model_config: Any) -> dict[str, Any]:
     )
 
 
-def _supported(sizes: dict[str, Any]) -> dict[str, Any]:
-    params = inspect.signature(_partition.balanced_partition).parameters
-    if "mlp" in params:
-        return {k: v for k, v in sizes.items() if k in params}
-    # The FLOP model before GQA/SwiGLU/MLA sizes were arguments: a gated MLP is three
-    # H x F matrices, which that model counts as a two-matrix MLP 1.5x as wide.
-    out = {k: v for k, v in sizes.items() if k in params}
-    if sizes.get("mlp") == "swiglu":
-        out["ffn_hidden_size"] = round(sizes["ffn_hidden_size"] * 1.5)
-    return out
-
-
 def chunk_multiple(*, loss_num_chunks: int | None, tp_degree: int, sequence_parallel: bool) -> int:
     m = 1
     if loss_num_chunks:
@@ -81,7 +68,7 @@ def chunk_multiple(*, loss_num_chunks: int | None, tp_degree: int, sequence_para
 
 def balanced_lengths(model_config: Any, *, seq_len: int, n_chunks: int, multiple_of: int) -> list[int]:
     return _partition.balanced_partition(
-        seq_len, n_chunks, multiple_of=multiple_of, **_supported(model_flop_sizes(model_config))
+        seq_len, n_chunks, multiple_of=multiple_of, **model_flop_sizes(model_config)
     )
 
 
