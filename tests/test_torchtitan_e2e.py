@@ -121,6 +121,19 @@ def test_document_masking_seq1f1b_equals_1f1b(runs):
     seq = ok(runs.get("llama3_doc_k4", "--seq1f1b.n_seq_chunks", "4", "--seq1f1b.partition", "balanced",
                       config="llama3_flex", schedule=SEQ))
     assert_same_losses(seq, ref)
+    # The masks are on: the same weights and data give other losses than plain causal attention.
+    assert abs(ref["train"][1] - baseline(runs)["train"][1]) > 1e-4
+
+
+def test_compile_enable(runs):
+    """--compile.enable (every block compiled with fullgraph=True): equal to the uncompiled 1F1B run, or,
+    with a ChunkedCausalAttention that cannot be compiled, refused at start-up naming the knob."""
+    result = runs.get("llama3_k2_compiled", "--seq1f1b.n_seq_chunks", "2", "--compile.enable", schedule=SEQ)
+    if result["rc"] != 0:
+        assert "--compile.enable with Seq1F1B" in result["output"] and not result["train"], result["output"][-4000:]
+        return
+    assert "Compiling each TransformerBlock with torch.compile" in result["output"]
+    assert_same_losses(result, baseline(runs))
 
 
 def test_unconverted_attention_is_refused_at_start(runs):
