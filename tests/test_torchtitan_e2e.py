@@ -74,7 +74,14 @@ def test_llama3_seq1f1b_equals_1f1b(runs, k, partition):
     extra = ["--seq1f1b.n_seq_chunks", str(k), "--seq1f1b.partition", partition]
     if (k, partition) == (2, "uniform"):  # this run also saves the step-2 checkpoint
         extra += ["--checkpoint.enable", "--checkpoint.interval", "2", "--checkpoint.folder", "checkpoint"]
+    if (k, partition) == (4, "uniform"):  # and this one profiles and writes TensorBoard events
+        extra += ["--profiler.enable_profiling", "--profiler.profile_freq", "2", "--profiler.profiler_warmup", "0",
+                  "--metrics.enable_tensorboard"]
     seq = ok(runs.get(f"llama3_k{k}_{partition}", *extra, schedule=SEQ))
+    if (k, partition) == (4, "uniform"):
+        traces = [p for p in seq["dump"].rglob("*") if p.is_file() and "trace" in str(p)]
+        assert traces and any("PP:1F" in p.read_text(errors="ignore") for p in traces), traces
+        assert any(seq["dump"].rglob("events.out.tfevents*"))
     out = seq["output"]
     # ScheduleSeq1F1B itself refuses a stage that is not a SequencePipelineStage when k > 1.
     assert f"ScheduleSeq1F1B_k{k}" in out, "the Seq1F1B schedule was not used"

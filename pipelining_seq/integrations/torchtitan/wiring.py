@@ -115,9 +115,12 @@ def _probe_compile(backend: str, document_masking: bool) -> None:
     """Compile a block calling the adapter with ``fullgraph=True``, as torchtitan does."""
     from ...context import ChunkContext, KVCache
 
-    adapter = _attention.ChunkedAttention(_attention.ChunkedAttention.Config(backend=backend))
+    adapter = _attention.ChunkedAttention(
+        _attention.ChunkedAttention.Config(backend=backend, document_masking=document_masking)
+    )
     q = torch.randn(1, 4, 2, 8, requires_grad=True)
-    fn = torch.compile(lambda a, b, c: adapter(a, b, c), backend="eager", fullgraph=True)
+    docs = torch.zeros(1, 4, dtype=torch.long) if document_masking else None
+    fn = torch.compile(lambda a, b, c: adapter(a, b, c, attention_masks=docs), backend="eager", fullgraph=True)
     ctx = ChunkContext(microbatch=0, chunk=0, n_chunks=2, offset=0, length=4, cache=KVCache())
     try:
         with chunk_context(ctx):
