@@ -41,6 +41,7 @@ __all__ = [
     "RecvInfo",
     "TORCH_VERSION",
     "add_reduce_grad",
+    "assert_async",
     "add_send_recv",
     "batch_p2p",
     "format_pipeline_order",
@@ -247,3 +248,13 @@ def set_lr_scheduler_step(sched: Any, step: int) -> None:
     for group, base, fn in zip(sched.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
         group["lr"] = base * fn(step)
     sched._last_lr = [g["lr"] for g in sched.optimizer.param_groups]
+
+
+# --------------------------------------------------------------------------------------
+# Input checks that must not synchronise the device (torchtitan integration).
+# --------------------------------------------------------------------------------------
+
+
+def assert_async(cond: torch.Tensor, msg: str) -> None:
+    """``torch._assert_async``: raise where ``cond`` is false, without a host sync on CUDA."""
+    torch._assert_async(cond, msg)

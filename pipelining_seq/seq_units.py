@@ -109,7 +109,11 @@ class SeqUnits:
         (popped from it).
         """
         m = self.n_microbatches
+        # torch >= 2.14's eval() forwards arg_mbs=None, kwarg_mbs=None, target_mbs=None to
+        # step() even for whole-batch calls, and torchtitan passes arg_mbs=None on stages
+        # without the first layer: an unset entry is absence.
         pre_split = {key: kwargs.pop(key) for key in ("arg_mbs", "kwarg_mbs", "target_mbs") if key in kwargs}
+        pre_split = {key: value for key, value in pre_split.items() if value is not None}
         if pre_split:
             if args or kwargs or target is not None:
                 raise ValueError("step(): pass either whole-batch inputs or arg_mbs/kwarg_mbs/target_mbs, not both")
