@@ -25,10 +25,10 @@ def test_single_stage_outputs_losses_and_grads():
     out = sched.step(x, target=y, losses=losses)
     ref_losses, ref_grads = reference({}, 4, 16, 2)
     ref_model = make_model()
-    assert (out - ref_model(x)).abs().max() < 1e-12
-    assert (torch.stack(losses) - ref_losses).abs().max() < 1e-12
+    torch.testing.assert_close(out, ref_model(x), atol=1e-12, rtol=0)
+    torch.testing.assert_close(torch.stack(losses), ref_losses, atol=1e-12, rtol=0)
     for n, p in model.named_parameters():
-        assert (p.grad - ref_grads[n]).abs().max() < 1e-12
+        torch.testing.assert_close(p.grad, ref_grads[n], atol=1e-12, rtol=0)
     assert len(stage.kv_cache) == 0 and sched.chunk_lengths == [7, 5, 4]
 
 
@@ -45,7 +45,7 @@ def test_sum_loss_with_scale_grads_false():
     total.backward()
     assert abs(torch.stack(losses).sum() - total.detach()) < 1e-9
     for (n, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
-        assert (p.grad - q.grad).abs().max() < 1e-10, n
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-10, rtol=0, msg=lambda m, name=n: f"{name}: {m}")
 
 
 def test_presplit_step_form():
@@ -54,9 +54,9 @@ def test_presplit_step_form():
     losses = []
     sched.step(arg_mbs=[(xs,) for xs in x.chunk(2)], target_mbs=list(y.chunk(2)), losses=losses)
     ref_losses, ref_grads = reference({}, 4, 16, 2)
-    assert (torch.stack(losses) - ref_losses).abs().max() < 1e-12
+    torch.testing.assert_close(torch.stack(losses), ref_losses, atol=1e-12, rtol=0)
     for n, p in model.named_parameters():
-        assert (p.grad - ref_grads[n]).abs().max() < 1e-12
+        torch.testing.assert_close(p.grad, ref_grads[n], atol=1e-12, rtol=0)
 
 
 def test_torchtitan_step_call():
@@ -74,7 +74,7 @@ def test_torchtitan_step_call():
     total.backward()
     assert abs(torch.stack(losses).sum() - total.detach()) < 1e-12
     for (n, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
-        assert (p.grad - q.grad).abs().max() < 1e-12, n
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-12, rtol=0, msg=lambda m, name=n: f"{name}: {m}")
 
 
 class FifoChunks(ScheduleSeq1F1B):
