@@ -117,9 +117,6 @@ class ScheduleSeq1F1B(PipelineScheduleSingle):
                 f"(got {type(stage).__name__}): build the stage with "
                 "pipelining_seq.SequencePipelineStage(...), same arguments"
             )
-        self._n_real_microbatches = n_microbatches
-        self._n_seq_chunks = n_seq_chunks
-        self._seq_dim = seq_dim
         self._early_recv = early_recv
         self._fwd_recv_work: dict[int, list] = {}
         super().__init__(
@@ -134,11 +131,21 @@ class ScheduleSeq1F1B(PipelineScheduleSingle):
 
     @property
     def n_microbatches(self) -> int:
-        return self._n_real_microbatches
+        return self._units.n_microbatches
 
     @property
     def n_seq_chunks(self) -> int:
-        return self._n_seq_chunks
+        return self._units.n_seq_chunks
+
+    @property
+    def seq_partition(self) -> SeqPartition:
+        """How sequences are cut: 'uniform', a list of lengths, or a callable ``seq_len -> lengths``."""
+        return self._units.seq_partition
+
+    @property
+    def n_units(self) -> int:
+        """(micro-batch, chunk) units per step, m·k: what torch's base class counts as micro-batches."""
+        return self._n_microbatches
 
     @property
     def chunk_lengths(self) -> list[int]:
@@ -147,7 +154,7 @@ class ScheduleSeq1F1B(PipelineScheduleSingle):
 
     def _get_pipeline_order(self) -> dict[int, list]:
         """torch's ``_Action`` IR of every rank, unit ids ``u = microbatch * k + chunk``."""
-        return schedule_ir.pipeline_order(self._num_stages, self._n_real_microbatches, self._n_seq_chunks)
+        return schedule_ir.pipeline_order(self._num_stages, self._units.n_microbatches, self._units.n_seq_chunks)
 
     @property
     def _loss_reduction(self) -> str:
@@ -170,7 +177,7 @@ class ScheduleSeq1F1B(PipelineScheduleSingle):
             seq_len, exchange=None if self._stage.num_stages == 1 else self._exchange_lengths
         )
         if isinstance(self._stage, SequencePipelineStage):
-            self._stage.configure_seq_chunks(n_microbatches=self._n_real_microbatches, chunk_lengths=lengths)
+            self._stage.configure_seq_chunks(n_microbatches=self._units.n_microbatches, chunk_lengths=lengths)
         target_units = units.units(target_mbs) if target_mbs is not None else None
         units.set_targets(target_units if self._stage.is_last and self._loss_fn is not None else None)
         return units.units(arg_mbs), units.units(kwarg_mbs), target_units
@@ -198,7 +205,7 @@ class ScheduleSeq1F1B(PipelineScheduleSingle):
             args, kwargs, target, self._args_chunk_spec, self._kwargs_chunk_spec
         )
 
-        p2p.note(stage=self._stage.stage_index, n_seq_chunks=self._n_seq_chunks)  # for timeout messages
+        p2p.note(stage=self._stage.stage_index, n_seq_chunks=self._units.n_seq_chunks)  # for timeout messages
         agreement.check_schedule(self, stage=self._stage, units=self._units)  # once per kind: one small collective
         self._stage.has_backward = self._has_backward
         self._stage.clear_runtime_states()
@@ -246,7 +253,7 @@ class ScheduleSeq1F1B(PipelineScheduleSingle):
                 self._run_forward_only(arg_mbs, kwarg_mbs, target_mbs, return_outputs, loss_kwargs)
         self._update_losses(self._stage, losses)
         if self._has_backward:
-            self._stage.perform_reduce_grad(self._n_real_microbatches if self.scale_grads else 1)
+            self._stage.perform_reduce_grad(self._units.n_microbatches if self.scale_grads else 1)
 
     def _forward(self, u, arg_mbs, kwarg_mbs, target_mbs, return_outputs, loss_kwargs):
         stage = self._stage
@@ -262,7 +269,7 @@ class ScheduleSeq1F1B(PipelineScheduleSingle):
     def _run_forward_only(self, arg_mbs, kwarg_mbs, target_mbs, return_outputs, loss_kwargs):
         stage = self._stage
         sends: list = []
-        for u in range(self._n_microbatches):
+        for u in range(self.n_units):
             p2p.wait(p2p.post(stage.get_fwd_recv_ops(u), desc="fwd_recv", unit=u))
             self._forward(u, arg_mbs, kwarg_mbs, target_mbs, return_outputs, loss_kwargs)
             sends.append(p2p.post(stage.get_fwd_send_ops(u), desc="fwd_send", unit=u))
@@ -276,7 +283,7 @@ class ScheduleSeq1F1B(PipelineScheduleSingle):
         return dist.get_backend(group) == "gloo"
 
     def _post_fwd_recv(self, u: int) -> None:
-        if u < self._n_microbatches and u not in self._fwd_recv_work:
+        if u < self.n_units and u not in self._fwd_recv_work:
             self._fwd_recv_work[u] = p2p.post(self._stage.get_fwd_recv_ops(u), desc="fwd_recv", unit=u)
 
     def _wait_fwd_recv(self, u: int) -> None:
@@ -288,13 +295,13 @@ class ScheduleSeq1F1B(PipelineScheduleSingle):
         # the Seq1F1B warm-up and backward order. Counted as torch counts: warm-up
         # includes the forward that the steady state's first backward follows.
         stage = self._stage
-        n = self._n_microbatches
+        n = self.n_units
         early = self._use_early_recv()
         self._fwd_recv_work.clear()
-        bwd_order = schedule_ir.backward_unit_order(self._n_real_microbatches, self._n_seq_chunks)
+        bwd_order = schedule_ir.backward_unit_order(self._units.n_microbatches, self._units.n_seq_chunks)
         warmup = min(
             n,
-            schedule_ir.warmup_units(stage.num_stages, stage.stage_index, self._n_real_microbatches, self._n_seq_chunks) + 1,
+            schedule_ir.warmup_units(stage.num_stages, stage.stage_index, self._units.n_microbatches, self._units.n_seq_chunks) + 1,
         )
         fwd = bwd = 0
         send_work: list = []

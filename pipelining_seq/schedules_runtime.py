@@ -58,8 +58,6 @@ class SeqRuntimeSchedule(_compat.PipelineScheduleRuntime):
         )
         stages = list(stages)
         self._check_stages(stages, n_microbatches, n_seq_chunks)
-        self._n_real_microbatches = n_microbatches
-        self._n_seq_chunks = n_seq_chunks
         super().__init__(
             stages=stages,
             n_microbatches=n_microbatches * n_seq_chunks,  # the runtime counts units
@@ -137,11 +135,21 @@ class SeqRuntimeSchedule(_compat.PipelineScheduleRuntime):
     # ------------------------------------------------------------------------ step
     @property
     def n_microbatches(self) -> int:
-        return self._n_real_microbatches
+        return self._units.n_microbatches
 
     @property
     def n_seq_chunks(self) -> int:
-        return self._n_seq_chunks
+        return self._units.n_seq_chunks
+
+    @property
+    def seq_partition(self) -> SeqPartition:
+        """How sequences are cut: 'uniform', a list of lengths, or a callable ``seq_len -> lengths``."""
+        return self._units.seq_partition
+
+    @property
+    def n_units(self) -> int:
+        """(micro-batch, chunk) units per step, m·k: what torch's base class counts as micro-batches."""
+        return self._n_microbatches
 
     @property
     def chunk_lengths(self) -> list[int]:
@@ -193,7 +201,7 @@ class SeqRuntimeSchedule(_compat.PipelineScheduleRuntime):
         lengths = units.resolve_lengths(seq_len, exchange=self._exchange_lengths if self.pp_group_size > 1 else None)
         for stage in self._stages:
             if isinstance(stage, SequencePipelineStage):
-                stage.configure_seq_chunks(n_microbatches=self._n_real_microbatches, chunk_lengths=lengths)
+                stage.configure_seq_chunks(n_microbatches=self._units.n_microbatches, chunk_lengths=lengths)
         arg_units, kwarg_units = units.units(arg_mbs), units.units(kwarg_mbs)
         target_units = units.units(target_mbs) if target_mbs is not None else None
         has_last = any(st.is_last for st in self._stages)

@@ -174,7 +174,7 @@ def _wrap_pipelining(fn: Any, schedule_cls: type) -> Any:
                 f"Seq1F1B runs one stage per rank, got {len(parts)} model parts on this rank: check "
                 "--parallelism.pipeline_parallel_layers_per_stage / module_fqns_per_model_part"
             )
-        logger.info("Seq1F1B: %s, chunk lengths %s", type(schedule).__name__, schedule._seq_partition)
+        logger.info("Seq1F1B: %s, chunk lengths %s", type(schedule).__name__, schedule.seq_partition)
         return schedule, parts, has_first, has_last
 
     pipelining._seq1f1b = True
