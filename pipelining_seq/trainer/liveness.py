@@ -6,7 +6,7 @@
   instead of training on as an orphan that keeps writing checkpoints.
   ``pipelining-seq run`` in turn ties torchrun to itself (``PR_SET_PDEATHSIG``).
 * **SIGINT / SIGTERM.** The first signal sets a flag; the ranks agree on it at the next
-  step boundary (:class:`pipelining_seq.trainer.guard.StepGuard`), save a checkpoint there
+  step boundary (:class:`pipelining_seq.trainer.nonfinite.StepGuard`), save a checkpoint there
   when ``checkpoint.save_on_signal``, and end with one line. A second signal, or no step
   boundary within ``comm.timeout_s`` + 30 s (a rank blocked on a dead peer), exits at once.
 * **Errors.** :func:`describe_failure` turns the errors a rank can die of into one line.

@@ -45,7 +45,7 @@ from ..models.gpt import (
 )
 from ..stage import SequencePipelineStage
 from . import checkpoint as ckpt
-from . import guard, liveness, lock, resume
+from . import liveness, lock, nonfinite, resume
 from .config import ConfigError, JobConfig, load_config, to_dict
 from .data import DOCUMENT_SEPARATOR, TokenBatches, load_tokens
 from .layout import chunk_lengths, n_microbatches, resolve_path, schedule_info, seq_partition, stage_ranks
@@ -73,7 +73,7 @@ class StepResult:
     """Learning rate the step used."""
     seconds: float
     """Wall time of the step."""
-    verdict: guard.Verdict
+    verdict: nonfinite.Verdict
     """The numerical guard's decision: whether the update was applied, whether to stop."""
 
 
@@ -170,7 +170,7 @@ class Trainer:
         self.start_step = self._resume(resume_path)
         self.timeline = _begin_timeline(cfg, resume_path, self.start_step)
         self._setup_metrics()
-        self.step_guard = guard.StepGuard(
+        self.step_guard = nonfinite.StepGuard(
             skip_budget=t.skip_nonfinite_steps, reporting=self.reporting, device=self.device,
         )
 
@@ -476,7 +476,7 @@ def main(argv: list[str] | None = None) -> int:
         if rank == 0:
             logger.error("error: %s", e)
         code = 2
-    except (guard.NonFiniteError, ckpt.NonFiniteStateError, ckpt.CheckpointSaveError) as e:
+    except (nonfinite.NonFiniteError, ckpt.NonFiniteStateError, ckpt.CheckpointSaveError) as e:
         if rank == 0:
             logger.error("error: %s", e)
         code = 3

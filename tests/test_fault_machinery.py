@@ -10,7 +10,7 @@ import torch
 
 from pipelining_seq import agreement, p2p
 from pipelining_seq.trainer import lock
-from pipelining_seq.trainer.guard import NonFiniteError, StepGuard
+from pipelining_seq.trainer.nonfinite import NonFiniteError, StepGuard
 
 pytestmark = pytest.mark.faults
 
