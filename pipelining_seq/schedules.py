@@ -42,7 +42,7 @@ from torch.profiler import record_function
 
 from . import _compat, agreement, p2p, schedule_ir
 from .partition import SeqPartition
-from .seq_units import SeqUnits
+from .seq_units import SeqChunkedSchedule, SeqUnits
 from .stage import SequencePipelineStage
 
 __all__ = ["ScheduleSeq1F1B"]
@@ -51,7 +51,7 @@ logger = logging.getLogger(__name__)
 
 
 @_compat.check_overrides
-class ScheduleSeq1F1B(PipelineScheduleSingle):
+class ScheduleSeq1F1B(SeqChunkedSchedule, PipelineScheduleSingle):
     """Seq1F1B: 1F1B over (micro-batch, sequence-chunk) units.
 
     Args:
@@ -129,36 +129,9 @@ class ScheduleSeq1F1B(PipelineScheduleSingle):
             scale_grads=scale_grads,
         )
 
-    @property
-    def n_microbatches(self) -> int:
-        return self._units.n_microbatches
-
-    @property
-    def n_seq_chunks(self) -> int:
-        return self._units.n_seq_chunks
-
-    @property
-    def seq_partition(self) -> SeqPartition:
-        """How sequences are cut: 'uniform', a list of lengths, or a callable ``seq_len -> lengths``."""
-        return self._units.seq_partition
-
-    @property
-    def n_units(self) -> int:
-        """(micro-batch, chunk) units per step, m·k: what torch's base class counts as micro-batches."""
-        return self._n_microbatches
-
-    @property
-    def chunk_lengths(self) -> list[int]:
-        """Chunk lengths of the last step (empty before the first step)."""
-        return list(self._units.lengths)
-
     def _get_pipeline_order(self) -> dict[int, list]:
         """torch's ``_Action`` IR of every rank, unit ids ``u = microbatch * k + chunk``."""
         return schedule_ir.pipeline_order(self._num_stages, self._units.n_microbatches, self._units.n_seq_chunks)
-
-    @property
-    def _loss_reduction(self) -> str:
-        return self._units.loss_reduction
 
     # ------------------------------------------------------------------ splitting
     def _exchange_lengths(self, local: list[int] | None) -> list[int]:

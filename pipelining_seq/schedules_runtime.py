@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from . import _compat, agreement, schedule_ir_multi
 from .partition import SeqPartition
-from .seq_units import SeqUnits
+from .seq_units import SeqChunkedSchedule, SeqUnits
 from .stage import SequencePipelineStage
 
 __all__ = ["SeqRuntimeSchedule"]
@@ -29,7 +29,7 @@ __all__ = ["SeqRuntimeSchedule"]
 logger = logging.getLogger(__name__)
 
 
-class SeqRuntimeSchedule(_compat.PipelineScheduleRuntime):
+class SeqRuntimeSchedule(SeqChunkedSchedule, _compat.PipelineScheduleRuntime):
     """Base of the multi-stage-runtime Seq1F1B schedules (not used directly)."""
 
     name = "SeqRuntimeSchedule"
@@ -133,29 +133,6 @@ class SeqRuntimeSchedule(_compat.PipelineScheduleRuntime):
         return ""
 
     # ------------------------------------------------------------------------ step
-    @property
-    def n_microbatches(self) -> int:
-        return self._units.n_microbatches
-
-    @property
-    def n_seq_chunks(self) -> int:
-        return self._units.n_seq_chunks
-
-    @property
-    def seq_partition(self) -> SeqPartition:
-        """How sequences are cut: 'uniform', a list of lengths, or a callable ``seq_len -> lengths``."""
-        return self._units.seq_partition
-
-    @property
-    def n_units(self) -> int:
-        """(micro-batch, chunk) units per step, m·k: what torch's base class counts as micro-batches."""
-        return self._n_microbatches
-
-    @property
-    def chunk_lengths(self) -> list[int]:
-        """Chunk lengths of the last step (empty before the first step)."""
-        return list(self._units.lengths)
-
     @property
     def compute_orders(self) -> dict[int, list[tuple[str, int, int]]]:
         """Per rank, the ``(kind, stage, unit)`` compute order the IR was built from."""

@@ -32,7 +32,7 @@ from .attention import check_document_ids
 from .losses import chunk_loss_weights, weight_chunk_loss
 from .partition import SeqPartition, resolve_partition
 
-__all__ = ["SeqUnits", "check_positive"]
+__all__ = ["SeqChunkedSchedule", "SeqUnits", "check_positive"]
 
 logger = logging.getLogger(__name__)
 
@@ -286,3 +286,36 @@ class SeqUnits:
             unit_losses[n] if k == 1 else torch.stack(unit_losses[n * k:(n + 1) * k]).detach().sum()
             for n in range(self.n_microbatches)
         ]
+
+
+class SeqChunkedSchedule:
+    """Read-only chunking settings of a schedule whose :class:`SeqUnits` is ``self._units``
+    (a mixin of the three Seq1F1B schedules)."""
+
+    _units: SeqUnits
+    _n_microbatches: int  # set by torch's schedule base class: the unit count
+
+    @property
+    def n_microbatches(self) -> int:
+        """Micro-batches per step (m), as given to the constructor."""
+        return self._units.n_microbatches
+
+    @property
+    def n_seq_chunks(self) -> int:
+        """Chunks per micro-batch (k)."""
+        return self._units.n_seq_chunks
+
+    @property
+    def seq_partition(self) -> SeqPartition:
+        """How sequences are cut: 'uniform', a list of lengths, or a callable ``seq_len -> lengths``."""
+        return self._units.seq_partition
+
+    @property
+    def n_units(self) -> int:
+        """(micro-batch, chunk) units per step, m·k: what torch's base class counts as micro-batches."""
+        return self._n_microbatches
+
+    @property
+    def chunk_lengths(self) -> list[int]:
+        """Chunk lengths of the last step (empty before the first step)."""
+        return list(self._units.lengths)
