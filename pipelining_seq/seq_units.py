@@ -316,6 +316,11 @@ class SeqChunkedSchedule:
         return self._n_microbatches
 
     @property
+    def loss_reduction(self) -> str:
+        """How chunk losses combine: 'mean' (weighted by share) or 'sum' (as they are)."""
+        return self._units.loss_reduction
+
+    @property
     def chunk_lengths(self) -> list[int]:
         """Chunk lengths of the last step (empty before the first step)."""
         return list(self._units.lengths)

@@ -22,7 +22,7 @@ def test_bound_class_builds_with_torchtitans_arguments():
     assert issubclass(cls, PipelineScheduleSingle) and issubclass(cls, ScheduleSeq1F1B)
     sched = cls(fake_stage(), n_microbatches=2, loss_fn=lambda o, t: o.sum(), scale_grads=False)
     assert sched.n_seq_chunks == 4 and sched.n_microbatches == 2
-    assert sched._loss_reduction == "sum"  # torchtitan's sum / global_tokens loss
+    assert sched.loss_reduction == "sum"  # torchtitan's sum / global_tokens loss
 
 
 def test_patch_resolves_seq1f1b_and_delegates():
