@@ -102,6 +102,15 @@ def _refusal_in(e: BaseException | None) -> str | None:
     return None
 
 
+def _names_contract_error(e: BaseException | None) -> bool:
+    seen = 0
+    while e is not None and seen < 8:
+        if "ContractError" in type(e).__name__ or "ContractError" in str(e)[:500]:
+            return True
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return False
+
+
 @contextlib.contextmanager
 def chunked_unit(*, n_chunks: int, where: str) -> Iterator[None]:
     """Guard the enclosed unit when its micro-batch is cut into more than one chunk."""
@@ -115,6 +124,14 @@ def chunked_unit(*, n_chunks: int, where: str) -> Iterator[None]:
         # Eager flex attention runs through torch.compile, which reports the refusal
         # inside its own error type; give the caller the refusal.
         refused = None if isinstance(e, ContractError) else _refusal_in(e)
+        if refused is None and not isinstance(e, ContractError) and _names_contract_error(e):
+            # torch < 2.13 drops the message when it re-raises from a compiled region.
+            refused = (
+                f"an attention kernel run through torch.compile (flex_attention) was called inside {where} "
+                f"{_MARK}: a chunk would attend only to itself and the result would be silently wrong. Call "
+                "pipelining_seq.ChunkedCausalAttention()(q, k, v) (document_ids=... for packed documents), "
+                "or use n_seq_chunks=1"
+            )
         if refused is not None:
             raise ContractError(refused) from e
         raise
