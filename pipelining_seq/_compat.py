@@ -53,6 +53,7 @@ __all__ = [
     "register_action_function",
     "set_lr_scheduler_step",
     "single_schedule_order",
+    "runtime_step_microbatches",
     "OVERRIDDEN_HOOKS",
     "READ_STATE",
     "check_overrides",
@@ -141,6 +142,27 @@ def register_action_function(schedule: Any, computation_type: Any, fn: Any) -> N
             "which the Seq1F1B-I/ZB schedules need for their gradient scaling: upgrade torch"
         )
     register(computation_type, fn)
+
+
+_RUNTIME_STEP_TAKES_LOSS_KWARGS = "loss_kwargs" in inspect.signature(
+    _schedules._PipelineScheduleRuntime._step_microbatches
+).parameters
+
+
+def runtime_step_microbatches(
+    schedule: Any, arg_mbs: Any, kwarg_mbs: Any, target_mbs: Any, losses: Any, return_outputs: bool, loss_kwargs: Any
+) -> None:
+    """``_PipelineScheduleRuntime._step_microbatches`` across torch versions (2.11 has no
+    ``loss_kwargs``: refused there when given, rather than dropped)."""
+    if _RUNTIME_STEP_TAKES_LOSS_KWARGS:
+        schedule._step_microbatches(arg_mbs, kwarg_mbs, target_mbs, losses, return_outputs, loss_kwargs)
+        return
+    if loss_kwargs:
+        raise TypeError(
+            f"torch {torch.__version__}'s action runtime takes no loss_kwargs (got {sorted(loss_kwargs)}): "
+            "upgrade torch (>= 2.13) or fold them into loss_fn"
+        )
+    schedule._step_microbatches(arg_mbs, kwarg_mbs, target_mbs, losses, return_outputs)
 
 
 def peer_global_rank(stage: Any, stage_index: int) -> int:

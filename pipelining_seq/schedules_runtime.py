@@ -185,12 +185,12 @@ class SeqRuntimeSchedule(SeqChunkedSchedule, _compat.PipelineScheduleRuntime):
         units.set_targets(target_units if has_last and self._loss_fn is not None else None)
         if self._has_backward:
             self.pipeline_order_with_comms = self._train_order_with_comms
-            self._step_microbatches(arg_units, kwarg_units, target_units, losses, return_outputs, loss_kwargs)
+            _compat.runtime_step_microbatches(self, arg_units, kwarg_units, target_units, losses, return_outputs, loss_kwargs)
         else:
             self.pipeline_order_with_comms = self._eval_order()
             try:
                 with torch.no_grad():
-                    self._step_microbatches(arg_units, kwarg_units, target_units, losses, return_outputs, loss_kwargs)
+                    _compat.runtime_step_microbatches(self, arg_units, kwarg_units, target_units, losses, return_outputs, loss_kwargs)
             finally:
                 self.pipeline_order_with_comms = self._train_order_with_comms
         for stage in self._stages:

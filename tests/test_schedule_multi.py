@@ -7,7 +7,7 @@ from parity_multi_worker import _record
 from parity_worker import ce_loss, make_batch, make_model, reference
 from torch.distributed.pipelining import PipelineStage
 
-from pipelining_seq import ScheduleInterleavedSeq1F1B, ScheduleSeq1F1BZeroBubble, SequencePipelineStage
+from pipelining_seq import ScheduleInterleavedSeq1F1B, ScheduleSeq1F1BZeroBubble, SequencePipelineStage, _compat
 from pipelining_seq.models import split_stage
 
 pytestmark = pytest.mark.usefixtures("world_of_one")
@@ -52,6 +52,8 @@ def test_zero_bubble_one_rank():
                      torch.distributed.pipelining.schedules._ComputationType.BACKWARD_WEIGHT}
 
 
+@pytest.mark.skipif(_compat.TORCH_VERSION < (2, 13), reason="torch 2.11's action runtime sends to its own rank "
+                    "when one rank holds both stages (gloo refuses); real pipelines have 2+ ranks")
 def test_interleaved_one_rank_two_stages():
     stages = _stages([0, 1], 2)
     sched = ScheduleInterleavedSeq1F1B(stages, 2, ce_loss, n_seq_chunks=2)
