@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from parity_worker import ce_loss, make_batch, make_model, partition_for, reference
+from parity_worker import ce_loss, drive, make_batch, make_model, max_diffs, partition_for, reference
 
 from pipelining_seq import ScheduleInterleavedSeq1F1B, ScheduleSeq1F1BZeroBubble, SequencePipelineStage
 from pipelining_seq.models import split_stage
@@ -57,12 +57,7 @@ def multi_parity_worker(rank: int, world: int, configs: list[dict]) -> list[dict
                 for p in part.parameters():
                     p.grad = None
             log.clear()
-            if rank == 0:
-                sched.step(x)
-            elif rank == world - 1:
-                sched.step(target=y, losses=losses)
-            else:
-                sched.step()
+            drive(sched, rank, world, x, y, losses)
         ran = list(log)
         grads = {n: p.grad.clone() for part in parts for n, p in part.named_parameters()}
         leftover = sum(len(st.kv_cache) for st in stages)
@@ -70,20 +65,12 @@ def multi_parity_worker(rank: int, world: int, configs: list[dict]) -> list[dict
             for part in parts:
                 for p in part.parameters():
                     p.grad = None
-            if rank == 0:
-                sched.eval(x)
-            elif rank == world - 1:
-                sched.eval(target=y, losses=evals)
-            else:
-                sched.eval()
+            drive(sched, rank, world, x, y, evals, evaluate=True)
             leftover += sum(len(st.kv_cache) for st in stages)
         ref_losses, ref_grads = reference(model_kwargs, batch, seq, m)
-        gdiff = max((grads[n] - ref_grads[n]).abs().max().item() for n in grads)
-        ldiff = (torch.stack(losses) - ref_losses).abs().max().item() if losses else 0.0
-        ediff = (torch.stack(evals) - ref_losses).abs().max().item() if evals else 0.0
         results.append(dict(
-            cfg=cfg, grad=gdiff, loss=ldiff, eval=ediff, n_losses=len(losses), n_evals=len(evals),
-            leftover=leftover, ran=ran, ir=sched.compute_orders[rank], n_params=len(grads),
+            cfg=cfg, **max_diffs(grads, losses, evals, ref_losses, ref_grads), n_losses=len(losses),
+            n_evals=len(evals), leftover=leftover, ran=ran, ir=sched.compute_orders[rank], n_params=len(grads),
             n_params_full=len(list(full.parameters())),
         ))
     return results

@@ -55,6 +55,26 @@ def partition_for(name, seq, k):
     return list(name)
 
 
+def drive(sched, rank: int, world: int, x, y, losses: list, *, evaluate: bool = False) -> None:
+    """One ``step`` (or ``eval``) with the inputs on the first rank and the targets on the last."""
+    run = sched.eval if evaluate else sched.step
+    if rank == 0:
+        run(x)
+    elif rank == world - 1:
+        run(target=y, losses=losses)
+    else:
+        run()
+
+
+def max_diffs(grads: dict, losses: list, evals: list, ref_losses, ref_grads: dict) -> dict:
+    """Largest absolute differences from the single-process reference (returned across processes)."""
+    return dict(
+        grad=max((grads[n] - ref_grads[n]).abs().max().item() for n in grads),
+        loss=(torch.stack(losses) - ref_losses).abs().max().item() if losses else 0.0,
+        eval=(torch.stack(evals) - ref_losses).abs().max().item() if evals else 0.0,
+    )
+
+
 def parity_worker(rank: int, world: int, configs: list[dict]) -> list[dict]:
     """Run each config on this rank's stage; return max diffs vs the local reference."""
     results = []
@@ -72,29 +92,16 @@ def parity_worker(rank: int, world: int, configs: list[dict]) -> list[dict]:
         x, y = make_batch(batch, seq)
         losses: list = []
         evals: list = []
-        if rank == 0:
-            sched.step(x)
-        elif rank == world - 1:
-            sched.step(target=y, losses=losses)
-        else:
-            sched.step()
+        drive(sched, rank, world, x, y, losses)
         grads = {n: p.grad.clone() for n, p in part.named_parameters()}
         leftover = len(stage.kv_cache)
         if cfg.get("eval"):
             for p in part.parameters():
                 p.grad = None
-            if rank == 0:
-                sched.eval(x)
-            elif rank == world - 1:
-                sched.eval(target=y, losses=evals)
-            else:
-                sched.eval()
+            drive(sched, rank, world, x, y, evals, evaluate=True)
             leftover += len(stage.kv_cache)
         ref_losses, ref_grads = reference(model_kwargs, batch, seq, m)
-        gdiff = max((grads[n] - ref_grads[n]).abs().max().item() for n in grads)
-        ldiff = (torch.stack(losses) - ref_losses).abs().max().item() if losses else 0.0
-        ediff = (torch.stack(evals) - ref_losses).abs().max().item() if evals else 0.0
-        results.append(dict(cfg=cfg, grad=gdiff, loss=ldiff, eval=ediff, n_losses=len(losses),
+        results.append(dict(cfg=cfg, **max_diffs(grads, losses, evals, ref_losses, ref_grads), n_losses=len(losses),
                             n_evals=len(evals), leftover=leftover, lengths=sched.chunk_lengths,
                             n_params=len(grads), n_params_full=len(list(full.parameters()))))
     return results
