@@ -15,8 +15,8 @@ from pipelining_seq.tools import torch_schedules
 from pipelining_seq.tools.simulate import (
     MODEL_PRESETS,
     Op,
-    Plan,
-    build_plan,
+    ScheduleOps,
+    build_schedule_ops,
     closed_form_bubble,
     equal_costs,
     flop_costs,
@@ -30,7 +30,7 @@ from pipelining_seq.tools.simulate import (
 @pytest.mark.parametrize("m", [1, 3, 8])
 @pytest.mark.parametrize("k", [1, 2, 4])
 def test_seq1f1b_equal_cost_closed_form(p, m, k):
-    plan = build_plan("Seq1F1B", pp=p, microbatches=m, chunks=k)
+    plan = build_schedule_ops("Seq1F1B", pp=p, microbatches=m, chunks=k)
     res = simulate(plan, equal_costs(plan))
     # A unit costs 1/k forward and 2/k backward: makespan (mk + p - 1) * 3 / k.
     assert res.makespan == pytest.approx((m * k + p - 1) * 3 / k, rel=1e-12)
@@ -44,7 +44,7 @@ def test_seq1f1b_equal_cost_closed_form(p, m, k):
 @pytest.mark.parametrize("name", ["1F1B", "GPipe"])
 @pytest.mark.parametrize("p,m", [(2, 2), (4, 4), (4, 8), (8, 16)])
 def test_torch_single_stage_closed_form(name, p, m):
-    plan = build_plan(name, pp=p, microbatches=m)
+    plan = build_schedule_ops(name, pp=p, microbatches=m)
     res = simulate(plan, equal_costs(plan))
     assert res.bubble == pytest.approx((p - 1) / (m + p - 1), rel=1e-12)
     expected_live = [min(p - r, m) for r in range(p)] if name == "1F1B" else [m] * p
@@ -52,7 +52,7 @@ def test_torch_single_stage_closed_form(name, p, m):
 
 
 def test_dependencies_hold_in_the_timeline():
-    plan = build_plan("Seq1F1B", pp=3, microbatches=3, chunks=3)
+    plan = build_schedule_ops("Seq1F1B", pp=3, microbatches=3, chunks=3)
     res = simulate(plan, equal_costs(plan), comm=0.1)
     end = {}
     for items in res.timeline.values():
@@ -77,7 +77,7 @@ def test_forward_chunk_order_backward_deadlocks():
     # Backward in forward chunk order cannot satisfy the K/V-gradient dependency.
     p, m, k = 2, 1, 2
     ops = {r: [Op(r, r, "F", 0), Op(r, r, "F", 1), Op(r, r, "B", 0), Op(r, r, "B", 1)] for r in range(p)}
-    plan = Plan("bad", p, p, m, k, ops)
+    plan = ScheduleOps("bad", p, p, m, k, ops)
     with pytest.raises(RuntimeError, match="deadlocks"):
         simulate(plan, equal_costs(plan))
 
@@ -85,7 +85,7 @@ def test_forward_chunk_order_backward_deadlocks():
 @pytest.mark.parametrize("name", ["Interleaved1F1B", "ZBVZeroBubble", "InterleavedZeroBubble"])
 def test_torch_multi_stage_schedules_play(name):
     p, m = 4, 8
-    plan = build_plan(name, pp=p, microbatches=m)
+    plan = build_schedule_ops(name, pp=p, microbatches=m)
     assert plan.num_stages == 2 * p
     res = simulate(plan, equal_costs(plan))
     # Every rank does m micro-batches of forward (1) and backward (2) work.
@@ -105,13 +105,13 @@ def test_torch_schedule_actions_cover_every_microbatch():
 
 def test_flop_model_balanced_beats_uniform():
     model = MODEL_PRESETS["7b"]
-    plan = build_plan("Seq1F1B", pp=4, microbatches=8, chunks=4)
+    plan = build_schedule_ops("Seq1F1B", pp=4, microbatches=8, chunks=4)
     dims = dict(num_layers=32, hidden_size=4096, num_heads=32, ffn_hidden_size=16384, vocab_size=51200)
     lengths = balanced_partition(32768, 4, **dims, multiple_of=8)
     assert lengths == [11024, 8416, 7088, 6240]  # the paper's own split
     uni = simulate(plan, flop_costs(plan, model, [8192] * 4))
     bal = simulate(plan, flop_costs(plan, model, lengths))
-    base_plan = build_plan("1F1B", pp=4, microbatches=8)
+    base_plan = build_schedule_ops("1F1B", pp=4, microbatches=8)
     base = simulate(base_plan, flop_costs(base_plan, model, [32768]))
     assert bal.makespan < uni.makespan < base.makespan
     assert bal.bubble < 0.5 * base.bubble
@@ -125,7 +125,7 @@ def test_flop_model_balanced_beats_uniform():
 
 def test_flop_costs_follow_the_models_shape():
     """A GQA/SwiGLU model costs less per token than its MHA/GELU twin of the same width."""
-    plan = build_plan("Seq1F1B", pp=2, microbatches=2, chunks=2)
+    plan = build_schedule_ops("Seq1F1B", pp=2, microbatches=2, chunks=2)
     mha = GPTConfig(n_layers=3, dim=256, n_heads=8, vocab_size=1000, ffn_dim=688, mlp="gelu")
     gqa = GPTConfig(n_layers=3, dim=256, n_heads=8, n_kv_heads=2, vocab_size=1000, ffn_dim=688, mlp="swiglu")
     a, b = flop_costs(plan, mha, [600, 424]), flop_costs(plan, gqa, [600, 424])
@@ -138,7 +138,7 @@ def test_flop_costs_follow_the_models_shape():
 
 
 def test_measured_costs_and_chunk_mismatch():
-    plan = build_plan("Seq1F1B", pp=2, microbatches=2, chunks=2)
+    plan = build_schedule_ops("Seq1F1B", pp=2, microbatches=2, chunks=2)
     cost = measured_costs(plan, dict(lengths=[6, 4], fwd=[1.0, 1.0], bwd=[2.0, 2.0]))
     assert simulate(plan, cost).bubble == pytest.approx(closed_form_bubble(2, 2, 2))
     assert cost.act[0] == pytest.approx([0.6, 0.4])
@@ -183,15 +183,15 @@ def test_cli_times_file(tmp_path, capsys):
 
 def test_bad_arguments():
     with pytest.raises(ValueError, match="microbatches"):
-        build_plan("1F1B", pp=4, microbatches=2)
+        build_schedule_ops("1F1B", pp=4, microbatches=2)
     with pytest.raises(ValueError, match="choose from"):
-        build_plan("Nope", pp=2, microbatches=2)
+        build_schedule_ops("Nope", pp=2, microbatches=2)
     with pytest.raises(SystemExit, match="needs --model"):
         cli_main(["simulate", "--partition", "balanced"])
 
 
 def test_receive_latency_hits_units_received_late():
-    plan = build_plan("Seq1F1B", pp=2, microbatches=2, chunks=4)
+    plan = build_schedule_ops("Seq1F1B", pp=2, microbatches=2, chunks=4)
     cost = equal_costs(plan)
     base = simulate(plan, cost)
     late = simulate(plan, cost, recv_latency=0.05)
@@ -204,7 +204,7 @@ def test_receive_latency_hits_units_received_late():
 
 
 def test_measured_scope_model_splits_over_stages():
-    plan = build_plan("Seq1F1B", pp=2, microbatches=1, chunks=2)
+    plan = build_schedule_ops("Seq1F1B", pp=2, microbatches=1, chunks=2)
     entry = dict(lengths=[4, 4], fwd=[1.0, 1.0], bwd=[2.0, 2.0])
     whole = measured_costs(plan, entry, scope="model")
     stage = measured_costs(plan, entry)

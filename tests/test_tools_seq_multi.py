@@ -7,7 +7,7 @@ import pytest
 from pipelining_seq.flops import balanced_partition_for
 from pipelining_seq.tools.simulate import (
     MODEL_PRESETS,
-    build_plan,
+    build_schedule_ops,
     equal_costs,
     flop_costs,
     schedule_names,
@@ -16,7 +16,7 @@ from pipelining_seq.tools.simulate import (
 
 
 def _run(name, *, pp=4, m=8, k=4, v=2, cost="equal", lengths=None):
-    plan = build_plan(name, pp=pp, microbatches=m, chunks=k, stages_per_rank=v)
+    plan = build_schedule_ops(name, pp=pp, microbatches=m, chunks=k, stages_per_rank=v)
     if cost == "equal":
         return simulate(plan, equal_costs(plan))
     return simulate(plan, flop_costs(plan, MODEL_PRESETS["7b"], lengths))

@@ -38,10 +38,10 @@ __all__ = [
     "CostModel",
     "MODEL_PRESETS",
     "Op",
-    "Plan",
+    "ScheduleOps",
     "SimResult",
     "add_arguments",
-    "build_plan",
+    "build_schedule_ops",
     "draw_timeline",
     "equal_costs",
     "flop_costs",
@@ -86,7 +86,7 @@ class Op:
 
 
 @dataclass
-class Plan:
+class ScheduleOps:
     """Every rank's action list for one schedule."""
 
     name: str
@@ -105,7 +105,7 @@ def schedule_names() -> list[str]:
     return [*SEQ_SCHEDULES, *torch_schedules.torch_schedule_names()]
 
 
-def build_plan(name: str, *, pp: int, microbatches: int, chunks: int = 1, stages_per_rank: int = 2) -> Plan:
+def build_schedule_ops(name: str, *, pp: int, microbatches: int, chunks: int = 1, stages_per_rank: int = 2) -> ScheduleOps:
     """The action lists of schedule ``name`` (``Seq1F1B`` or a torch schedule)."""
     if pp < 1 or microbatches < 1 or chunks < 1:
         raise ValueError(f"pp={pp}, microbatches={microbatches}, chunks={chunks}: all must be >= 1")
@@ -125,7 +125,7 @@ def build_plan(name: str, *, pp: int, microbatches: int, chunks: int = 1, stages
             r: [Op(r, r, kind, u) for kind, u in schedule_ir.compute_order(pp, r, microbatches, chunks)]
             for r in range(pp)
         }
-        return Plan(name, pp, pp, microbatches, chunks, ops)
+        return ScheduleOps(name, pp, pp, microbatches, chunks, ops)
     if name in (SEQ1F1B_I, SEQ1F1B_ZB):
         # The orders the schedules themselves run (ScheduleInterleavedSeq1F1B,
         # ScheduleSeq1F1BZeroBubble), with the same acceptance rules.
@@ -137,7 +137,7 @@ def build_plan(name: str, *, pp: int, microbatches: int, chunks: int = 1, stages
             orders = schedule_ir_multi.zero_bubble_orders(pp, microbatches, chunks)
         ops = {r: [Op(r, s, kind, u) for kind, s, u in acts] for r, acts in orders.items()}
         num_stages = pp * (stages_per_rank if name == SEQ1F1B_I else 1)
-        return Plan(name, pp, num_stages, microbatches, chunks, ops)
+        return ScheduleOps(name, pp, num_stages, microbatches, chunks, ops)
     if name not in torch_schedules.torch_schedule_names():
         raise ValueError(f"--schedule {name!r}: choose from {', '.join(schedule_names())}")
     if chunks != 1:
@@ -145,7 +145,7 @@ def build_plan(name: str, *, pp: int, microbatches: int, chunks: int = 1, stages
     actions = torch_schedules.torch_schedule_actions(name, pp, microbatches, stages_per_rank=stages_per_rank)
     ops = {r: [Op(r, s, kind, mb) for s, kind, mb in acts] for r, acts in actions.items()}
     num_stages = 1 + max(op.stage for acts in ops.values() for op in acts)
-    return Plan(name, pp, num_stages, microbatches, 1, ops)
+    return ScheduleOps(name, pp, num_stages, microbatches, 1, ops)
 
 
 # ------------------------------------------------------------------------ cost models
@@ -187,7 +187,7 @@ def _per_stage(values: Sequence[float], num_stages: int, scale: float) -> list[l
     return [[v * scale for v in values] for _ in range(num_stages)]
 
 
-def equal_costs(plan: Plan, *, lengths: Sequence[int] | None = None, bwd_ratio: float = 2.0) -> CostModel:
+def equal_costs(plan: ScheduleOps, *, lengths: Sequence[int] | None = None, bwd_ratio: float = 2.0) -> CostModel:
     """Every unit costs the same: a micro-batch's forward through one rank is 1."""
     k, v = plan.n_chunks, plan.stages_per_rank
     lengths = list(lengths or [1] * k)
@@ -199,7 +199,7 @@ def equal_costs(plan: Plan, *, lengths: Sequence[int] | None = None, bwd_ratio: 
     )
 
 
-def flop_costs(plan: Plan, model: GPTConfig, lengths: Sequence[int], *, bwd_ratio: float = 2.0) -> CostModel:
+def flop_costs(plan: ScheduleOps, model: GPTConfig, lengths: Sequence[int], *, bwd_ratio: float = 2.0) -> CostModel:
     """Forward FLOPs per stage and chunk from :class:`pipelining_seq.flops.FlopModel`:
     the model's layers split over the stages as the launcher splits them, the output
     head on the last stage. Backward is ``bwd_ratio`` times forward. Units: GFLOP.
@@ -214,7 +214,7 @@ def flop_costs(plan: Plan, model: GPTConfig, lengths: Sequence[int], *, bwd_rati
     return CostModel(fwd, bwd, act, list(lengths), source="flop")
 
 
-def measured_costs(plan: Plan, entry: dict, *, scope: str = "stage") -> CostModel:
+def measured_costs(plan: ScheduleOps, entry: dict, *, scope: str = "stage") -> CostModel:
     """Measured per-chunk times (``{"lengths", "fwd", "bwd"}``, seconds).
 
     ``scope="stage"``: what was measured is one rank's share (``bench gpu`` times a
@@ -242,7 +242,7 @@ def measured_costs(plan: Plan, entry: dict, *, scope: str = "stage") -> CostMode
 class SimResult:
     """A played schedule."""
 
-    plan: Plan
+    plan: ScheduleOps
     cost: CostModel
     timeline: dict[int, list[tuple[Op, float, float]]]
     makespan: float
@@ -286,7 +286,7 @@ def _deps(op: Op, k: int, last_stage: int) -> list[tuple[int, str, int]]:
     return out
 
 
-def simulate(plan: Plan, cost: CostModel, *, comm: float = 0.0, recv_latency: float = 0.0) -> SimResult:
+def simulate(plan: ScheduleOps, cost: CostModel, *, comm: float = 0.0, recv_latency: float = 0.0) -> SimResult:
     """Play ``plan`` with durations from ``cost``.
 
     ``comm`` delays every cross-rank edge (transfer time); ``recv_latency`` is what a
@@ -418,12 +418,12 @@ def paper_comparison(*, pps: Sequence[int] = (4, 8), chunks: int = 4, bwd_ratio:
     for (seq, m), measured in PAPER_7B.items():
         for pp in pps:
             lengths = balanced_partition_for(model, seq, chunks, multiple_of=8)
-            seq_plan = build_plan(SEQ1F1B, pp=pp, microbatches=m, chunks=chunks)
+            seq_plan = build_schedule_ops(SEQ1F1B, pp=pp, microbatches=m, chunks=chunks)
             seq_res = simulate(seq_plan, flop_costs(seq_plan, model, lengths, bwd_ratio=bwd_ratio), comm=comm,
                                recv_latency=recv_latency)
             times = {}
             for name in ("1F1B", "Interleaved1F1B"):
-                plan = build_plan(name, pp=pp, microbatches=m)
+                plan = build_schedule_ops(name, pp=pp, microbatches=m)
                 times[name] = simulate(plan, flop_costs(plan, model, [seq], bwd_ratio=bwd_ratio), comm=comm,
                                        recv_latency=recv_latency)
             rows.append(dict(
@@ -480,7 +480,7 @@ def _lengths_for(args: argparse.Namespace, part: str, seq_len: int) -> list[int]
     return lengths
 
 
-def _costs(args: argparse.Namespace, plan: Plan, part: str, times: dict | None) -> CostModel:
+def _costs(args: argparse.Namespace, plan: ScheduleOps, part: str, times: dict | None) -> CostModel:
     if times is not None:
         entries = times.get("partitions", {})
         keys = ["full"] if plan.n_chunks == 1 and plan.name not in SEQ_SCHEDULES else [f"{part}@{plan.n_chunks}", part]
@@ -568,7 +568,7 @@ def main(args: argparse.Namespace) -> int:
     for name in names:
         k = args.chunks if name in SEQ_SCHEDULES else 1
         try:
-            plan = build_plan(name, pp=args.pp, microbatches=args.microbatches, chunks=k,
+            plan = build_schedule_ops(name, pp=args.pp, microbatches=args.microbatches, chunks=k,
                               stages_per_rank=args.stages_per_rank)
         except ValueError as exc:
             print(f"{name}: skipped ({exc})")

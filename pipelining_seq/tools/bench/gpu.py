@@ -266,13 +266,13 @@ def section_stage_memory(cfg: GpuCheckConfig, device: torch.device) -> list[dict
 # --------------------------------------------------------------------- 4. simulator
 def section_simulate(cfg: GpuCheckConfig, entries: dict) -> list[dict]:
     rows = []
-    base_plan = simulate.build_plan("1F1B", pp=cfg.pp, microbatches=cfg.microbatches)
+    base_plan = simulate.build_schedule_ops("1F1B", pp=cfg.pp, microbatches=cfg.microbatches)
     base = simulate.simulate(base_plan, simulate.measured_costs(base_plan, entries["full"]))
     for name in ("uniform", "balanced", "calibrated"):
         key = f"{name}@{cfg.chunks}"
         if key not in entries:
             continue
-        plan = simulate.build_plan("Seq1F1B", pp=cfg.pp, microbatches=cfg.microbatches, chunks=cfg.chunks)
+        plan = simulate.build_schedule_ops("Seq1F1B", pp=cfg.pp, microbatches=cfg.microbatches, chunks=cfg.chunks)
         res = simulate.simulate(plan, simulate.measured_costs(plan, entries[key]))
         rows.append(dict(partition=name, seq_makespan_s=res.makespan, seq_bubble=res.bubble,
                          f1b_makespan_s=base.makespan, f1b_bubble=base.bubble,
