@@ -1,0 +1,26 @@
+"""docs/api.md is generated from the code: it must equal what the generator prints now."""
+
+import importlib
+from pathlib import Path
+
+from pipelining_seq.tools import api_doc
+
+API_MD = Path(__file__).resolve().parent.parent / "docs" / "api.md"
+
+
+def test_api_md_is_up_to_date():
+    expected = api_doc.render()
+    assert API_MD.read_text() == expected, (
+        "docs/api.md is out of date with the code: regenerate it with "
+        "`python -m pipelining_seq.tools.api_doc > docs/api.md`"
+    )
+
+
+def test_api_md_covers_every_public_name():
+    text = API_MD.read_text()
+    for modname in api_doc.public_modules():
+        module = importlib.import_module(modname)
+        assert f"## `{modname}`" in text
+        for name in module.__all__:
+            assert f"### `{name}" in text, f"{modname}.{name} missing from docs/api.md"
+    assert "| `run` |" in text and "| `plan` |" in text
