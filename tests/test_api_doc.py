@@ -1,7 +1,9 @@
-"""docs/api.md is generated from the code: it must equal what the generator prints now."""
+"""Docs generated from the code: docs/api.md must equal what its generator prints now; the step diagram draws."""
 
 import importlib
 from pathlib import Path
+
+import pytest
 
 from pipelining_seq.tools import api_doc
 
@@ -24,3 +26,11 @@ def test_api_md_covers_every_public_name():
         for name in module.__all__:
             assert f"### `{name}" in text, f"{modname}.{name} missing from docs/api.md"
     assert "| `run` |" in text and "| `plan` |" in text
+
+
+def test_step_diagram_draws(tmp_path):
+    pytest.importorskip("matplotlib")
+    from pipelining_seq.tools import diagrams
+
+    out = diagrams.draw_step(tmp_path / "step.png")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 20_000
