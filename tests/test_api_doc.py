@@ -28,6 +28,7 @@ def test_api_md_covers_every_public_name():
     assert "| `run` |" in text and "| `plan` |" in text
 
 
+@pytest.mark.slow
 def test_step_diagram_draws(tmp_path):
     pytest.importorskip("matplotlib")
     from pipelining_seq.tools import diagrams
