@@ -125,8 +125,10 @@ def _own_methods(cls: type) -> list[tuple[str, Any, str]]:
         doc = _first_line(member.__doc__)
         if not member.__doc__:
             base = next((b for b in cls.__mro__[1:] if name in vars(b)), None)
-            if base is not None:
-                doc = f"overrides {base.__module__.split('.')[0]}'s `{base.__name__}.{name}`"
+            if base is not None and base.__module__.startswith("pipelining_seq"):
+                doc = f"overrides `{base.__name__}.{name}`"
+            elif base is not None:  # torch's class names move between versions; the page must not
+                doc = f"overrides {base.__module__.split('.')[0]}'s method of that name"
         out.append((name, member, doc))
     return out
 
