@@ -1,4 +1,4 @@
-"""Fault suite (marker ``faults``): the cases of issue 11, each with its new outcome.
+"""Fault suite (marker ``faults``): the cases of docs/checkpoints.md, each with its new outcome.
 
 Process-level cases start `pipelining-seq run` on 2 CPU ranks and assert the exit code,
 the message's key words, the time to fail, and that no checkpoint was lost or corrupted:

@@ -172,6 +172,6 @@ def test_interleaved_plan_replays_its_own_order_over_both_stages_of_a_rank():
         assert sp.params == seq.stages[r].params or r in (0, 3)  # embedding / head sit on other ranks
     assert sum(s.params for s in inter.stages) == sum(s.params for s in seq.stages)
     # Half the layers per unit, more units in flight: rank 0 ends a little below Seq1F1B (measured on 4 CPU
-    # ranks by `bench memory --seq-schedules`: 0.98, docs/benchmarks.md).
+    # ranks by `bench memory --seq-schedules`: 0.98, docs/benchmarks-appendix.md §9.2).
     ratio = inter.stages[0].total_bytes / seq.stages[0].total_bytes
     assert 0.9 < ratio < 1.0, ratio

@@ -59,7 +59,7 @@ def test_zero_bubble_matrix(p):
 
 @pytest.mark.parametrize("p,m,k", [(4, 4, 2), (8, 4, 4), (4, 8, 4), (4, 2, 2), (2, 4, 2), (8, 2, 8)])
 def test_interleaved_matches_official_order_when_k_divides_p(p, m, k):
-    """Warm-up (v-1)p + 2(p-r-1) + (k-1) and a virtual-stage switch every p units."""
+    """The official warm-up (v-1)p + 2(p-r-1) + (k-1) and switch every p units (the loop itself: test_official_interleaved)."""
     v = 2
     assert schedule_ir_multi.interleaved_group_size(p, m, k) == p
     for r, ops in schedule_ir_multi.interleaved_orders(p, v, m, k).items():
@@ -70,7 +70,7 @@ def test_interleaved_matches_official_order_when_k_divides_p(p, m, k):
 
 
 def _official_group_order(p, v, m, k):
-    """The official loop's order (switch every p units) for any k, chunk from the unit."""
+    """The official grouping (switch every p units) with backwards labelled LIFO by unit, for any k."""
     bwd_units = schedule_ir.backward_unit_order(m, k)
     orders = {}
     for r in range(p):
@@ -96,7 +96,7 @@ def _official_group_order(p, v, m, k):
 
 @pytest.mark.parametrize("p,m,k", [(4, 4, 3), (2, 2, 3), (4, 4, 8)])
 def test_official_grouping_fails_where_k_does_not_divide_p(p, m, k):
-    """Negative control: with groups of p units the official order cannot run; ours can."""
+    """Groups of p units cannot run with LIFO-labelled units; ours can (the official loop runs, on wrong chunks)."""
     with pytest.raises(ValueError):
         bad = _official_group_order(p, 2, m, k)
         schedule_ir_multi.check_stage_orders(bad, 2 * p, m, k)

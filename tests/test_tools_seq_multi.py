@@ -1,4 +1,4 @@
-"""Seq1F1B-I and Seq1F1B-ZB in the simulator: the issue's simulated targets."""
+"""Seq1F1B-I and Seq1F1B-ZB in the simulator: the targets of docs/benchmarks-appendix.md §9.1."""
 
 from __future__ import annotations
 
