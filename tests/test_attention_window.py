@@ -137,3 +137,26 @@ def test_window_cuda_float32(backend):
     out, grads, _ = chunked(ChunkedCausalAttention(backend=backend, window=100), *cuda, lengths, ids.cuda())
     for a, b in zip([out, *grads], [ref_out, *ref_grads]):
         assert ((a.double().cpu() - b).abs().max() / b.abs().max()) < 2e-5
+
+
+@pytest.mark.slow
+def test_window_compiled_op_float64():
+    # The torch.compile path (the blockwise engine as an opaque custom op) with a window and documents.
+    lengths = [8, 8, 8]
+    q, k, v, g = make_qkv(4, 2, seq=24)
+    ids = doc_ids(2, 24)
+    ref_out, ref_grads = reference(q, k, v, g, 5, ids)
+    attn = ChunkedCausalAttention(window=5)
+    fn = torch.compile(lambda a, b, c, d: attn(a, b, c, document_ids=d), fullgraph=True)
+    cache, outs, leaves = KVCache(), [], []
+    for j, n in enumerate(lengths):
+        sl = slice(8 * j, 8 * j + n)
+        qj, kj, vj = (t[:, :, sl].detach().requires_grad_() for t in (q, k, v))
+        with chunk_context(ChunkContext(0, j, 3, 8 * j, n, cache)):
+            outs.append(fn(qj, kj, vj, ids[:, sl]))
+        leaves.append((qj, kj, vj))
+    for j in reversed(range(3)):
+        outs[j].backward(g[:, :, 8 * j:8 * j + 8])
+    out = torch.cat([o.detach() for o in outs], 2)
+    assert_same(out, [torch.cat([lv[i].grad for lv in leaves], 2) for i in range(3)], ref_out, ref_grads)
+    torch.testing.assert_close(fn(q, k, v, ids), ref_out, atol=TOL, rtol=0)
