@@ -151,7 +151,7 @@ class _KVRelay(torch.autograd.Function):
         return g[:, :, offset:], None, None, None
 
 
-def _flash_varlen(q, k, v, ids_q, ids_k, scale, window_size=(-1, -1)):
+def _flash_varlen(q, k, v, ids_q, ids_k, scale, window_kw=None):
     """flash-attn varlen over (row, document) segments; q [B,Lq,H,D], k/v [B,Lk,Hkv,D]."""
     b, lq = ids_q.shape
     lk = ids_k.shape[1]
@@ -184,7 +184,7 @@ def _flash_varlen(q, k, v, ids_q, ids_k, scale, window_size=(-1, -1)):
     ck = torch.tensor(cu_k, dtype=torch.int32, device=q.device)
     out = _flash_attn_varlen_func(
         q.reshape(b * lq, *q.shape[2:]), kp, vp, cq, ck, max_q, max_k, softmax_scale=scale, causal=True,
-        window_size=window_size,
+        **(window_kw or {}),
     )
     return out.reshape(b, lq, *out.shape[1:])
 
@@ -332,11 +332,11 @@ class ChunkedCausalAttention(nn.Module):
             pad = max(d, dv)
             qt, kt, vt = (_pad_last(t, pad).transpose(1, 2) for t in (q, kk, vv))
             # flash-attn's window is bottom-right aligned and inclusive: i - j <= window - 1.
-            wsize = (-1, -1) if window is None else (window - 1, 0)
+            wkw = {} if window is None else {"window_size": (window - 1, 0)}
             if ids is None:
-                out = _flash_attn_func(qt, kt, vt, causal=True, softmax_scale=scale, window_size=wsize)
+                out = _flash_attn_func(qt, kt, vt, causal=True, softmax_scale=scale, **wkw)
             else:
-                out = _flash_varlen(qt, kt, vt, ids, ids_k, scale, wsize)
+                out = _flash_varlen(qt, kt, vt, ids, ids_k, scale, wkw)
             return out.transpose(1, 2)[..., :dv]
         lq, lk = q.shape[2], kk.shape[2]
         if window is not None:

@@ -109,7 +109,9 @@ def run_case(rank: int, world: int, case: dict) -> dict:
     losses, evals = [], []
 
     def run(fn, out):
-        if rank == 0:
+        if world == 1:
+            fn(x, target=y, losses=out, **kw)
+        elif rank == 0:
             fn(x, **kw)
         elif rank == world - 1:
             fn(target=y, losses=out, **kw)

@@ -6,9 +6,10 @@ documents; chunked runs must equal the whole sequence on every backend (float64)
 
 import pytest
 import torch
+import torch.nn.functional as F
 from test_attention import make_qkv
 
-from pipelining_seq import ChunkContext, ChunkedCausalAttention, KVCache, blockwise
+from pipelining_seq import ChunkContext, ChunkedCausalAttention, KVCache, attention, blockwise
 from pipelining_seq.context import chunk_context
 
 TOL = 1e-12
@@ -160,3 +161,47 @@ def test_window_compiled_op_float64():
     out = torch.cat([o.detach() for o in outs], 2)
     assert_same(out, [torch.cat([lv[i].grad for lv in leaves], 2) for i in range(3)], ref_out, ref_grads)
     torch.testing.assert_close(fn(q, k, v, ids), ref_out, atol=TOL, rtol=0)
+
+
+def _flash_mask(lq: int, lk: int, window_size) -> torch.Tensor:
+    # flash-attn's documented rule: bottom-right aligned; query i sees keys in
+    # [i + lk - lq - left, i + lk - lq + right], and causal caps right at 0.
+    left = window_size[0]
+    i = torch.arange(lq)[:, None] + lk - lq
+    j = torch.arange(lk)[None, :]
+    return (j <= i) & ((j >= i - left) if left >= 0 else True)
+
+
+def _fake_flash(q, k, v, causal, softmax_scale, window_size=(-1, -1)):
+    qi, ki, vi = (t.transpose(1, 2) for t in (q, k, v))
+    mask = _flash_mask(qi.shape[2], ki.shape[2], window_size)
+    return F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, scale=softmax_scale,
+                                          enable_gqa=qi.shape[1] != ki.shape[1]).transpose(1, 2)
+
+
+def _fake_varlen(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale, causal, window_size=(-1, -1)):
+    outs = []
+    for i in range(len(cu_q) - 1):
+        qs, ks = slice(cu_q[i], cu_q[i + 1]), slice(cu_k[i], cu_k[i + 1])
+        qi, ki, vi = (t.transpose(0, 1).unsqueeze(0) for t in (q[qs], k[ks], v[ks]))
+        mask = _flash_mask(qi.shape[2], ki.shape[2], window_size)
+        outs.append(F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, scale=softmax_scale,
+                                                   enable_gqa=qi.shape[1] != ki.shape[1])[0].transpose(0, 1))
+    return torch.cat(outs)
+
+
+@pytest.mark.parametrize("docs", [False, True])
+@pytest.mark.parametrize("window", [1, 4, 9])
+def test_window_flash_bookkeeping(monkeypatch, docs, window):
+    # flash-attn is not installed here: the window and segment bookkeeping against stand-ins
+    # that follow flash-attn's documented window_size convention.
+    monkeypatch.setattr(attention, "_flash_attn_func", _fake_flash)
+    monkeypatch.setattr(attention, "_flash_attn_varlen_func", _fake_varlen)
+    lengths = [11, 7, 6]
+    q, k, v, g = make_qkv(4, 2, seq=24)
+    ids = None
+    if docs:  # contiguous documents (flash varlen needs runs)
+        ids = torch.tensor([[0] * 5 + [1] * 9 + [2] * 10, [0] * 13 + [1] * 11])
+    ref_out, ref_grads = reference(q, k, v, g, window, ids)
+    out, grads, _ = chunked(ChunkedCausalAttention(backend="flash", window=window), q, k, v, g, lengths, ids)
+    assert_same(out, grads, ref_out, ref_grads)

@@ -13,7 +13,15 @@ import torch.nn.functional as F
 
 transformers = pytest.importorskip("transformers")
 
-from hf_worker import ce_loss, hf_worker, make_batch, make_model, packed_positions, stock_forward  # noqa: E402
+from hf_worker import (  # noqa: E402
+    ce_loss,
+    hf_worker,
+    make_batch,
+    make_model,
+    packed_positions,
+    run_case,
+    stock_forward,
+)
 from torch import nn  # noqa: E402
 
 from pipelining_seq import ChunkContext, ContractError, KVCache  # noqa: E402
@@ -254,7 +262,7 @@ def test_flop_model_from_config():
 
 def test_core_imports_without_transformers():
     code = ("import sys; sys.modules['transformers'] = None\n"
-            "import pipelining_seq, pipelining_seq.schedules, pipelining_seq.integrations, pipelining_seq.trainer\n"
+            "import pipelining_seq, pipelining_seq.schedules, pipelining_seq.integrations\n"
             "try:\n    import pipelining_seq.integrations.transformers\nexcept ImportError: print('refused')\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert out.returncode == 0, out.stderr
@@ -285,24 +293,36 @@ CASES = {
 }
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("family", sorted(CASES))
-def test_seq1f1b_parity_with_stock_model(family):
-    results = run_ranks(hf_worker, 2, CASES[family], timeout_s=600)
-    for i, case in enumerate(CASES[family]):
+def check_results(cases: list[dict], results: list[list[dict]]) -> None:
+    """results[rank][case]: every gradient on every rank, the losses on the last."""
+    last_rank = len(results) - 1
+    for i, case in enumerate(cases):
         names = set()
-        for rank in range(2):
+        for rank in range(len(results)):
             res = results[rank][i]
             assert res["leftover"] == 0
             for n, g in res["grads"].items():
                 torch.testing.assert_close(g, res["ref_grads"][n], rtol=0, atol=TOL, msg=lambda m, n=n, c=case: f"{c}: {n}: {m}")
             names |= set(res["grads"])
         assert names == set(results[0][i]["all_names"]), "every parameter of the model is on some stage"
-        last = results[1][i]
+        last = results[last_rank][i]
         assert len(last["losses"]) == case["m"]
         torch.testing.assert_close(torch.stack(last["losses"]), last["ref_losses"], rtol=0, atol=TOL)
         if case.get("eval"):
             torch.testing.assert_close(torch.stack(last["evals"]), last["ref_losses"], rtol=0, atol=TOL)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", sorted(CASES))
+def test_seq1f1b_parity_with_stock_model(family):
+    check_results(CASES[family], run_ranks(hf_worker, 2, CASES[family], timeout_s=600))
+
+
+@pytest.mark.usefixtures("world_of_one")
+def test_seq1f1b_one_rank_qwen3():
+    # One stage holding the whole Qwen3 (q/k norms), k=4 uneven balanced chunks, packed positions, eval.
+    case = dict(family="qwen3", m=2, k=4, batch=4, seq=32, docs="position_ids", partition="balanced", eval=True)
+    check_results([case], [[run_case(0, 1, case)]])
 
 
 @pytest.mark.slow
