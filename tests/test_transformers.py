@@ -318,6 +318,7 @@ def test_seq1f1b_parity_with_stock_model(family):
     check_results(CASES[family], run_ranks(hf_worker, 2, CASES[family], timeout_s=600))
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("world_of_one")
 def test_seq1f1b_one_rank_qwen3():
     # One stage holding the whole Qwen3 (q/k norms), k=4 uneven balanced chunks, packed positions, eval.
