@@ -9,7 +9,10 @@ is what lets the pipeline runtime call backward once per unit.
 
 With ``document_ids`` (``[batch, seq]`` integers, one id per token; packed documents),
 a token attends to earlier-or-equal tokens of its own document only, cached chunks
-included (the cache keeps their ids). ``v`` may have a different head size than ``q``
+included (the cache keeps their ids). With ``window=w`` (sliding-window attention), the
+query at position ``i`` sees the key at position ``j`` only if ``0 <= i - j < w``
+(Hugging Face's convention; composed with documents); positions are absolute, so the
+window reaches back into cached chunks exactly as on the whole sequence. ``v`` may have a different head size than ``q``
 and ``k`` (MLA), and fewer heads than ``q`` (grouped-query attention), on every backend.
 
 Backends:
@@ -17,23 +20,24 @@ Backends:
 ``blockwise`` (default)
     One kernel call per earlier chunk and one causal call on the chunk's own square
     block, merged by log-sum-exp; the backward replays the same blocks against the
-    merged output. With document ids, cached blocks no query can reach are skipped and
-    only tiles that straddle a document boundary get a mask
+    merged output. With document ids or a window, cached blocks no query can reach are
+    skipped and only tiles that straddle a document or window boundary get a mask
     (:mod:`pipelining_seq.blockwise`). Only one copy of each chunk's K/V is kept. Under
     ``torch.compile`` it runs as an opaque custom op.
 ``sdpa``
     Concatenate cached and own K/V and call ``scaled_dot_product_attention`` with
     ``causal_lower_right`` (``is_causal`` on chunk 0; an explicit mask with documents).
-    Simple and kernel-agnostic, but every chunk's SDPA saves its own concatenation:
+    (an explicit mask with a window too). Simple and kernel-agnostic, but every chunk's
+    SDPA saves its own concatenation:
     (k+1)/2 copies of K/V. Eager only.
 ``flash``
     Like ``sdpa`` with flash-attn's ``flash_attn_func(causal=True)``, whose causal mask
     is bottom-right aligned; with documents ``flash_attn_varlen_func``, one segment per
-    (row, document), which needs each document to be one contiguous run of tokens. CUDA
-    and fp16/bf16 only. Eager only.
+    (row, document), which needs each document to be one contiguous run of tokens; a window
+    is flash-attn's ``window_size=(w - 1, 0)``. CUDA and fp16/bf16 only. Eager only.
 
-Outside a pipeline all backends are plain causal (block-causal with ``document_ids``)
-``scaled_dot_product_attention`` on the whole sequence.
+Outside a pipeline all backends are plain causal (block-causal with ``document_ids``,
+windowed with ``window``) ``scaled_dot_product_attention`` on the whole sequence.
 """
 
 from __future__ import annotations
@@ -92,6 +96,30 @@ def document_mask(ids_q: torch.Tensor, ids_k: torch.Tensor) -> torch.Tensor:
     return ((ids_q[:, :, None] == ids_k[:, None, :]) & causal).unsqueeze(1)
 
 
+def window_mask(lq: int, lk: int, window: int, device: torch.device,
+                ids_q: torch.Tensor | None = None, ids_k: torch.Tensor | None = None) -> torch.Tensor:
+    """bool [batch or 1, 1, Lq, Lk]: ``0 <= i - j < window`` with the queries the last
+    ``Lq`` of ``Lk`` positions (bottom-right), and the same document when ids are given."""
+    qpos = torch.arange(lk - lq, lk, device=device)[:, None]
+    dist = qpos - torch.arange(lk, device=device)[None, :]
+    mask = ((dist >= 0) & (dist < window))[None, None]
+    if ids_q is not None:
+        mask = mask & (ids_q[:, :, None] == ids_k[:, None, :]).unsqueeze(1)
+    return mask
+
+
+def check_window(window: object) -> int | None:
+    """``window`` as an int (None: no window); ValueError unless a positive integer."""
+    if window is None:
+        return None
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise ValueError(
+            f"ChunkedCausalAttention(window={window!r}): the window must be a positive integer "
+            "(keys j with 0 <= i - j < window are visible to query i) or None for full causal attention"
+        )
+    return window
+
+
 class _KVRelay(torch.autograd.Function):
     """Returns [cached K of chunks < j ; own K] detached; relays the prefix gradient."""
 
@@ -123,7 +151,7 @@ class _KVRelay(torch.autograd.Function):
         return g[:, :, offset:], None, None, None
 
 
-def _flash_varlen(q, k, v, ids_q, ids_k, scale):
+def _flash_varlen(q, k, v, ids_q, ids_k, scale, window_kw=None):
     """flash-attn varlen over (row, document) segments; q [B,Lq,H,D], k/v [B,Lk,Hkv,D]."""
     b, lq = ids_q.shape
     lk = ids_k.shape[1]
@@ -156,6 +184,7 @@ def _flash_varlen(q, k, v, ids_q, ids_k, scale):
     ck = torch.tensor(cu_k, dtype=torch.int32, device=q.device)
     out = _flash_attn_varlen_func(
         q.reshape(b * lq, *q.shape[2:]), kp, vp, cq, ck, max_q, max_k, softmax_scale=scale, causal=True,
+        **(window_kw or {}),
     )
     return out.reshape(b, lq, *out.shape[1:])
 
@@ -179,9 +208,12 @@ class ChunkedCausalAttention(nn.Module):
         backend: ``"auto"``, ``"blockwise"``, ``"sdpa"`` or ``"flash"`` (see module docs).
             ``"auto"`` picks ``blockwise``.
         scale: softmax scale, default ``1/sqrt(head_dim)`` of q/k.
+        window: sliding-window size: query ``i`` sees key ``j`` only if ``0 <= i - j < window``
+            (absolute positions, across chunks). None (default): full causal attention.
     """
 
-    def __init__(self, *, backend: Backend = "auto", scale: float | None = None) -> None:
+    def __init__(self, *, backend: Backend = "auto", scale: float | None = None,
+                 window: int | None = None) -> None:
         super().__init__()
         if backend not in ("auto", "blockwise", "sdpa", "flash"):
             raise ValueError(
@@ -195,6 +227,7 @@ class ChunkedCausalAttention(nn.Module):
             )
         self.backend = backend
         self.scale = scale
+        self.window = check_window(window)
         self._new_key()
 
     def _new_key(self) -> None:
@@ -211,7 +244,7 @@ class ChunkedCausalAttention(nn.Module):
         self._new_key()
 
     def extra_repr(self) -> str:
-        return f"backend={self.backend}"
+        return f"backend={self.backend}" + (f", window={self.window}" if self.window is not None else "")
 
     def _check(self, q, k, v, ids) -> int:
         if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
@@ -245,7 +278,12 @@ class ChunkedCausalAttention(nn.Module):
         return q.shape[1] // k.shape[1]
 
     @staticmethod
-    def _whole(q, k, v, ids, scale, groups):
+    def _whole(q, k, v, ids, scale, groups, window=None):
+        if window is not None:
+            s = q.shape[2]
+            return F.scaled_dot_product_attention(
+                q, k, v, attn_mask=window_mask(s, s, window, q.device, ids, ids), scale=scale, enable_gqa=groups > 1
+            )
         if ids is None:
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=groups > 1)
         return F.scaled_dot_product_attention(
@@ -261,16 +299,16 @@ class ChunkedCausalAttention(nn.Module):
         backend = "blockwise" if self.backend == "auto" else self.backend
         if torch.compiler.is_compiling():
             if not _UnitFlag.active:
-                return self._whole(q, k, v, document_ids, scale, groups)
+                return self._whole(q, k, v, document_ids, scale, groups, self.window)
             if backend != "blockwise":
                 raise ContractError(
                     f"ChunkedCausalAttention(backend={self.backend!r}) cannot run under torch.compile "
                     "inside a Seq1F1B unit: use backend='auto' or 'blockwise'"
                 )
-            return compiled_chunk_attention(q, k, v, document_ids, self._key_t, scale, groups)[0]
+            return compiled_chunk_attention(q, k, v, document_ids, self._key_t, scale, groups, self.window or 0)[0]
         ctx = current_chunk()
         if ctx is None:
-            return self._whole(q, k, v, document_ids, scale, groups)
+            return self._whole(q, k, v, document_ids, scale, groups, self.window)
         with allow_attention():
             _, kv, j = unit_layer(q, self._key)
             if j and (document_ids is None) != (kv.ids[0] is None):
@@ -280,7 +318,7 @@ class ChunkedCausalAttention(nn.Module):
                     "agree: pass document_ids for every chunk or for none (step(document_ids=...))"
                 )
             if backend == "blockwise":
-                return BlockwiseChunkAttention.apply(q, k, v, document_ids, kv, j, scale, groups)
+                return BlockwiseChunkAttention.apply(q, k, v, document_ids, kv, j, scale, groups, self.window)
             return self._concat(q, k, v, document_ids, kv, j, scale, groups, backend)
 
     def _concat(self, q, k, v, ids, kv, j, scale, groups, backend):
@@ -288,16 +326,24 @@ class ChunkedCausalAttention(nn.Module):
         kk = _KVRelay.apply(k, kv, j, "k")
         vv = _KVRelay.apply(v, kv, j, "v")
         ids_k = None if ids is None else torch.cat(kv.ids[: j + 1], dim=1)
+        window = self.window
         if backend == "flash":
             d, dv = q.shape[-1], v.shape[-1]
             pad = max(d, dv)
             qt, kt, vt = (_pad_last(t, pad).transpose(1, 2) for t in (q, kk, vv))
+            # flash-attn's window is bottom-right aligned and inclusive: i - j <= window - 1.
+            wkw = {} if window is None else {"window_size": (window - 1, 0)}
             if ids is None:
-                out = _flash_attn_func(qt, kt, vt, causal=True, softmax_scale=scale)
+                out = _flash_attn_func(qt, kt, vt, causal=True, softmax_scale=scale, **wkw)
             else:
-                out = _flash_varlen(qt, kt, vt, ids, ids_k, scale)
+                out = _flash_varlen(qt, kt, vt, ids, ids_k, scale, wkw)
             return out.transpose(1, 2)[..., :dv]
         lq, lk = q.shape[2], kk.shape[2]
+        if window is not None:
+            return F.scaled_dot_product_attention(
+                q, kk, vv, attn_mask=window_mask(lq, lk, window, q.device, ids, ids_k), scale=scale,
+                enable_gqa=groups > 1,
+            )
         if ids is not None:
             return F.scaled_dot_product_attention(
                 q, kk, vv, attn_mask=document_mask(ids, ids_k), scale=scale, enable_gqa=groups > 1

@@ -6,12 +6,14 @@ merges the tiles by log-sum-exp; the backward replays the same tiles against the
 output and logsumexp, keeps the gradients for earlier chunks' K/V in the cache, and
 returns the own chunk's.
 
-Without document ids a tile is a whole chunk (causal on the own chunk), as before. With
+Without document ids or a window a tile is a whole chunk (causal on the own chunk). With
 document ids ``[batch, len]`` a query sees earlier-or-equal keys of its own document
-only. Keys are then cut into tiles of ``TILE`` tokens; a tile no query can reach is
-skipped (a cached chunk none of whose documents continue into this chunk is not read at
-all), the rows of a tile are cropped to the queries that reach it, and a mask is passed
-only when the cropped tile is not fully visible (a tile that straddles a boundary).
+only; with a window ``w`` the query at absolute position ``i`` sees the key at ``j`` only
+if ``0 <= i - j < w``. Keys are then cut into tiles of ``TILE`` tokens; a tile no query
+can reach is skipped (a cached chunk none of whose documents continue into this chunk,
+or that lies wholly behind the window, is not read at all; its K/V stay in the cache),
+the rows of a tile are cropped to the queries that reach it, and a mask is passed only
+when the cropped tile is not fully visible (a tile that straddles a boundary).
 
 :func:`compiled_chunk_attention` is the same engine as a ``torch.library`` custom op, for
 blocks under ``torch.compile``: the op is opaque to the compiler, finds the cache from
@@ -62,24 +64,42 @@ def reduce_heads(g: torch.Tensor, groups: int) -> torch.Tensor:
     return g.view(b, h // groups, groups, s, d).sum(2)
 
 
-def plan_tiles(kv: _LayerKV, j: int, lq: int) -> list[Tile]:
-    """Tiles of chunk j, from the document ids in ``kv`` (all None: whole chunks)."""
+def plan_tiles(kv: _LayerKV, j: int, lq: int, window: int | None = None) -> list[Tile]:
+    """Tiles of chunk j, from the document ids in ``kv`` and the window (none of
+    either: whole chunks)."""
     ids_q = kv.ids[j]
-    if ids_q is None:
+    if ids_q is None and window is None:
         return [Tile(i, 0, kv.k[i].shape[2], 0, lq, i == j, None) for i in range(j + 1)]
+    # Absolute position of each chunk's first token (chunks 0..j are all still cached
+    # while chunk j runs its forward, or recomputes it).
+    starts = [0]
+    for i in range(j):
+        starts.append(starts[-1] + kv.k[i].shape[2])
+    device = kv.k[j].device
+    qpos = torch.arange(starts[j], starts[j] + lq, device=device)
     tiles = []
     for i in range(j + 1):
         ids_k = kv.ids[i]
-        # Cheap test first: a cached chunk sharing no document with this one is skipped.
-        if i < j and not torch.isin(ids_k, ids_q).any():
+        lk = kv.k[i].shape[2]
+        # Cheap tests first: a cached chunk wholly behind the window, or sharing no
+        # document with this one, is skipped.
+        if i < j and window is not None and starts[j] - (starts[i] + lk - 1) >= window:
             continue
-        lk = ids_k.shape[1]
+        if i < j and ids_q is not None and not torch.isin(ids_k, ids_q).any():
+            continue
+        if ids_q is None and starts[j] + lq - 1 - starts[i] < window:
+            # Every key of the chunk is inside every query's window: as without a window.
+            tiles.append(Tile(i, 0, lk, 0, lq, i == j, None))
+            continue
         for k0 in range(0, lk, TILE):
             k1 = min(lk, k0 + TILE)
-            see = ids_q[:, :, None] == ids_k[:, None, k0:k1]
-            if i == j:
-                rows = torch.arange(lq, device=see.device)
-                see &= rows[:, None] >= torch.arange(k0, k1, device=see.device)[None, :]
+            if window is not None and starts[j] - (starts[i] + k1 - 1) >= window:
+                continue  # the tile's last key is out of every query's window
+            dist = qpos[:, None] - torch.arange(starts[i] + k0, starts[i] + k1, device=device)[None, :]
+            see = (dist >= 0) if i == j else torch.ones_like(dist, dtype=torch.bool)
+            if window is not None:
+                see = see & (dist < window)
+            see = see[None] if ids_q is None else see & (ids_q[:, :, None] == ids_k[:, None, k0:k1])
             reach = see.any(dim=(0, 2)).nonzero()
             if reach.numel() == 0:
                 continue
@@ -89,16 +109,16 @@ def plan_tiles(kv: _LayerKV, j: int, lq: int) -> list[Tile]:
     return tiles
 
 
-def forward_tiles(q: torch.Tensor, kv: _LayerKV, j: int, scale: float, groups: int):
+def forward_tiles(q: torch.Tensor, kv: _LayerKV, j: int, scale: float, groups: int, window: int | None = None):
     """(out, lse) of chunk j over its tiles; stores the plan (and kernel state) in ``kv``."""
     b, h, lq, _ = q.shape
-    plan = plan_tiles(kv, j, lq)
+    plan = plan_tiles(kv, j, lq, window)
     kv.plan[j] = plan
     whole = [t for t in plan if t.r0 == 0 and t.r1 == lq]
     if len(plan) == 1 and whole:
         t = plan[0]
         out, lse, t.aux = kernels.flash_forward(
-            q, expand_heads(kv.k[t.src], groups), expand_heads(kv.v[t.src], groups),
+            q, expand_heads(kv.k[t.src][:, :, t.k0:t.k1], groups), expand_heads(kv.v[t.src][:, :, t.k0:t.k1], groups),
             causal=t.causal, scale=scale, mask=t.mask,
         )
         return out, lse
@@ -191,9 +211,9 @@ class BlockwiseChunkAttention(torch.autograd.Function):
     """Eager path: chunk j's attention over cached K/V and its own chunk."""
 
     @staticmethod
-    def forward(ctx, q, k, v, ids, kv: _LayerKV, j: int, scale: float, groups: int):
+    def forward(ctx, q, k, v, ids, kv: _LayerKV, j: int, scale: float, groups: int, window: int | None = None):
         kv.store(j, k.detach(), v.detach(), ids)
-        out, lse = forward_tiles(q, kv, j, scale, groups)
+        out, lse = forward_tiles(q, kv, j, scale, groups, window)
         ctx.save_for_backward(q, out, lse)
         ctx.kv, ctx.j, ctx.scale, ctx.groups = kv, j, scale, groups
         return out
@@ -203,7 +223,7 @@ class BlockwiseChunkAttention(torch.autograd.Function):
         q, out, lse = ctx.saved_tensors
         with allow_attention():
             dq, dk, dv = backward_tiles(dout.contiguous(), q, out, lse, ctx.kv, ctx.j, ctx.scale, ctx.groups)
-        return dq, dk, dv, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None, None
 
 
 # ------------------------------------------------------------------ compiled path
@@ -232,21 +252,22 @@ def unit_layer(q: torch.Tensor, layer_key: int) -> tuple[Any, _LayerKV, int]:
 @torch.library.custom_op("pipelining_seq::chunk_attention", mutates_args=())
 def compiled_chunk_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, document_ids: torch.Tensor | None,
-    layer_key: torch.Tensor, scale: float, groups: int,
+    layer_key: torch.Tensor, scale: float, groups: int, window: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(out, lse, meta) of the running unit's chunk; meta = (cache token, micro-batch, chunk, layer)."""
+    """(out, lse, meta) of the running unit's chunk; meta = (cache token, micro-batch, chunk, layer).
+    ``window`` 0 means no window."""
     key = int(layer_key)
     with allow_attention():
         ctx, kv, j = unit_layer(q, key)
         ids = None if document_ids is None else document_ids.clone()
         kv.store(j, k.detach().clone(), v.detach().clone(), ids)
-        out, lse = forward_tiles(q, kv, j, scale, groups)
+        out, lse = forward_tiles(q, kv, j, scale, groups, window or None)
     meta = torch.tensor([ctx.cache.token, ctx.microbatch, j, key], dtype=torch.int64)
     return out.contiguous(), lse.contiguous(), meta
 
 
 @compiled_chunk_attention.register_fake
-def _(q, k, v, document_ids, layer_key, scale, groups):
+def _(q, k, v, document_ids, layer_key, scale, groups, window=0):
     b, h, lq, _ = q.shape
     return (
         q.new_empty((b, h, lq, v.shape[-1])),
@@ -274,7 +295,8 @@ def _(dout, q, out, lse, meta, scale, groups, kv_heads, v_head_dim):
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, _, _, scale, groups = inputs
+    q, k, v = inputs[:3]
+    scale, groups = inputs[5], inputs[6]
     out, lse, meta = output
     ctx.save_for_backward(q, out, lse, meta)
     ctx.args = (scale, groups, k.shape[1], v.shape[-1])
@@ -283,7 +305,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, dout, _dlse, _dmeta):
     q, out, lse, meta = ctx.saved_tensors
     dq, dk, dv = _compiled_backward(dout, q, out, lse, meta, *ctx.args)
-    return dq, dk, dv, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None
 
 
 compiled_chunk_attention.register_autograd(_backward, setup_context=_setup_context)
