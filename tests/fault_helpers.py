@@ -15,6 +15,13 @@ from train_workers import DEFAULT_RECIPE, ROOT, TINY
 from pipelining_seq.trainer import checkpoint as ckpt
 
 FAST = [*TINY, "metrics.log_freq=1", "comm.timeout_s=20"]
+INJECT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fault_inject")
+
+
+def inject_env(**faults: str) -> dict[str, str]:
+    """The environment for a run whose ranks get ``faults`` injected (see fault_inject/sitecustomize.py)."""
+    path = os.pathsep.join(p for p in (INJECT, os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, "PYTHONPATH": path, **{f"PIPELINING_SEQ_TEST_{k.upper()}": v for k, v in faults.items()}}
 
 
 def run_cmd(dump: str, *extra: str, nproc: int = 2) -> list[str]:

@@ -164,9 +164,9 @@ def _before_launch(cfg: JobConfig) -> int | None:
     """Refusals and no-ops that need no process: a busy dump folder, nothing left to train."""
     from . import checkpoint, lock, resume
 
-    busy = lock.holder(cfg.job.dump_folder)
+    busy = lock.busy(lock.run_folders(cfg))
     if busy is not None:
-        print(f"error: {lock.busy_error(cfg.job.dump_folder, busy)}", file=sys.stderr)
+        print(f"error: {busy}", file=sys.stderr)
         return 2
     path = checkpoint.resolve_load(cfg)
     if path is not None:

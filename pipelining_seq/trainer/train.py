@@ -21,7 +21,6 @@ import argparse
 import contextlib
 import logging
 import os
-import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -56,9 +55,6 @@ from .validation import validate_config
 __all__ = ["StepResult", "Trainer", "build_stage_module", "main", "train"]
 
 logger = logging.getLogger(__name__)
-
-# Testing hook: SIGKILL every rank right after this step (and its checkpoint) completes.
-KILL_ENV = "PIPELINING_SEQ_KILL_AT_STEP"
 
 
 @dataclass
@@ -355,7 +351,6 @@ class Trainer:
             "losses": [], "grad_norms": [], "start_step": start, "log_lines": [], "peak_memory": {}, "stopped": None,
         }
         window_time, window_steps = 0.0, 0
-        kill_at = int(os.environ.get(KILL_ENV, "0") or 0)
         with self.profiler as prof:
             for step in range(start + 1, total + 1):
                 log_now = step % cfg.metrics.log_freq == 0 or step in (start + 1, total)
@@ -373,9 +368,6 @@ class Trainer:
                     window_time, window_steps = 0.0, 0
                 self.maybe_save(step, stopping=result.verdict.stop)
                 prof.step()
-                if step == kill_at:
-                    logger.warning("%s=%d: killing rank %d", KILL_ENV, kill_at, self.rank)
-                    os.kill(os.getpid(), signal.SIGKILL)
                 if result.verdict.stop:
                     record["stopped"] = step
                     break
@@ -470,7 +462,7 @@ def main(argv: list[str] | None = None) -> int:
     dist.init_process_group(backend, timeout=timedelta(seconds=cfg.comm.timeout_s))
     code = 0
     try:
-        with lock.hold_for_job(cfg.job.dump_folder, command=" ".join(sys.argv)):
+        with lock.hold_for_job(lock.run_folders(cfg), command=" ".join(sys.argv)):
             train(cfg)
     except (lock.FolderBusyError, ckpt.CheckpointError, ConfigError, AgreementError) as e:
         if rank == 0:
