@@ -183,3 +183,35 @@ def recipe_mismatch_worker(rank: int, world: int, per_rank: list[list[str]], dum
     except AgreementError as e:
         return str(e)
     return "ok"
+
+
+def async_nonfinite_worker(rank: int, world: int, dump: str) -> str:
+    """Train with asynchronous saves every step until the loss turns NaN; the error's words."""
+    from train_workers import tiny_config
+
+    from pipelining_seq.trainer.nonfinite import NonFiniteError
+    from pipelining_seq.trainer.train import train
+
+    cfg = tiny_config(dump, "optimizer.lr=1e4", "training.max_norm=0", "training.steps=8", "checkpoint.enable=true",
+                      "checkpoint.interval=1", "checkpoint.keep_latest_k=1", "checkpoint.async_mode=async")
+    try:
+        train(cfg)
+    except NonFiniteError as e:
+        return str(e)
+    return "ok"
+
+
+def unshared_storage_worker(rank: int, world: int, base: str) -> str:
+    """Each rank saves into a folder of its own, as two nodes without shared storage would."""
+    from test_checkpoint import _stages
+    from train_workers import tiny_config
+
+    cfg = tiny_config(os.path.join(base, "checkpoint"), "checkpoint.enable=true",
+                      f"checkpoint.folder={os.path.join(base, f'node{rank}')}")
+    parts, opts, scheds = _stages(cfg)
+    try:
+        ckpt.save_checkpoint(cfg=cfg, step=2, stage_ids=[rank], parts=[parts[rank]], optimizers=[opts[rank]],
+                             schedulers=[scheds[rank]])
+    except ckpt.CheckpointSaveError as e:
+        return str(e)
+    return "ok"

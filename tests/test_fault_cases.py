@@ -94,3 +94,110 @@ def test_export_to_a_folder_a_missing_or_read_only_place_or_from_no_checkpoint(t
     proc = subprocess.run([sys.executable, "-m", "pipelining_seq.cli", "export", p3, "-o", str(out_dir)], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "is a folder" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# -------------------------------------------------------------------- processes (slow)
+@pytest.mark.slow
+def test_sigterm_to_a_rank_exits_non_zero_and_a_run_into_the_same_checkpoint_folder_is_refused(tmp_path):
+    import signal
+    import time
+
+    from fault_helpers import Launched, run_cmd
+
+    shared = str(tmp_path / "shared-checkpoints")
+    run = Launched(str(tmp_path / "a"), "training.steps=2000", "checkpoint.enable=true", "checkpoint.interval=1000",
+                   f"checkpoint.folder={shared}", log=str(tmp_path / "log"))
+    try:
+        run.wait_for(r"step 2/2000")
+        second = subprocess.run(run_cmd(str(tmp_path / "b"), "checkpoint.enable=true", f"checkpoint.folder={shared}"),
+                                cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert second.returncode == 2, second.stdout[-2000:] + second.stderr[-2000:]
+        assert f"checkpoint.folder={shared} is in use by another run (pid" in second.stderr
+        os.kill(run.ranks()[1], signal.SIGTERM)
+        t = time.monotonic()
+        code, _ = run.finish(timeout=120)
+        took = time.monotonic() - t
+    finally:
+        run.kill_all()
+    out = run.text()
+    assert code == 128 + signal.SIGTERM and took < 90, (code, took, out[-3000:])
+    line = next(x for x in out.splitlines() if "[rank0]" in x and "stopped by" in x)
+    step = int(line.split("after step ")[1].split()[0])
+    assert f"after step {step} of 2000 (checkpoint saved); resume with checkpoint.load=latest" in line, line
+    assert "Traceback" not in out and "ChildFailedError" not in out
+    assert [s for s, _ in ckpt.find_checkpoints(shared)] == [step]
+    ckpt.read_manifest(ckpt.step_dir(shared, step), verify="sha256")
+
+
+@pytest.mark.slow
+def test_sigstop_of_a_rank_ends_the_run_within_the_timeout_and_ten_seconds(tmp_path):
+    import signal
+    import time
+
+    from fault_helpers import Launched
+
+    timeout_s = 10
+    run = Launched(str(tmp_path / "run"), "training.steps=2000", f"comm.timeout_s={timeout_s}",
+                   log=str(tmp_path / "log"))
+    try:
+        run.wait_for(r"step 3/2000")
+        os.kill(run.ranks()[1], signal.SIGSTOP)
+        t = time.monotonic()
+        code, _ = run.finish(timeout=150)
+        took = time.monotonic() - t
+    finally:
+        run.kill_all()
+    out = run.text()
+    assert code != 0, out[-3000:]
+    # torchrun alone waits 30 s more for the stopped rank to act on its SIGTERM.
+    assert took < timeout_s + 10 + 5, (took, out[-3000:])  # + 5 s: process exit on a loaded machine
+    line = next(x for x in out.splitlines() if "[rank0]" in x and "error:" in x)
+    assert "stage 0" in line and "rank 1" in line and "comm.timeout_s" in line, line
+
+
+# --------------------------------------------------------------- two ranks, in-process
+@pytest.mark.slow
+def test_async_save_cut_short_by_a_nonfinite_stop_keeps_its_manifest(tmp_path):
+    from fault_helpers import async_nonfinite_worker
+
+    from pipelining_seq.testing import run_ranks
+
+    out = run_ranks(async_nonfinite_worker, 2, str(tmp_path), timeout_s=180)
+    assert all("is not finite" in msg for msg in out), out
+    bad_step = int(out[0].split("step ")[1].split(":")[0])
+    assert bad_step > 1, out[0]
+    # The last finite step's save was still in flight: it gets its manifest, so latest finds it.
+    assert complete_checkpoints(str(tmp_path)) == [bad_step - 1]
+
+
+@pytest.mark.slow
+def test_nodes_without_shared_storage_are_refused_before_the_manifest(tmp_path):
+    from fault_helpers import unshared_storage_worker
+
+    from pipelining_seq.testing import run_ranks
+
+    out = run_ranks(unshared_storage_worker, 2, str(tmp_path), timeout_s=180)
+    for msg in out:
+        assert "checkpoint.folder must be storage shared by all nodes" in msg and "does not see" in msg, msg
+        assert "shard-0000" in msg, msg
+    for node in ("node0", "node1"):
+        assert not os.path.exists(os.path.join(tmp_path, node, "step-000002", ckpt.MANIFEST))
+
+
+def test_a_manifest_missing_a_ranks_shard_is_refused_by_validate(tmp_path):
+    """What an unshared save left before: node 0's manifest listing only its own shard."""
+    import json
+
+    from pipelining_seq.trainer.config import ConfigError
+    from pipelining_seq.trainer.validation import validate_config
+
+    _, _, (path,) = _saved(tmp_path, 2)
+    with open(os.path.join(path, ckpt.MANIFEST)) as f:
+        manifest = json.load(f)
+    manifest["world_size"] = 2  # saved by two ranks; rank 1's shard never reached this disk
+    with open(os.path.join(path, ckpt.MANIFEST), "w") as f:
+        json.dump(manifest, f)
+    with pytest.raises(ckpt.CheckpointError, match=r"no shard of rank\(s\) \[1\].*storage shared by all nodes"):
+        ckpt.read_manifest(path)
+    with pytest.raises(ConfigError, match=r"no shard of rank\(s\) \[1\]"):
+        validate_config(tiny_config(str(tmp_path), "checkpoint.load=latest"))
