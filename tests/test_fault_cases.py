@@ -201,3 +201,63 @@ def test_a_manifest_missing_a_ranks_shard_is_refused_by_validate(tmp_path):
         ckpt.read_manifest(path)
     with pytest.raises(ConfigError, match=r"no shard of rank\(s\) \[1\]"):
         validate_config(tiny_config(str(tmp_path), "checkpoint.load=latest"))
+
+
+# ------------------------------------------------------------------- recipes and resume
+@pytest.mark.parametrize(
+    "overrides, words",
+    [
+        (["comm.timeout_s=nan"], r"comm.timeout_s=nan must be a number of seconds"),
+        (["comm.timeout_s=inf"], r"comm.timeout_s=inf must be a number of seconds"),
+        (["comm.timeout_s=-5"], r"comm.timeout_s=-5.0 must be a number of seconds"),
+        (["job.dump_folder=/proc/pipelining-seq-run"], r"job.dump_folder=/proc/pipelining-seq-run: cannot create"),
+        (["model.dim=100000", "checkpoint.enable=false"], r"model.dim=100000.*more than this machine's.*lower model.dim"),
+    ],
+)
+def test_recipes_that_would_kill_the_ranks_are_refused_by_validate(tmp_path, overrides, words):
+    from pipelining_seq.trainer.config import ConfigError
+    from pipelining_seq.trainer.validation import validate_config
+
+    if overrides[0].startswith("job.dump_folder=/proc") and not os.path.isdir("/proc/self"):
+        pytest.skip("no /proc here")
+    with pytest.raises(ConfigError, match=words):
+        validate_config(tiny_config(str(tmp_path), *overrides))
+
+
+def test_plan_checks_the_recipe_not_this_machine(tmp_path, capsys):
+    from pipelining_seq.cli import main as cli_main
+
+    rc = cli_main(["plan", "paper/gpt7b_32k_seq1f1b", "training.dataset=/not/here.bin",
+                   f"job.dump_folder={tmp_path}/out", "checkpoint.load=/no/such/checkpoint"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "predicted peak" in out, out[-2000:]
+    # Recipe errors are still refused.
+    assert cli_main(["plan", "paper/gpt7b_32k_seq1f1b", "comm.timeout_s=nan"]) == 2
+    assert "comm.timeout_s=nan" in capsys.readouterr().out
+
+
+def test_a_data_file_replaced_at_the_same_path_is_a_changed_setting(tmp_path):
+    import torch
+
+    from pipelining_seq.trainer.config import ConfigError
+    from pipelining_seq.trainer.data import write_token_file
+    from pipelining_seq.trainer.validation import validate_config
+
+    data = str(tmp_path / "tokens.bin")
+    write_token_file(torch.randint(1, 256, (8192,), generator=torch.Generator().manual_seed(0)), data)
+    _saved(tmp_path, 2, extra=(f"training.dataset={data}",))
+    validate_config(tiny_config(str(tmp_path), f"training.dataset={data}", "checkpoint.load=latest"))
+    write_token_file(torch.randint(1, 256, (8192,), generator=torch.Generator().manual_seed(1)), data)
+    with pytest.raises(ConfigError, match=r"training.dataset=.*content: checkpoint 16384 bytes, sha256 .* file now"):
+        validate_config(tiny_config(str(tmp_path), f"training.dataset={data}", "checkpoint.load=latest"))
+    validate_config(tiny_config(str(tmp_path), f"training.dataset={data}", "checkpoint.load=latest",
+                                "checkpoint.resume_changes=apply"))
+
+
+def test_document_masking_changed_on_resume_is_refused(tmp_path):
+    from pipelining_seq.trainer.config import ConfigError
+    from pipelining_seq.trainer.validation import validate_config
+
+    _saved(tmp_path, 2)
+    with pytest.raises(ConfigError, match=r"training.document_masking: checkpoint False, recipe True"):
+        validate_config(tiny_config(str(tmp_path), "training.document_masking=true", "checkpoint.load=latest"))

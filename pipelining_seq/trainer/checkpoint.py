@@ -497,7 +497,8 @@ def _finalize(info: dict[str, Any]) -> None:
             "schedule": schedule_info(cfg).name,
             "partition": {"num_seq_chunks": cfg.seq1f1b.num_seq_chunks, "chunk_lengths": chunk_lengths(cfg)},
             "data": {
-                "next_step": step + 1, "dataset": t.dataset, "seed": t.seed, "seq_len": t.seq_len,
+                "next_step": step + 1, "dataset": t.dataset, "fingerprint": _data_fingerprint(t.dataset),
+                "seed": t.seed, "seq_len": t.seq_len,
                 "global_batch_size": t.local_batch_size * cfg.parallelism.data_parallel_shard_degree,
                 "order": "batch of step s: start offsets from torch.Generator().manual_seed(seed * 1000003 + s)",
             },
@@ -516,6 +517,12 @@ def _finalize(info: dict[str, Any]) -> None:
         _prune(info["folder"], cfg.checkpoint.keep_latest_k)
         logger.info("checkpoint step %d -> %s", step, path)
     _barrier()
+
+
+def _data_fingerprint(dataset: str) -> str | None:
+    from .data import fingerprint
+
+    return fingerprint(dataset)
 
 
 def _prune(folder: str, keep: int) -> None:
