@@ -261,3 +261,59 @@ def test_document_masking_changed_on_resume_is_refused(tmp_path):
     _saved(tmp_path, 2)
     with pytest.raises(ConfigError, match=r"training.document_masking: checkpoint False, recipe True"):
         validate_config(tiny_config(str(tmp_path), "training.document_masking=true", "checkpoint.load=latest"))
+
+
+# ----------------------------------------------------------------- the public API's own
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["Seq1F1B", "ZeroBubble", "Interleaved"])
+def test_eval_returns_exactly_the_batch_and_refuses_a_smaller_one(kind):
+    from fault_helpers import eval_worker
+
+    from pipelining_seq.testing import run_ranks
+
+    first, last = run_ranks(eval_worker, 2, kind, timeout_s=120)
+    # The last rank's outputs equal a single-process forward, with or without a loss_fn.
+    assert last["no_loss"] < 1e-12 and last["loss_no_target"] < 1e-12, last
+    assert "no target=" in last["losses_without_target"] and "without losses=" in last["losses_without_target"]
+    # A smaller batch: refused where it is given, before any communication; the peer
+    # names the stalled wait; no stale rows come back.
+    assert first["smaller"].startswith("ValueError:") and "batch size 4 differs from 8" in first["smaller"], first
+    assert last["smaller"].startswith("PeerError:") and "rank 0" in last["smaller"], last
+
+
+@pytest.mark.slow
+def test_a_stalled_peer_in_a_script_is_named_by_the_first_steps_agreement():
+    from fault_helpers import stalled_peer_worker
+
+    from pipelining_seq.testing import run_ranks
+
+    msg, _ = run_ranks(stalled_peer_worker, 2, timeout_s=120)
+    assert msg.startswith("stage 0") and "agreement all_gather" in msg and "no answer from rank 1" in msg, msg
+    assert "p2p.set_timeout" in msg, msg
+
+
+def test_the_public_api_waits_are_bounded_by_default():
+    code = ("from pipelining_seq import p2p; print(p2p.context()['timeout_s'], p2p.DEFAULT_TIMEOUT_S)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120).stdout.split()
+    assert out == ["300.0", "300.0"], out
+
+
+@pytest.mark.parametrize("kind", ["Seq1F1B", "ZeroBubble"])
+def test_a_changed_batch_size_is_refused_on_the_calling_rank_before_any_communication(world_of_one, kind):
+    import torch
+    from fault_helpers import _schedule
+    from parity_worker import ce_loss, make_batch
+
+    sched, _ = _schedule(kind, 0, 1, ce_loss)
+    x, y = make_batch(8, 16)
+    sched.step(x, target=y, losses=[])
+    x4, y4 = make_batch(4, 16)
+    with pytest.raises(ValueError, match=r"input batch size 4 differs from 8 of the first step/eval call") as e:
+        sched.step(x4, target=y4, losses=[])
+    assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match="target batch size 4 differs from 8"):
+        sched.step(x, target=y4, losses=[])
+    with torch.no_grad():
+        with pytest.raises(ValueError, match="batch size 4 differs"):
+            sched.eval(x4)
+    sched.step(x, target=y, losses=[])  # the first size still runs
