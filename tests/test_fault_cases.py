@@ -317,3 +317,23 @@ def test_a_changed_batch_size_is_refused_on_the_calling_rank_before_any_communic
         with pytest.raises(ValueError, match="batch size 4 differs"):
             sched.eval(x4)
     sched.step(x, target=y, losses=[])  # the first size still runs
+
+
+@pytest.mark.parametrize("args, words", [
+    (("256", 4), "seq_len='256' must be a positive integer"),
+    ((-256, 4), "seq_len=-256 must be a positive integer"),
+    ((256, True), "n_chunks=True must be a positive integer"),
+    ((256.0, 4), "seq_len=256.0 must be a positive integer"),
+    ((256, 4, 0), "multiple_of=0 must be a positive integer"),
+])
+def test_partition_arguments_are_checked_like_the_schedules(args, words):
+    from pipelining_seq import balanced_partition
+    from pipelining_seq.partition import uniform_partition
+
+    seq, k, *mult = args
+    kw = dict(num_layers=2, hidden_size=32, num_heads=4, ffn_hidden_size=88, vocab_size=64)
+    with pytest.raises(ValueError, match=words):
+        balanced_partition(seq, k, **kw, **({"multiple_of": mult[0]} if mult else {}))
+    if not mult:
+        with pytest.raises(ValueError, match=words):
+            uniform_partition(seq, k)
