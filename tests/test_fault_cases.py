@@ -324,7 +324,7 @@ def test_a_changed_batch_size_is_refused_on_the_calling_rank_before_any_communic
     ((-256, 4), "seq_len=-256 must be a positive integer"),
     ((256, True), "n_chunks=True must be a positive integer"),
     ((256.0, 4), "seq_len=256.0 must be a positive integer"),
-    ((256, 4, 0), "multiple_of=0 must be a positive integer"),
+    ((256, 4, 0), "multiple_of=0: must be a positive integer"),
 ])
 def test_partition_arguments_are_checked_like_the_schedules(args, words):
     from pipelining_seq import balanced_partition
