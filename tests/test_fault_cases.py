@@ -337,3 +337,15 @@ def test_partition_arguments_are_checked_like_the_schedules(args, words):
     if not mult:
         with pytest.raises(ValueError, match=words):
             uniform_partition(seq, k)
+
+
+def test_the_package_ships_no_fault_injector():
+    """Faults are injected by the tests (tests/fault_inject), never by a hook in the package."""
+    import pathlib
+
+    import pipelining_seq
+
+    root = pathlib.Path(pipelining_seq.__file__).parent
+    hooks = [str(p.relative_to(root)) for p in root.rglob("*.py")
+             if "KILL_AT_STEP" in p.read_text() or "os.getpid(), signal.SIGKILL" in p.read_text()]
+    assert hooks == []
