@@ -23,7 +23,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-__all__ = ["FolderBusyError", "busy_error", "hold", "hold_for_job", "holder", "lock_path", "run_folders"]
+__all__ = ["FolderBusyError", "busy", "busy_error", "hold", "hold_for_job", "holder", "lock_path", "run_folders"]
 
 logger = logging.getLogger(__name__)
 
