@@ -24,6 +24,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from . import p2p
+
 __all__ = ["AgreementError", "check", "check_schedule", "describe_partition", "first_difference"]
 
 logger = logging.getLogger(__name__)
@@ -85,7 +87,9 @@ def check(fields: dict[str, Any], *, group: Any = None, what: str, device: torch
     digest = torch.frombuffer(bytearray(hashlib.sha256(_canonical(fields).encode()).digest()), dtype=torch.uint8)
     digest = digest.to(device)
     out = [torch.empty_like(digest) for _ in range(n)]
-    dist.all_gather(out, digest, group=group)
+    # Through the pipeline's bounded wait: a stalled peer is named like any other wait.
+    p2p.wait_collective(dist.all_gather(out, digest, group=group, async_op=True), desc=f"{what}: agreement all_gather",
+                        group=group)
     if all(torch.equal(o, out[0]) for o in out):
         return
     per_rank: list[Any] = [None] * n

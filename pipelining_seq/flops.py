@@ -180,6 +180,10 @@ class FlopModel:
 
 def check_chunk_counts(seq_len: int, n_chunks: int, multiple_of: int = 1) -> None:
     """Raise unless ``n_chunks`` chunks of whole ``multiple_of`` tokens can cut ``seq_len``."""
+    for name, val in (("seq_len", seq_len), ("n_chunks", n_chunks), ("multiple_of", multiple_of)):
+        # Checked like the schedules' arguments: a str, bool, float or negative is no count of tokens.
+        if not isinstance(val, numbers.Integral) or isinstance(val, bool) or (name == "seq_len" and val < 1):
+            raise ValueError(f"partition: {name}={val!r} must be a positive integer")
     if n_chunks < 1:
         raise ValueError(f"n_seq_chunks={n_chunks}: need at least 1 chunk")
     if multiple_of < 1:

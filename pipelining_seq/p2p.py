@@ -5,26 +5,33 @@ was; :func:`wait` waits for it and, when the wait fails (a process-group timeout
 stopped peer, a closed connection from a killed one), raises :class:`PeerError` naming
 this rank's stage, the peer rank(s), the training step (see :func:`note`) and the unit
 (micro-batch, chunk) that was waiting, instead of gloo's bare
-``Timed out waiting 600000ms for recv operation``. The wait is bounded by the process
-group's timeout (``init_process_group(timeout=...)``), or by :func:`set_timeout` when set
-(the trainer sets both from ``comm.timeout_s``; a script using the public API can call
-``pipelining_seq.p2p.set_timeout(60)`` instead of waiting out the default 30 minutes).
+``Timed out waiting 600000ms for recv operation``. Every wait is bounded: by
+:data:`DEFAULT_TIMEOUT_S` (300 s) unless :func:`set_timeout` says otherwise (the trainer
+sets ``comm.timeout_s``; ``set_timeout(None)`` leaves it to the process group's timeout,
+torch's default being 30 minutes). The schedules' collectives (the first-step agreement's
+``all_gather``, the chunk-length exchange) wait through :func:`wait_collective`, with the
+same message.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from datetime import timedelta
 from typing import Any
 
 from . import _compat
 
-__all__ = ["PeerError", "Pending", "context", "note", "post", "set_timeout", "wait"]
+__all__ = ["DEFAULT_TIMEOUT_S", "PeerError", "Pending", "context", "note", "post", "set_timeout", "wait",
+           "wait_collective"]
 
 logger = logging.getLogger(__name__)
 
+DEFAULT_TIMEOUT_S = 300.0
+"""Seconds a pipeline wait lasts before a silent peer is reported (see :func:`set_timeout`)."""
+
 # Where this process is: set by the schedule (stage, unit counts) and the trainer (step).
-_CONTEXT: dict[str, Any] = {}
+_CONTEXT: dict[str, Any] = {"timeout_s": DEFAULT_TIMEOUT_S}
 
 
 class PeerError(RuntimeError):
@@ -32,9 +39,11 @@ class PeerError(RuntimeError):
 
 
 def set_timeout(seconds: float | None) -> None:
-    """Bound every pipeline send/recv wait to ``seconds`` (None: the process group's timeout)."""
-    if seconds is not None and seconds <= 0:
-        raise ValueError(f"set_timeout({seconds}): give a positive number of seconds, or None")
+    """Bound every pipeline wait to ``seconds`` (default :data:`DEFAULT_TIMEOUT_S`; None: the
+    process group's own timeout)."""
+    if seconds is not None and (isinstance(seconds, bool) or not isinstance(seconds, (int, float))
+                                or not math.isfinite(seconds) or seconds <= 0):
+        raise ValueError(f"set_timeout({seconds!r}): give a positive, finite number of seconds, or None")
     _CONTEXT["timeout_s"] = seconds
 
 
@@ -53,12 +62,19 @@ class Pending(list):
     desc: str = ""
     unit: int | None = None
     ops: list = []
+    peers: list[int] | None = None
+    """The ranks waited on when there are no ops (a collective)."""
 
 
 def post(ops: list, *, desc: str, unit: int | None = None) -> Pending:
-    """Issue ``ops`` (a list of ``dist.P2POp``) as one batch; returns its works."""
-    out = Pending(_compat.batch_p2p(ops, desc=desc) if ops else [])
+    """Issue ``ops`` (a list of ``dist.P2POp``) as one batch; returns its works (a peer
+    already gone fails here, with :func:`wait`'s message)."""
+    out = Pending()
     out.desc, out.unit, out.ops = desc, unit, list(ops)
+    try:
+        out.extend(_compat.batch_p2p(ops, desc=desc) if ops else [])
+    except RuntimeError as e:
+        raise _peer_error(out, e) from e
     return out
 
 
@@ -92,16 +108,31 @@ def wait(works: list) -> None:
             for work in works:
                 work.wait(timedelta(seconds=timeout))
     except RuntimeError as e:
-        desc = getattr(works, "desc", "p2p")
-        peers = _peers(getattr(works, "ops", []))
-        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        timed_out = "timed out" in reason.lower() or "timeout" in reason.lower()
-        what = "no answer from" if timed_out else "lost the connection to"
-        peer = f"rank {', '.join(map(str, peers))}" if peers else "its pipeline peer"
-        hint = (
-            "the peer is stalled (stopped, swapping or deadlocked) or much slower; raise comm.timeout_s "
-            "if it is only slow" if timed_out else "the peer process died or closed its connection"
-        )
-        raise PeerError(
-            f"{_where(getattr(works, 'unit', None))}: {desc} {what} {peer} ({reason}); {hint}"
-        ) from e
+        raise _peer_error(works, e) from e
+
+
+def _peer_error(works: list, e: RuntimeError) -> PeerError:
+    desc = getattr(works, "desc", "p2p")
+    peers = getattr(works, "peers", None) or _peers(getattr(works, "ops", []))
+    reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+    timed_out = "timed out" in reason.lower() or "timeout" in reason.lower()
+    what = "no answer from" if timed_out else "lost the connection to"
+    peer = f"rank {', '.join(map(str, peers))}" if peers else "its pipeline peer"
+    hint = (
+        "the peer is stalled (stopped, swapping or deadlocked), much slower, or never made this call; raise "
+        "comm.timeout_s (pipelining_seq.p2p.set_timeout in a script) if it is only slow" if timed_out
+        else "the peer process died or closed its connection"
+    )
+    return PeerError(f"{_where(getattr(works, 'unit', None))}: {desc} {what} {peer} ({reason}); {hint}")
+
+
+def wait_collective(work: Any, *, desc: str, group: Any = None) -> None:
+    """Wait for an ``async_op=True`` collective of ``group`` within the pipeline's bound;
+    on failure raise :class:`PeerError` naming stage, step and the group's other ranks."""
+    import torch.distributed as dist
+
+    ranks = dist.get_process_group_ranks(group) if group is not None else list(range(dist.get_world_size()))
+    pending = Pending([work])
+    pending.desc = desc
+    pending.peers = sorted(r for r in ranks if r != dist.get_rank()) or None
+    wait(pending)

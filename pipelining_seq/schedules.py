@@ -177,6 +177,8 @@ class ScheduleSeq1F1B(SeqChunkedSchedule, PipelineScheduleSingle):
         arg_mbs, kwarg_mbs, target_mbs, seq_len = self._units.split_step(
             args, kwargs, target, self._args_chunk_spec, self._kwargs_chunk_spec
         )
+        self._units.check_targets(is_last=self._stage.is_last, loss_fn=self._loss_fn, has_backward=self._has_backward,
+                                  target_mbs=target_mbs, losses=losses)
 
         p2p.note(stage=self._stage.stage_index, n_seq_chunks=self._units.n_seq_chunks)  # for timeout messages
         agreement.check_schedule(self, stage=self._stage, units=self._units)  # once per kind: one small collective
@@ -193,7 +195,7 @@ class ScheduleSeq1F1B(SeqChunkedSchedule, PipelineScheduleSingle):
 
     # ------------------------------------------------------------------------ losses
     def _maybe_compute_loss(self, stage, output, target_mbs, mb_index, loss_kwargs=None):
-        if stage.is_last and self._loss_fn is not None:
+        if stage.is_last and self._loss_fn is not None and target_mbs is not None:  # eval without targets: no loss
             loss = self._loss_fn(output, target_mbs[mb_index], **(loss_kwargs or {}))
             self._internal_losses.append(self._units.weight_loss(loss, mb_index, output))
 

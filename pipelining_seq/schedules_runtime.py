@@ -172,6 +172,8 @@ class SeqRuntimeSchedule(SeqChunkedSchedule, _compat.PipelineScheduleRuntime):
         arg_mbs, kwarg_mbs, target_mbs, seq_len = units.split_step(
             args, kwargs, target, self._args_chunk_spec, self._kwargs_chunk_spec
         )
+        units.check_targets(is_last=any(st.is_last for st in self._stages), loss_fn=self._loss_fn,
+                            has_backward=self._has_backward, target_mbs=target_mbs, losses=losses)
         for stage in self._stages:
             stage.has_backward = self._has_backward
             stage.clear_runtime_states()
@@ -212,7 +214,7 @@ class SeqRuntimeSchedule(SeqChunkedSchedule, _compat.PipelineScheduleRuntime):
 
     # ---------------------------------------------------------------------- losses
     def _maybe_compute_loss(self, stage, output, target_mbs, mb_index, loss_kwargs=None):
-        if stage.is_last and self._loss_fn is not None:
+        if stage.is_last and self._loss_fn is not None and target_mbs is not None:  # eval without targets: no loss
             loss = self._loss_fn(output, target_mbs[mb_index], **(loss_kwargs or {}))
             self._internal_losses.append(self._units.weight_loss(loss, mb_index, output))
 

@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.pipelining.microbatch import split_args_kwargs_into_chunks
 
+from . import p2p
 from .attention import check_document_ids
 from .losses import chunk_loss_weights, weight_chunk_loss
 from .partition import SeqPartition, resolve_partition
@@ -123,6 +124,10 @@ class SeqUnits:
             for name, mbs in (("arg_mbs", arg_mbs), ("kwarg_mbs", kwarg_mbs), ("target_mbs", target_mbs)):
                 if mbs is not None and len(mbs) != m:
                     raise ValueError(f"step(): {name} has {len(mbs)} entries, expected n_microbatches={m}")
+            self._check_same_batch([t for t in (*arg_mbs[0], *kwarg_mbs[0].values()) if isinstance(t, torch.Tensor)],
+                                   "micro-batch input")
+            if target_mbs is not None and isinstance(target_mbs[0], torch.Tensor):
+                self._check_same_batch([target_mbs[0]], "micro-batch target")
             seq_len = self.local_seq_len(arg_mbs[0], kwarg_mbs[0], target_mbs[0] if target_mbs else None)
             return list(arg_mbs), list(kwarg_mbs), target_mbs, seq_len
         if "document_ids" in kwargs:  # checked here, before any communication
@@ -149,6 +154,39 @@ class SeqUnits:
                     f"{self.owner}: {what} batch size {t.shape[0]} is not divisible by "
                     f"n_microbatches={m}: change the batch size or n_microbatches"
                 )
+        self._check_same_batch(tensors, what)
+
+    def _check_same_batch(self, tensors: list, what: str) -> None:
+        """The batch size of every call equals the first call's (on this rank, before any
+        communication): the stages' receive buffers are shaped by the first call, so another
+        size would fail inside torch, or, smaller, return rows of an earlier batch."""
+        first = self.__dict__.setdefault("_first_batch", {})
+        for t in tensors:
+            if t.dim() == 0:
+                continue
+            size = first.setdefault(what, int(t.shape[0]))
+            if int(t.shape[0]) != size:
+                raise ValueError(
+                    f"{self.owner}: {what} batch size {t.shape[0]} differs from {size} of the first step/eval "
+                    "call: a schedule's stages keep the first call's shapes; keep the batch size, or build new "
+                    "stages and a new schedule for this one"
+                )
+
+    def check_targets(self, *, is_last: bool, loss_fn: Any, has_backward: bool, target_mbs: Any, losses: Any) -> bool:
+        """Whether the last stage computes losses this call; refuses a training step, or an
+        eval asking for ``losses``, without targets (before any communication)."""
+        if not is_last or loss_fn is None:
+            return False
+        if target_mbs is not None:
+            return True
+        call = "step" if has_backward else "eval"
+        if has_backward or losses is not None:
+            raise ValueError(
+                f"{self.owner}.{call}(): the rank holding the last stage got no target= but the schedule has a "
+                f"loss_fn{' and losses= was given' if not has_backward else ''}: pass the batch's targets there"
+                + ("" if has_backward else ", or call eval() without losses= for the outputs only")
+            )
+        return False  # eval without targets: outputs only, no loss
 
     def local_seq_len(self, args: Any, kwargs: dict, target: Any) -> int | None:
         """The sequence length this rank's inputs/targets agree on, or None if it has none."""
@@ -198,8 +236,8 @@ class SeqUnits:
         """Receive the chunk lengths from ``prev_rank`` (global rank; None on the first
         rank) and pass them on to ``next_rank`` (None on the last)."""
         buf = torch.zeros(self.n_seq_chunks, dtype=torch.int64, device=device)
-        if prev_rank is not None:
-            dist.recv(buf, src=prev_rank, group=group)
+        if prev_rank is not None:  # through p2p: a bounded wait whose failure names stage and peer
+            p2p.wait(p2p.post([dist.P2POp(dist.irecv, buf, prev_rank, group)], desc="chunk lengths recv"))
             received = buf.tolist()
             if local is not None and local != received:
                 raise ValueError(
@@ -214,7 +252,7 @@ class SeqUnits:
             )
         if next_rank is not None:
             buf.copy_(torch.tensor(local, dtype=torch.int64))
-            dist.send(buf, dst=next_rank, group=group)
+            p2p.wait(p2p.post([dist.P2POp(dist.isend, buf, next_rank, group)], desc="chunk lengths send"))
         return local
 
     def _split_seq(self, value: Any, seq_len: int) -> list[Any]:

@@ -15,6 +15,13 @@ from train_workers import DEFAULT_RECIPE, ROOT, TINY
 from pipelining_seq.trainer import checkpoint as ckpt
 
 FAST = [*TINY, "metrics.log_freq=1", "comm.timeout_s=20"]
+INJECT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fault_inject")
+
+
+def inject_env(**faults: str) -> dict[str, str]:
+    """The environment for a run whose ranks get ``faults`` injected (see fault_inject/sitecustomize.py)."""
+    path = os.pathsep.join(p for p in (INJECT, os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, "PYTHONPATH": path, **{f"PIPELINING_SEQ_TEST_{k.upper()}": v for k, v in faults.items()}}
 
 
 def run_cmd(dump: str, *extra: str, nproc: int = 2) -> list[str]:
@@ -174,5 +181,113 @@ def recipe_mismatch_worker(rank: int, world: int, per_rank: list[list[str]], dum
     try:
         train(tiny_config(dump, *per_rank[rank]))
     except AgreementError as e:
+        return str(e)
+    return "ok"
+
+
+def async_nonfinite_worker(rank: int, world: int, dump: str) -> str:
+    """Train with asynchronous saves every step until the loss turns NaN; the error's words."""
+    from train_workers import tiny_config
+
+    from pipelining_seq.trainer.nonfinite import NonFiniteError
+    from pipelining_seq.trainer.train import train
+
+    cfg = tiny_config(dump, "optimizer.lr=1e4", "training.max_norm=0", "training.steps=8", "checkpoint.enable=true",
+                      "checkpoint.interval=1", "checkpoint.keep_latest_k=1", "checkpoint.async_mode=async")
+    try:
+        train(cfg)
+    except NonFiniteError as e:
+        return str(e)
+    return "ok"
+
+
+def unshared_storage_worker(rank: int, world: int, base: str) -> str:
+    """Each rank saves into a folder of its own, as two nodes without shared storage would."""
+    from test_checkpoint import _stages
+    from train_workers import tiny_config
+
+    cfg = tiny_config(os.path.join(base, "checkpoint"), "checkpoint.enable=true",
+                      f"checkpoint.folder={os.path.join(base, f'node{rank}')}")
+    parts, opts, scheds = _stages(cfg)
+    try:
+        ckpt.save_checkpoint(cfg=cfg, step=2, stage_ids=[rank], parts=[parts[rank]], optimizers=[opts[rank]],
+                             schedulers=[scheds[rank]])
+    except ckpt.CheckpointSaveError as e:
+        return str(e)
+    return "ok"
+
+
+def _schedule(kind: str, rank: int, world: int, loss_fn, *, m: int = 2, k: int = 2):
+    """(schedule, whole model) of ``kind`` (Seq1F1B / ZeroBubble / Interleaved) on this rank."""
+    import torch
+    from parity_worker import make_model
+
+    from pipelining_seq import (
+        ScheduleInterleavedSeq1F1B,
+        ScheduleSeq1F1B,
+        ScheduleSeq1F1BZeroBubble,
+        SequencePipelineStage,
+    )
+    from pipelining_seq.models import split_stage
+
+    v = 2 if kind == "Interleaved" else 1
+    n = world * v
+    model = make_model(n_layers=max(4, n))
+    ids = list(range(rank, n, world))
+    stages = [SequencePipelineStage(split_stage(model, s, n), s, n, torch.device("cpu")) for s in ids]
+    cls = {"Seq1F1B": ScheduleSeq1F1B, "ZeroBubble": ScheduleSeq1F1BZeroBubble,
+           "Interleaved": ScheduleInterleavedSeq1F1B}[kind]
+    return cls(stages if v > 1 else stages[0], m, loss_fn, n_seq_chunks=k), model
+
+
+def eval_worker(rank: int, world: int, kind: str) -> dict:
+    """eval() without a loss, then with a loss_fn but no targets, against one process's forward;
+    then a smaller batch: refused on the first rank, named as a stalled peer elsewhere."""
+    import torch
+    from parity_worker import ce_loss, make_batch
+
+    from pipelining_seq import p2p
+
+    p2p.set_timeout(5)
+    out: dict = {}
+    for name, loss_fn in (("no_loss", None), ("loss_no_target", ce_loss)):
+        sched, model = _schedule(kind, rank, world, loss_fn)
+        x, _ = make_batch(8, 16)
+        with torch.no_grad():
+            got = sched.eval(*((x,) if rank == 0 else ()))
+            if got is not None:
+                out[name] = float((got - model(x)).abs().max()) if got.shape == (8, 16, 64) else f"shape {got.shape}"
+        if name == "loss_no_target" and rank == world - 1:
+            try:
+                sched.eval(losses=[])
+            except ValueError as e:
+                out["losses_without_target"] = str(e)
+    x4, _ = make_batch(4, 16)
+    try:
+        with torch.no_grad():
+            got = sched.eval(*((x4,) if rank == 0 else ()))
+        out["smaller"] = f"returned {None if got is None else tuple(got.shape)}"
+    except (ValueError, p2p.PeerError) as e:
+        out["smaller"] = f"{type(e).__name__}: {e}"
+    return out
+
+
+def stalled_peer_worker(rank: int, world: int) -> str:
+    """Rank 1 never calls step(): rank 0's first step waits in the agreement's all_gather."""
+    import time
+
+    from parity_worker import ce_loss, make_batch
+
+    from pipelining_seq import p2p
+
+    p2p.set_timeout(3)
+    sched, _ = _schedule("Seq1F1B", rank, world, ce_loss)
+    if rank == 1:
+        time.sleep(8)
+        return "slept"
+    x, _ = make_batch(4, 16)
+    try:
+        sched.step(x)
+    except p2p.PeerError as e:
         return str(e)
     return "ok"

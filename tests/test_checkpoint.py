@@ -17,7 +17,6 @@ from pipelining_seq.trainer import checkpoint as ckpt
 from pipelining_seq.trainer import export
 from pipelining_seq.trainer.config import ConfigError
 from pipelining_seq.trainer.optim import build_optimizer, lr_factor
-from pipelining_seq.trainer.train import KILL_ENV
 from pipelining_seq.trainer.validation import validate_config
 
 
@@ -141,11 +140,12 @@ def test_keep_latest_k_prunes_old_checkpoints(tmp_path):
 
 
 def _run(dump, *extra, env=None):
+    """`pipelining-seq run` of TINY on 2 ranks (``env``: the whole environment, default this one's)."""
     cmd = [
         sys.executable, "-m", "pipelining_seq.cli", "run", "--nproc-per-node", "2", DEFAULT_RECIPE, *TINY,
         "training.steps=6", "checkpoint.enable=true", "checkpoint.interval=3", f"job.dump_folder={dump}", *extra,
     ]
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, **(env or {})})
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
 
 
 @pytest.mark.slow
@@ -153,8 +153,10 @@ def test_kill_then_resume_matches_the_uninterrupted_run_bit_for_bit(tmp_path):
     straight, broken = tmp_path / "straight", tmp_path / "broken"
     a = _run(straight)
     assert a.returncode == 0, a.stdout[-3000:] + a.stderr[-3000:]
-    b = _run(broken, env={KILL_ENV: "4"})  # SIGKILL both ranks after step 4 (checkpoint at 3)
-    assert b.returncode != 0 and "killing rank" in b.stdout + b.stderr
+    from fault_helpers import inject_env
+
+    b = _run(broken, env=inject_env(kill_after_step="4"))  # SIGKILL both ranks after step 4 (checkpoint at 3)
+    assert b.returncode != 0 and "test fault: killing rank after step 4" in b.stdout + b.stderr
     assert [s for s, _ in ckpt.find_checkpoints(str(broken / "checkpoint"))] == [3]
     c = _run(broken, "checkpoint.load=latest")
     assert c.returncode == 0, c.stdout[-3000:] + c.stderr[-3000:]

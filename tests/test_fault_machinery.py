@@ -70,11 +70,15 @@ def test_p2p_set_timeout_bounds_each_wait():
         assert [a[0].total_seconds() for a in seen] == [2.5, 2.5]
         with pytest.raises(ValueError, match="positive"):
             p2p.set_timeout(0)
-    finally:
         p2p.set_timeout(None)
-    seen.clear()
-    p2p.wait(p2p.Pending([Work()]))
-    assert seen == [()]  # the process group's own timeout
+        seen.clear()
+        p2p.wait(p2p.Pending([Work()]))
+        assert seen == [()]  # the process group's own timeout
+        for bad in (float("nan"), float("inf"), -1):
+            with pytest.raises(ValueError, match="finite"):
+                p2p.set_timeout(bad)
+    finally:
+        p2p.set_timeout(p2p.DEFAULT_TIMEOUT_S)
 
 
 def test_lock_refuses_a_second_holder_with_pid_and_start_time(tmp_path):

@@ -19,7 +19,7 @@ import math
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
@@ -86,49 +86,56 @@ def fit_chunk_cost(samples: Sequence[tuple[int, int, float]], *, diagonal: bool 
     return LinearChunkCost(a1=coef["a1"], a2=coef["a2"], b=coef["b"], a3=coef.get("a3", 0.0))
 
 
-def _lengths_for_target(seq_len: int, n_chunks: int, cost: LinearChunkCost, target: float) -> list[float] | str:
-    """Continuous lengths with chunks k-1..1 costing ``target`` each, the first taking the rest.
+def _greedy_cuts(seq_len: int, cost: LinearChunkCost, target: float, multiple_of: int) -> list[int] | None:
+    """Chunk lengths (first to last) cut from the end, each as long as ``target`` allows.
 
-    Returns ``"low"`` if no chunk can be that cheap, ``"high"`` if the chunks overflow.
+    Every chunk but the first is a multiple of ``multiple_of``; the first takes the
+    rest (at least ``multiple_of``). ``None`` when some chunk cannot be that cheap.
+    Chunk costs grow when a chunk is extended on either side (every coefficient is
+    >= 0), so this greedy cut needs the fewest chunks of any split whose chunks all
+    cost at most ``target``.
     """
-    qa = cost.a3 - cost.a1 / 2
-    parts: list[float] = []
-    end = float(seq_len)
-    for _ in range(n_chunks - 1):
-        qb = cost.a1 * end + cost.a2
-        qc = cost.b - target
-        # Smallest positive root of qa·s² + qb·s + qc = 0 (cost grows with s up to s = end).
-        if abs(qa) < 1e-30:
-            s = -qc / qb
-        else:
-            disc = qb * qb - 4 * qa * qc
-            if disc < 0:
-                return "low" if qc > 0 else "high"
-            roots = [(-qb + sign * math.sqrt(disc)) / (2 * qa) for sign in (1, -1)]
-            positive = [r for r in roots if r > 0]
-            if not positive:
-                return "low"
-            s = min(positive)
-        if s <= 0:
-            return "low"
-        if s >= end:
-            return "high"
-        parts.insert(0, s)
-        end -= s
+    parts: list[int] = []
+    end = seq_len
+    while cost.predict(end, end) > target:
+        most = (end - multiple_of) // multiple_of  # leave at least multiple_of tokens before
+        if most < 1 or cost.predict(multiple_of, end) > target:
+            return None
+        lo, hi = 1, most  # largest u with cost(u*multiple_of, end) <= target
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if cost.predict(mid * multiple_of, end) <= target:
+                lo = mid
+            else:
+                hi = mid - 1
+        parts.insert(0, lo * multiple_of)
+        end -= lo * multiple_of
     return [end, *parts]
 
 
 def linear_fit_partition(
     seq_len: int, n_chunks: int, cost: LinearChunkCost, *, multiple_of: int = 1
 ) -> list[int]:
-    """Chunk lengths (first to last) of equal fitted cost, solved from the last chunk back.
+    """Chunk lengths (first to last) whose most expensive chunk is as cheap as possible.
 
-    For a given per-chunk target the chunks are cut from the end of the sequence, each
-    as long as the target allows, and the first chunk takes the rest; the target is
-    bisected until the first chunk costs the same as the others. (With ``a3 = 0`` this
-    is the paper's closed form, whose target is ``(cost(S, S) + (k-1)·b) / k``.)
+    Every coefficient of ``cost`` must be >= 0 (what :func:`fit_chunk_cost` returns).
+    The lowest per-chunk cost bound that ``n_chunks`` chunks can meet is bisected; for
+    it, the chunks are cut from the end of the sequence, each as long as the bound
+    allows, and the first chunk takes the rest, so the chunks cost about the same (with
+    ``a3 = 0`` and ``multiple_of=1`` this is the paper's closed form, up to rounding).
+    Chunks are multiples of ``multiple_of`` except the first, which also takes
+    ``seq_len % multiple_of``.
     """
-    if n_chunks < 1 or seq_len < n_chunks * multiple_of:
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
+        raise ValueError(f"linear_fit_partition: seq_len={seq_len!r} must be a positive int")
+    if isinstance(n_chunks, bool) or not isinstance(n_chunks, int) or n_chunks < 1:
+        raise ValueError(f"linear_fit_partition: n_chunks={n_chunks!r} must be a positive int")
+    if isinstance(multiple_of, bool) or not isinstance(multiple_of, int) or multiple_of < 1:
+        raise ValueError(f"linear_fit_partition: multiple_of={multiple_of!r} must be a positive int")
+    bad = {n: v for n, v in asdict(cost).items() if not (math.isfinite(v) and v >= 0)}
+    if bad:
+        raise ValueError(f"linear_fit_partition: cost coefficients {bad} must be finite and >= 0 ({cost})")
+    if seq_len < n_chunks * multiple_of:
         raise ValueError(
             f"cannot cut {seq_len} tokens into {n_chunks} chunks of at least {multiple_of}: "
             "lower n_chunks or multiple_of"
@@ -138,28 +145,26 @@ def linear_fit_partition(
     if cost.predict(seq_len, seq_len) - cost.b <= 0:  # no size-dependent cost: any cut is equal
         base, extra = divmod(seq_len // multiple_of, n_chunks)
         return [(base + (j < extra)) * multiple_of + (seq_len % multiple_of if j == 0 else 0) for j in range(n_chunks)]
-    lo, hi = 0.0, cost.predict(seq_len, seq_len) + n_chunks * abs(cost.b)
-    best = None
+    # Bisect the bound: ``hi`` always admits a split into n_chunks chunks or fewer, ``lo`` none.
+    lo, hi = 0.0, cost.predict(seq_len, seq_len)
     for _ in range(200):
         mid = (lo + hi) / 2
-        parts = _lengths_for_target(seq_len, n_chunks, cost, mid)
-        if parts == "low":
-            lo = mid
-        elif parts == "high" or cost.predict(parts[0], parts[0]) < mid:
-            hi = mid  # later chunks took too much: lower the target
+        if not lo < mid < hi:
+            break
+        parts = _greedy_cuts(seq_len, cost, mid, multiple_of)
+        if parts is not None and len(parts) <= n_chunks:
+            hi = mid
         else:
-            lo, best = mid, parts
-    if best is None:
-        raise ValueError(f"linear_fit_partition: no equal-cost split of {seq_len} tokens for {cost}")
-    out: list[int] = []
-    end = seq_len
-    for s in reversed(best[1:]):
-        remaining = n_chunks - 1 - len(out)
-        r = int(round(s / multiple_of)) * multiple_of
-        r = min(max(multiple_of, r), end - remaining * multiple_of)
-        out.insert(0, r)
-        end -= r
-    return [end, *out]
+            lo = mid
+    parts = _greedy_cuts(seq_len, cost, hi, multiple_of)
+    assert parts is not None and len(parts) <= n_chunks
+    # Fewer chunks met the bound: halve the longest chunks (never dearer) until there are n_chunks.
+    while len(parts) < n_chunks:
+        j = max(range(len(parts)), key=lambda i: (parts[i] - (seq_len % multiple_of if i == 0 else 0), -i))
+        units = (parts[j] - (seq_len % multiple_of if j == 0 else 0)) // multiple_of
+        tail = (units // 2) * multiple_of
+        parts[j:j + 1] = [parts[j] - tail, tail]
+    return parts
 
 
 def default_samples(seq_len: int, *, multiple_of: int = 8) -> list[tuple[int, int]]:

@@ -54,6 +54,7 @@ __all__ = [
     "NonFiniteStateError",
     "config_problems",
     "find_checkpoints",
+    "abandon_pending",
     "finish_pending",
     "load_checkpoint",
     "read_manifest",
@@ -150,6 +151,7 @@ def read_manifest(path: str, *, verify: str = "size") -> dict[str, Any]:
             "(edited manifest or moved folder); use another step"
         )
     files = manifest["files"]
+    ranks: set[int] = set()
     if not isinstance(files, dict) or not files:
         raise CheckpointError(f"checkpoint {path}: {MANIFEST} lists no shard files")
     extra = sorted(set(_shards(path)) - set(files))
@@ -165,11 +167,19 @@ def read_manifest(path: str, *, verify: str = "size") -> dict[str, Any]:
             raise CheckpointError(f"checkpoint {path}: {name} has {os.path.getsize(fpath)} bytes, manifest says {meta['bytes']}")
         if verify == "sha256" and _sha256(fpath) != meta["sha256"]:
             raise CheckpointError(f"checkpoint {path}: {name} does not match its sha256 in the manifest (corrupt)")
-        _check_shard_step(path, name, step)
+        ranks.update(_check_shard_step(path, name, step))
+    world = manifest["world_size"]
+    lacking = sorted(set(range(world)) - ranks) if isinstance(world, int) else []
+    if lacking:
+        raise CheckpointError(
+            f"checkpoint {path}: no shard of rank(s) {lacking} of the {world} that saved it (written on another "
+            "node? checkpoint.folder must be storage shared by all nodes); use a complete checkpoint"
+        )
     return manifest
 
 
-def _check_shard_step(path: str, name: str, step: int) -> None:
+def _check_shard_step(path: str, name: str, step: int) -> set[int]:
+    """The ranks whose state the shard holds; raises unless all of it is of ``step``."""
     from safetensors import safe_open
 
     try:
@@ -183,6 +193,7 @@ def _check_shard_step(path: str, name: str, step: int) -> None:
             f"checkpoint {path}: shard {name} is of step {sorted(set(other.values())) or 'unknown'}, the manifest of "
             f"step {step} (a file from another checkpoint); use another step"
         )
+    return {int(k[len(_STEP_KEY):]) for k in steps if k[len(_STEP_KEY):].isdigit()}
 
 
 def find_checkpoints(folder: str) -> list[tuple[int, str]]:
@@ -428,12 +439,48 @@ def finish_pending() -> str | None:
     return info["path"]
 
 
+def abandon_pending() -> int | None:
+    """Drop an asynchronous save without its manifest (an error that not every rank saw:
+    no collective is safe). Its folder stays incomplete, so ``latest`` skips it; returns its step."""
+    future = _PENDING.pop("future", None)
+    info = _PENDING.pop("info", None)
+    if future is None or info is None:
+        return None
+    logger.warning("checkpoint step %d: the background save is abandoned without its manifest (an error on "
+                   "another rank); %s is incomplete and never loaded", info["step"], info["path"])
+    return info["step"]
+
+
+def _host() -> str:
+    import socket
+
+    return socket.gethostname()
+
+
+def _check_shared(path: str, names: list[str]) -> list[str]:
+    """Every rank must see every rank's shard (collective). Shards are written where each
+    rank runs; without storage shared by all nodes, some are missing elsewhere. Returns
+    the union of the shard names."""
+    seen = _all_gather({"rank": _rank(), "host": _host(), "names": names})
+    union = sorted({n for g in seen for n in g["names"]})
+    for g in seen:
+        missing = sorted(set(union) - set(g["names"]))
+        if missing:
+            writers = sorted({h["host"] for h in seen if set(missing) & set(h["names"])})
+            raise CheckpointSaveError(
+                f"checkpoint {path}: rank {g['rank']} on node {g['host']} does not see {missing} (written on "
+                f"{', '.join(writers)}): checkpoint.folder must be storage shared by all nodes; no manifest was "
+                "written, so this step is never loaded"
+            )
+    return union
+
+
 def _finalize(info: dict[str, Any]) -> None:
-    """After every shard is written: hash them (spread over the ranks), then rank 0 writes
-    the manifest and prunes."""
+    """After every shard is written: check every rank sees every shard, hash them (spread
+    over the ranks), then rank 0 writes the manifest and prunes."""
     path, step, cfg = info["path"], info["step"], info["cfg"]
     _barrier()
-    names = _shards(path)
+    names = _check_shared(path, _shards(path))
     mine = {n: {"bytes": os.path.getsize(os.path.join(path, n)), "sha256": _sha256(os.path.join(path, n))}
             for n in names[_rank()::_world()]}
     gathered = _all_gather({"rank": _rank(), "files": mine, "rng": info["rng"],
@@ -450,7 +497,8 @@ def _finalize(info: dict[str, Any]) -> None:
             "schedule": schedule_info(cfg).name,
             "partition": {"num_seq_chunks": cfg.seq1f1b.num_seq_chunks, "chunk_lengths": chunk_lengths(cfg)},
             "data": {
-                "next_step": step + 1, "dataset": t.dataset, "seed": t.seed, "seq_len": t.seq_len,
+                "next_step": step + 1, "dataset": t.dataset, "fingerprint": _data_fingerprint(t.dataset),
+                "seed": t.seed, "seq_len": t.seq_len,
                 "global_batch_size": t.local_batch_size * cfg.parallelism.data_parallel_shard_degree,
                 "order": "batch of step s: start offsets from torch.Generator().manual_seed(seed * 1000003 + s)",
             },
@@ -469,6 +517,12 @@ def _finalize(info: dict[str, Any]) -> None:
         _prune(info["folder"], cfg.checkpoint.keep_latest_k)
         logger.info("checkpoint step %d -> %s", step, path)
     _barrier()
+
+
+def _data_fingerprint(dataset: str) -> str | None:
+    from .data import fingerprint
+
+    return fingerprint(dataset)
 
 
 def _prune(folder: str, keep: int) -> None:

@@ -25,6 +25,7 @@ disjoint rows of the same global batch.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import logging
 import os
 import sys
@@ -41,6 +42,7 @@ __all__ = [
     "TokenBatches",
     "builtin_corpus_files",
     "builtin_documents",
+    "fingerprint",
     "pack_documents",
     "inspect_dataset",
     "load_tokens",
@@ -83,6 +85,31 @@ def builtin_corpus_files() -> list[Path]:
     if not files:
         raise FileNotFoundError(f"no corpus text files in {root}: the package was installed without its data")
     return files
+
+
+_FINGERPRINT_PART = 1 << 20
+
+
+def fingerprint(dataset: str) -> str | None:
+    """Size and sha256 of a dataset's bytes: the whole file up to 2 MiB, else its first and
+    last MiB (a file replaced at the same path reads as another dataset). None if unreadable."""
+    paths = builtin_corpus_files() if dataset == "builtin" else [Path(dataset)]
+    h = hashlib.sha256()
+    size = 0
+    try:
+        for path in paths:
+            n = path.stat().st_size
+            size += n
+            with open(path, "rb") as f:
+                if n <= 2 * _FINGERPRINT_PART:
+                    h.update(f.read())
+                else:
+                    h.update(f.read(_FINGERPRINT_PART))
+                    f.seek(n - _FINGERPRINT_PART)
+                    h.update(f.read(_FINGERPRINT_PART))
+    except OSError:
+        return None
+    return f"{size} bytes, sha256 {h.hexdigest()[:16]}"
 
 
 @dataclass(frozen=True)

@@ -164,9 +164,9 @@ def _before_launch(cfg: JobConfig) -> int | None:
     """Refusals and no-ops that need no process: a busy dump folder, nothing left to train."""
     from . import checkpoint, lock, resume
 
-    busy = lock.holder(cfg.job.dump_folder)
+    busy = lock.busy(lock.run_folders(cfg))
     if busy is not None:
-        print(f"error: {lock.busy_error(cfg.job.dump_folder, busy)}", file=sys.stderr)
+        print(f"error: {busy}", file=sys.stderr)
         return 2
     path = checkpoint.resolve_load(cfg)
     if path is not None:
@@ -203,11 +203,40 @@ def _rank_pids(parent: int) -> list[int]:
     return pids
 
 
+def _state(pid: int) -> str | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return None
+
+
+def _end_stopped_ranks(torchrun: int, started: set[int]) -> set[int]:
+    """Once a rank has ended while torchrun runs (the run is failing), SIGKILL the ranks that
+    are stopped (SIGSTOP, state T): they cannot act on torchrun's SIGTERM, and torchrun
+    would wait out its grace period on them. Returns the ranks seen so far."""
+    ranks = {pid for pid in _rank_pids(torchrun) if _state(pid) not in (None, "Z", "X")}
+    if started and started - ranks:  # some rank is gone
+        for pid in ranks:
+            if _state(pid) in ("T", "t"):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+    return ranks
+
+
 def supervise(cmd: list[str], *, env: dict[str, str]) -> int:
     """Run torchrun in its own session, tied to this process's life. SIGINT/SIGTERM here are
     passed to the ranks as SIGTERM (they stop at the next step boundary, save if configured,
     and print one line); a second one kills them. Returns torchrun's exit code, or 128 +
-    the signal when the run was stopped by one."""
+    the signal when the run was stopped by one (here, or sent to a rank: rank 0 leaves
+    the code in the file named by ``PIPELINING_SEQ_STOP_FILE``)."""
+    import json
+    import tempfile
+
+    fd, stop_file = tempfile.mkstemp(prefix="pipelining-seq-stop-", suffix=".json")
+    os.close(fd)
+    os.remove(stop_file)  # rank 0 creates it when a signal stops the run
+    env = {**env, "PIPELINING_SEQ_STOP_FILE": stop_file}
     proc = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=_die_with_parent)
     got: list[int] = []
 
@@ -222,14 +251,28 @@ def supervise(cmd: list[str], *, env: dict[str, str]) -> int:
                 proc.kill()
 
     old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    started: set[int] = set()
     try:
         while True:
             try:
-                code = proc.wait()
+                code = proc.wait(timeout=0.5)
                 break
+            except subprocess.TimeoutExpired:
+                started |= _end_stopped_ranks(proc.pid, started)
             except InterruptedError:
                 continue
     finally:
         for s, h in old.items():
             signal.signal(s, h)
-    return 128 + got[0] if got else code
+    stopped = None
+    with contextlib.suppress(OSError, ValueError):
+        with open(stop_file) as f:
+            stopped = json.load(f)
+        os.remove(stop_file)
+    if got:
+        return 128 + got[0]
+    if code == 0 and stopped:
+        # A signal to a rank stopped the run before training.steps: not a finished run.
+        print(f"run stopped early, exit {stopped['code']}: {stopped['line']}", file=sys.stderr, flush=True)
+        return int(stopped["code"])
+    return code

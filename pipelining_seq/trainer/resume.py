@@ -3,7 +3,8 @@
 A checkpoint restores the weights, the optimizer's moments and the step. Everything else
 comes from the recipe: the learning-rate schedule is rebuilt from the recipe and put at the
 checkpoint's step, AdamW's hyper-parameters are the recipe's. So a recipe that differs from
-the checkpoint's on the optimizer, the LR schedule or the data order would silently change
+the checkpoint's on the optimizer, the LR schedule, the data (its order, its masking, or
+the file's content: the manifest keeps a fingerprint of it) would silently change
 the run's trajectory; :func:`trajectory_changes` lists those differences and
 ``checkpoint.resume_changes`` decides: ``refuse`` (default; the run stops before any
 process starts, naming every field) or ``apply`` (the run continues with the recipe's
@@ -29,7 +30,7 @@ logger = logging.getLogger(__name__)
 _TRAJECTORY = (
     ("optimizer", None), ("lr_scheduler", None),
     ("training", "seed"), ("training", "dataset"), ("training", "dataset_dtype"), ("training", "seq_len"),
-    ("training", "max_norm"),
+    ("training", "max_norm"), ("training", "document_masking"),
 )
 # Fields that change how the same mathematics is run.
 _LAYOUT = (("parallelism", None), ("seq1f1b", None))
@@ -62,6 +63,14 @@ def trajectory_changes(manifest: dict[str, Any], cfg: JobConfig) -> list[str]:
     """Recipe fields that differ from the checkpoint's and change the trajectory."""
     saved, now = manifest.get("config", {}) or {}, _as_saved(cfg)
     out = _diff(saved, now, _TRAJECTORY)
+    data = manifest.get("data") or {}
+    if data.get("fingerprint") and data.get("dataset") == cfg.training.dataset:
+        from .data import fingerprint
+
+        current = fingerprint(cfg.training.dataset)
+        if current != data["fingerprint"]:
+            out.append(f"training.dataset={cfg.training.dataset!r} content: checkpoint {data['fingerprint']}, "
+                       f"file now {current} (replaced at the same path)")
     if _global_batch(saved) != _global_batch(now):
         out.append(f"global batch (training.local_batch_size * data_parallel_shard_degree): checkpoint "
                    f"{_global_batch(saved)}, recipe {_global_batch(now)}")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -56,9 +57,6 @@ from .validation import validate_config
 __all__ = ["StepResult", "Trainer", "build_stage_module", "main", "train"]
 
 logger = logging.getLogger(__name__)
-
-# Testing hook: SIGKILL every rank right after this step (and its checkpoint) completes.
-KILL_ENV = "PIPELINING_SEQ_KILL_AT_STEP"
 
 
 @dataclass
@@ -354,8 +352,28 @@ class Trainer:
         record: dict[str, Any] = {
             "losses": [], "grad_norms": [], "start_step": start, "log_lines": [], "peak_memory": {}, "stopped": None,
         }
+        try:
+            self._loop(record, start, total)
+        except (nonfinite.NonFiniteError, ckpt.NonFiniteStateError):
+            # Every rank raised it at the same step: the save in flight still gets its manifest.
+            ckpt.finish_pending()
+            raise
+        except BaseException:
+            ckpt.abandon_pending()
+            raise
+        ckpt.finish_pending()
+        self.metric_log.close()
+        if record["stopped"] is not None:
+            if self.rank == 0:
+                logger.warning("%s", stop_line(cfg, record["stopped"]))
+            return record
+        if self.reporting and record["losses"]:
+            logger.info("done: loss %.4f -> %.4f over steps %d..%d", record["losses"][0], record["losses"][-1], start + 1, total)
+        return record
+
+    def _loop(self, record: dict[str, Any], start: int, total: int) -> None:
+        cfg = self.cfg
         window_time, window_steps = 0.0, 0
-        kill_at = int(os.environ.get(KILL_ENV, "0") or 0)
         with self.profiler as prof:
             for step in range(start + 1, total + 1):
                 log_now = step % cfg.metrics.log_freq == 0 or step in (start + 1, total)
@@ -373,23 +391,43 @@ class Trainer:
                     window_time, window_steps = 0.0, 0
                 self.maybe_save(step, stopping=result.verdict.stop)
                 prof.step()
-                if step == kill_at:
-                    logger.warning("%s=%d: killing rank %d", KILL_ENV, kill_at, self.rank)
-                    os.kill(os.getpid(), signal.SIGKILL)
                 if result.verdict.stop:
                     record["stopped"] = step
                     break
-        ckpt.finish_pending()
-        self.metric_log.close()
-        if record["stopped"] is not None:
-            if self.rank == 0:
-                saved = " (checkpoint saved)" if cfg.checkpoint.enable and cfg.checkpoint.save_on_signal else ""
-                logger.warning("stopped by %s after step %d%s", liveness.stop_signal() or "a signal on another rank",
-                               record["stopped"], saved)
-            return record
-        if self.reporting and record["losses"]:
-            logger.info("done: loss %.4f -> %.4f over steps %d..%d", record["losses"][0], record["losses"][-1], start + 1, total)
-        return record
+
+
+STOP_FILE_ENV = "PIPELINING_SEQ_STOP_FILE"
+"""Set by ``pipelining-seq run``: rank 0 writes a stopped run's exit code and line there."""
+
+
+def stop_line(cfg: JobConfig, step: int) -> str:
+    """The one line of a run stopped by a signal at ``step``, with how to resume."""
+    ck = cfg.checkpoint
+    if ck.enable and ck.save_on_signal:
+        how = f" (checkpoint saved); resume with checkpoint.load=latest (job.dump_folder={cfg.job.dump_folder})"
+    elif ck.enable:
+        how = " (checkpoint.save_on_signal=false: no checkpoint at the stop); resume from the latest with checkpoint.load=latest"
+    else:
+        how = " (checkpoint.enable=false: nothing to resume from)"
+    who = liveness.stop_signal() or "a signal on another rank"
+    return f"stopped by {who} after step {step} of {cfg.training.steps}{how}"
+
+
+def _stopped_code(cfg: JobConfig, step: int) -> int:
+    """Exit code of a stopped run: 128 + the signal (SIGTERM's when another rank got it).
+
+    Under ``pipelining-seq run`` rank 0 hands code and line to the launcher in a file and
+    the ranks exit 0 (torchrun would print a failure report per rank otherwise); the
+    launcher exits with the code."""
+    sig = liveness.stop_signal()
+    code = 128 + (int(getattr(signal, sig)) if sig else int(signal.SIGTERM))
+    path = os.environ.get(STOP_FILE_ENV)
+    if not path:
+        return code
+    if dist.get_rank() == 0:
+        with open(path, "w") as f:
+            json.dump({"code": code, "line": stop_line(cfg, step)}, f)
+    return 0
 
 
 def train(cfg: JobConfig) -> dict[str, Any]:
@@ -470,8 +508,10 @@ def main(argv: list[str] | None = None) -> int:
     dist.init_process_group(backend, timeout=timedelta(seconds=cfg.comm.timeout_s))
     code = 0
     try:
-        with lock.hold_for_job(cfg.job.dump_folder, command=" ".join(sys.argv)):
-            train(cfg)
+        with lock.hold_for_job(lock.run_folders(cfg), command=" ".join(sys.argv)):
+            record = train(cfg)
+        if record.get("stopped") is not None:
+            code = _stopped_code(cfg, record["stopped"])
     except (lock.FolderBusyError, ckpt.CheckpointError, ConfigError, AgreementError) as e:
         if rank == 0:
             logger.error("error: %s", e)

@@ -17,10 +17,12 @@ from .layout import chunk_lengths, n_microbatches, schedule_info, stages_per_ran
 __all__ = ["validate_config"]
 
 
-def validate_config(cfg: JobConfig, *, world_size: int | None = None) -> None:
+def validate_config(cfg: JobConfig, *, world_size: int | None = None, machine: bool = True) -> None:
     """Raise :class:`ConfigError` listing every problem of ``cfg``; starts no process.
 
-    ``world_size`` (when known) must equal pp * dp_shard * tp.
+    ``world_size`` (when known) must equal pp * dp_shard * tp. ``machine=False`` checks the
+    recipe only (what ``plan`` needs, for a recipe meant for another machine): no data
+    file, output folder, disk space, checkpoint or CUDA device is looked at.
     """
     errors: list[str] = []
     from . import preflight
@@ -28,8 +30,10 @@ def validate_config(cfg: JobConfig, *, world_size: int | None = None) -> None:
     for check in (_check_training, _check_optimizer, _check_parallelism, _check_outputs, preflight.field_problems):
         errors += check(cfg, world_size)
     if not errors:  # these read the combination, so they need the basics right
-        errors += _check_seq1f1b(cfg) + _check_checkpoint(cfg)
-    if not errors:
+        errors += _check_seq1f1b(cfg)
+    if not errors and machine:
+        errors += _check_machine(cfg) + _check_checkpoint(cfg)
+    if not errors and machine:
         errors += preflight.machine_problems(cfg)
     if errors:
         raise ConfigError(errors)
@@ -56,19 +60,24 @@ def _check_training(cfg: JobConfig, world_size: int | None) -> list[str]:
         errors.append(f"training.num_threads={t.num_threads} must be >= 0 (0 = automatic)")
     _one_of(errors, "training.mixed_precision_param", t.mixed_precision_param, ("bfloat16", "float32"))
     _one_of(errors, "training.device", t.device, ("auto", "cpu", "cuda"))
-    if t.device == "cuda":
-        import torch
-
-        if not torch.cuda.is_available():
-            errors.append("training.device='cuda' but no CUDA device is available: use training.device=cpu or auto")
     _one_of(errors, "training.dataset_dtype", t.dataset_dtype, ("uint16", "uint32"))
     if t.document_masking and t.dataset != "builtin":
         errors.append(
             f"training.document_masking=true needs training.dataset=builtin (got {t.dataset!r}): token files "
             "carry no document separator this trainer knows; set training.document_masking=false"
         )
-    if errors:
-        return errors
+    return errors
+
+
+def _check_machine(cfg: JobConfig) -> list[str]:
+    """What the recipe asks of this machine: the CUDA device, the data file."""
+    errors: list[str] = []
+    t = cfg.training
+    if t.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            errors.append("training.device='cuda' but no CUDA device is available: use training.device=cpu or auto")
     from . import data
 
     try:

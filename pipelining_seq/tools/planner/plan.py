@@ -326,12 +326,13 @@ def plan_memory(
 def plan_from_config(
     cfg, *, gpus: int | None = None, gpu_memory: str | int = "80GB", reserve: str | int = "2GiB", title: str = ""
 ) -> MemoryPlan:
-    """Plan a loaded recipe (:class:`pipelining_seq.trainer.config.JobConfig`); runs its validation first."""
+    """Plan a loaded recipe (:class:`pipelining_seq.trainer.config.JobConfig`); validates the recipe first
+    (not this machine: the data file, folders and devices are the training machine's)."""
     from ...trainer import layout
     from ...trainer.validation import validate_config
 
     par, tr = cfg.parallelism, cfg.training
-    validate_config(cfg, world_size=layout.world_size(cfg) if gpus is None else gpus)
+    validate_config(cfg, world_size=layout.world_size(cfg) if gpus is None else gpus, machine=False)
     device = "cpu" if tr.device == "cpu" else "cuda"
     mixed = device == "cuda" and tr.mixed_precision_param == "bfloat16"
     g = cfg.model
