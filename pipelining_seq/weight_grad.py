@@ -71,7 +71,7 @@ class _Unit:
     __slots__ = ("entries", "pending")
 
     def __init__(self, pending: dict[int, _Unit]) -> None:
-        self.entries: list[tuple[nn.Parameter | None, nn.Parameter | None, torch.Tensor, torch.Tensor]] = []
+        self.entries: list[Any] = []  # (weight, bias, input, output grad) or a callable
         self.pending = pending
 
     def run(self) -> None:
@@ -79,8 +79,11 @@ class _Unit:
         self.pending.pop(id(self), None)
         # In the order the input-gradient pass met them, the order in which a full
         # backward would have accumulated them.
-        for weight, bias, x, g in entries:
-            _accumulate(weight, bias, x, g)
+        for entry in entries:
+            if callable(entry):  # a layer's own deferred work (WeightGradStore.defer)
+                entry()
+            else:
+                _accumulate(*entry)
 
 
 def _weight_grads(weight: nn.Parameter | None, bias: nn.Parameter | None, x: torch.Tensor,
@@ -152,6 +155,11 @@ class WeightGradStore:
         many parameters the store now covers (0: nothing to defer)."""
         covered = 0
         for m in root.modules():
+            hook = getattr(m, "attach_weight_grad_store", None)
+            if callable(hook):  # a layer that defers its own weight work (see defer)
+                covered += int(hook(self))
+                self.modules.append(m)
+                continue
             if not _covered(m) or "forward" in vars(m):
                 continue
             m.forward = functools.partial(_store_forward, m, self)
@@ -166,10 +174,21 @@ class WeightGradStore:
         self.modules.clear()
 
     def covered_parameters(self) -> Iterator[nn.Parameter]:
+        """The ``nn.Linear`` weights and biases routed through the store."""
         for m in self.modules:
-            yield m.weight
-            if m.bias is not None:
-                yield m.bias
+            if isinstance(m, nn.Linear):
+                yield m.weight
+                if m.bias is not None:
+                    yield m.bias
+
+    def defer(self, fn: Callable[[], None]) -> bool:
+        """For layers with their own ``attach_weight_grad_store(store) -> int`` (the number
+        of parameters they cover): queue ``fn`` (their weight-gradient work) for the
+        unit being captured. Returns False outside :meth:`capture` (run it now)."""
+        if self._open is None:
+            return False
+        self._open.entries.append(fn)
+        return True
 
     @contextlib.contextmanager
     def capture(self) -> Iterator[None]:
@@ -195,9 +214,10 @@ class WeightGradStore:
     def pending_tensors(self) -> Iterator[torch.Tensor]:
         """The inputs and output gradients held for weight passes not run yet (memory meters)."""
         for unit in list(self._pending.values()):
-            for _, _, x, g in unit.entries:
-                yield x
-                yield g
+            for entry in unit.entries:
+                if not callable(entry):
+                    yield entry[2]
+                    yield entry[3]
 
     def clear(self) -> None:
         """Forget the weight passes of an unfinished step."""

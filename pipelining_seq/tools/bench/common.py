@@ -132,9 +132,10 @@ def build_schedule(name: str, model: GPT, rank: int, world: int, *, m: int, k: i
         stages = [SequencePipelineStage(split_stage(model, s, world * v), s, world * v, device) for s in ids]
         part = list(lengths) if lengths is not None else ("uniform" if seq_len is None else uniform_partition(seq_len, k))
         if v > 1:
-            return ScheduleInterleavedSeq1F1B(stages, m, cross_entropy_loss, n_seq_chunks=k, seq_partition=part), stages
+            return ScheduleInterleavedSeq1F1B(stages, m, cross_entropy_loss, n_seq_chunks=k, seq_partition=part,
+                                              early_recv=early_recv), stages
         return ScheduleSeq1F1BZeroBubble(stages, m, cross_entropy_loss, n_seq_chunks=k, seq_partition=part,
-                                         weight_grad_store=weight_grad_store), stages
+                                         early_recv=early_recv, weight_grad_store=weight_grad_store), stages
     cls = torch_schedules.torch_schedule_class(name)
     if issubclass(cls, torch.distributed.pipelining.schedules.PipelineScheduleSingle):
         stage = PipelineStage(split_stage(model, rank, world), rank, world, device)
