@@ -13,8 +13,9 @@ sleeping rank needs no core, so 4 or 8 ranks on a 2-core machine measure the exe
 Per schedule it prints the measured makespan (median step time on rank 0, after one
 warm-up step, steps bracketed by barriers), the simulator's makespan for the same
 costs and action lists (:func:`pipelining_seq.tools.simulate.simulate`), their ratio,
-and per rank the seconds per step spent waiting on p2p and in the executor itself
-(:class:`~pipelining_seq.tools.bench.breakdown.StepTimers`).
+and per rank the seconds per step spent waiting on p2p, in the executor itself
+(:class:`~pipelining_seq.tools.bench.breakdown.StepTimers`), and in compute beyond the
+simulator's busy time (stage code around the sleeps).
 The split schedules (Seq1F1B-ZB and torch's zero-bubble schedules) run I and W through
 the stage's weight-gradient store (:meth:`SequencePipelineStage.use_weight_grad_store`),
 so that W sleeps exactly W's time.
@@ -88,11 +89,28 @@ def plan_costs(name: str, ranks: int, m: int, k: int, partition: str) -> tuple[s
     return plan, cost
 
 
+class _Clock:
+    """Sleeps that keep a rank's total compute time exact: on an oversubscribed machine
+    every ``time.sleep`` wakes late, by up to milliseconds; the overshoot is carried and
+    taken off the next sleeps, so that only the time between sleeps (the executor) and
+    waits for peers add to the step."""
+
+    debt = 0.0
+
+    @classmethod
+    def sleep(cls, seconds: float) -> None:
+        want = seconds - cls.debt
+        t0 = time.perf_counter()
+        if want > 0:
+            time.sleep(want)
+        cls.debt = (time.perf_counter() - t0) - want if want > 0 else -want
+
+
 class _Sleep(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, w: torch.Tensor, times: tuple[float, float, float],
                 module: EmulatedStage) -> torch.Tensor:
-        time.sleep(times[0])
+        _Clock.sleep(times[0])
         ctx.times, ctx.module, ctx.x_grad = times, module, x.is_floating_point()
         if x.is_floating_point():
             return x.clone()
@@ -101,10 +119,10 @@ class _Sleep(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, None, None, None]:
         _, t_input, t_weight = ctx.times
-        time.sleep(t_input)
+        _Clock.sleep(t_input)
         store = ctx.module.store
-        if store is None or not store.defer(functools.partial(time.sleep, t_weight)):
-            time.sleep(t_weight)
+        if store is None or not store.defer(functools.partial(_Clock.sleep, t_weight)):
+            _Clock.sleep(t_weight)
         return (g if ctx.x_grad else None), None, None, None
 
 
@@ -132,7 +150,7 @@ def _loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return output.mean()
 
 
-def _build(name: str, rank: int, ranks: int, m: int, k: int, partition: str) -> tuple[Any, list, float]:
+def _build(name: str, rank: int, ranks: int, m: int, k: int, partition: str) -> tuple[Any, list, sim.SimResult]:
     plan, cost = plan_costs(name, ranks, m, k, partition)
     dim = _model(ranks).dim
     cpu = torch.device("cpu")
@@ -161,7 +179,7 @@ def _build(name: str, rank: int, ranks: int, m: int, k: int, partition: str) -> 
             sched = cls(stages[0], m, _loss, scale_grads=True)
         else:
             sched = cls(stages, m, _loss, scale_grads=True)
-    return sched, stages, sim.simulate(plan, cost).makespan
+    return sched, stages, sim.simulate(plan, cost)
 
 
 def emulate_worker(rank: int, world: int, names: list[str], m: int, k: int, partition: str) -> list[dict]:
@@ -183,8 +201,10 @@ def emulate_worker(rank: int, world: int, names: list[str], m: int, k: int, part
             dist.barrier()
             if i >= WARMUP:
                 times.append(time.perf_counter() - t0)
-        out.append(dict(schedule=name, measured_s=statistics.median(times), simulated_s=simulated,
-                        breakdown=timers.summary()))
+        summary = timers.summary()
+        compute = sum(summary[key] for key in ("F", "B", "I", "W"))
+        out.append(dict(schedule=name, measured_s=statistics.median(times), simulated_s=simulated.makespan,
+                        breakdown=summary, compute_over=compute - simulated.busy[rank]))
     return out
 
 
@@ -201,7 +221,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--partition", default="uniform", choices=["uniform", "balanced"],
                         help="chunk lengths (default uniform)")
     parser.add_argument("--json", default=None, metavar="PATH",
-                        help="write [{schedule, measured_s, simulated_s, ratio, wait_s, executor_s}, ...] here")
+                        help="write [{schedule, measured_s, simulated_s, ratio, wait_s, executor_s, compute_over_s}, ...] here")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -229,9 +249,11 @@ def main(args: argparse.Namespace) -> int:
         # Per rank, seconds per step: waiting on p2p, and the executor's own work.
         r["wait_s"] = [round(res[i]["breakdown"]["wait"], 4) for res in results]
         r["executor_s"] = [round(res[i]["breakdown"]["executor"], 4) for res in results]
+        # Measured compute (sleeps, and the stage code around them) over the simulator's.
+        r["compute_over_s"] = [round(res[i]["compute_over"], 4) for res in results]
     print(f"bench emulate: {args.ranks} ranks, m={args.microbatches}, k={args.chunks} ({args.partition}); "
           f"load average before / after: {load_before} / {load_average()}")
-    print_table(rows, ["schedule", "measured_s", "simulated_s", "ratio", "wait_s", "executor_s"],
+    print_table(rows, ["schedule", "measured_s", "simulated_s", "ratio", "wait_s", "executor_s", "compute_over_s"],
                 formats=dict(measured_s=".3f", simulated_s=".3f", ratio=".3f"))
     seq = [r for r in rows if r["schedule"] in SEQ_SCHEDULES]
     if len(seq) > 1:
