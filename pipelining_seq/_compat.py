@@ -30,6 +30,7 @@ from torch.distributed.pipelining import stage as _stage
 
 __all__ = [
     "observe_input_reshard",
+    "timed_p2p_waits",
     "Action",
     "ComputationType",
     "FORWARD",
@@ -255,6 +256,33 @@ def observe_input_reshard(callback: Any) -> Iterator[None]:
         yield
     finally:
         mod._pack_hook_tp = orig
+
+
+@contextlib.contextmanager
+def timed_p2p_waits(on_wait: Any) -> Iterator[None]:
+    """Call ``on_wait(seconds)`` after every wait on a batch of pipeline sends/receives:
+    torch's schedules (their private ``_wait_batch_p2p``) and this package's
+    (:func:`pipelining_seq.p2p.wait`). Benchmarks only (step-time breakdown)."""
+    import time
+
+    orig_torch, orig_ours = _schedules._wait_batch_p2p, globals()["wait_batch_p2p"]
+
+    def wrap(fn: Any) -> Any:
+        def timed(works: Any) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return fn(works)
+            finally:
+                on_wait(time.perf_counter() - t0)
+        return timed
+
+    _schedules._wait_batch_p2p = wrap(orig_torch)
+    globals()["wait_batch_p2p"] = wrap(orig_ours)
+    try:
+        yield
+    finally:
+        _schedules._wait_batch_p2p = orig_torch
+        globals()["wait_batch_p2p"] = orig_ours
 
 
 # --------------------------------------------------------------------------------------

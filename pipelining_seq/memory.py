@@ -3,7 +3,8 @@
 On CPU there is no allocator high-water mark to read, so this counts what a pipeline
 schedule actually keeps alive between forward and backward: the tensors autograd saves
 for backward (through ``torch.autograd.graph.saved_tensors_hooks``) plus the stage's
-K/V cache, each storage counted once however many tensors view it. Parameters are
+K/V cache and the inputs and output gradients its weight-gradient store holds for
+pending weight passes, each storage counted once however many tensors view it. Parameters are
 excluded (they are not activations). The peak is sampled every time a tensor is saved
 and whenever ``sample()`` is called (the schedule-independent moments after a unit).
 """
@@ -11,6 +12,7 @@ and whenever ``sample()`` is called (the schedule-independent moments after a un
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -50,8 +52,10 @@ class ActivationMemoryMeter:
         print(meter.peak_bytes)
     """
 
-    def __init__(self, *, modules: Iterable[nn.Module] = (), kv_cache: KVCache | None = None) -> None:
+    def __init__(self, *, modules: Iterable[nn.Module] = (), kv_cache: KVCache | None = None,
+                 weight_grads: Iterable[Any] = ()) -> None:
         self._modules = list(modules)
+        self._stores = list(weight_grads)  # WeightGradStore s (pending weight passes)
         self._param_keys: set[int] = set()
         self._refresh_param_keys()
         # FSDP2 swaps in unsharded parameters (views of its all-gather buffer) for forward;
@@ -76,10 +80,17 @@ class ActivationMemoryMeter:
         self.peak_bytes = self.peak_saved_bytes = self.peak_kv_bytes = 0
 
     def _kv_extra(self) -> int:
-        if self.kv_cache is None:
-            return 0
         total = 0
         seen: set[int] = set()
+        for store in self._stores:
+            for t in store.pending_tensors():
+                key = t.untyped_storage().data_ptr()
+                if key in seen or key in self._refs:
+                    continue
+                seen.add(key)
+                total += t.untyped_storage().nbytes()
+        if self.kv_cache is None:
+            return total
         for layers in self.kv_cache._mbs.values():
             for entry in layers.values():
                 for t in (*entry.k, *entry.v, *entry.dk, *entry.dv):

@@ -35,6 +35,8 @@ class ScheduleInterleavedSeq1F1B(SeqRuntimeSchedule):
         loss_fn: ``loss_fn(output, target)``, called per unit on the last stage.
         n_seq_chunks, seq_partition, seq_dim, scale_grads, seq_len, loss_reduction, ignore_index:
             as in :class:`pipelining_seq.ScheduleSeq1F1B`.
+        early_recv: post each receive as early as the action list allows
+            (:mod:`pipelining_seq.recv_order`); default on for gloo, off otherwise.
 
     ``n_microbatches`` must be at most, or a multiple of, ``ceil(p / n_seq_chunks)``
     (p when k = 1, as torch's interleaved rounds), and ``n_microbatches * n_seq_chunks``
@@ -59,6 +61,7 @@ class ScheduleInterleavedSeq1F1B(SeqRuntimeSchedule):
         args_chunk_spec: Any = None,
         kwargs_chunk_spec: Any = None,
         output_merge_spec: Any = None,
+        early_recv: bool | None = None,
     ) -> None:
         if not isinstance(stages, (list, tuple)):
             raise TypeError(
@@ -68,7 +71,7 @@ class ScheduleInterleavedSeq1F1B(SeqRuntimeSchedule):
             stages, n_microbatches, loss_fn, n_seq_chunks=n_seq_chunks, seq_partition=seq_partition,
             seq_dim=seq_dim, scale_grads=scale_grads, seq_len=seq_len, loss_reduction=loss_reduction, ignore_index=ignore_index,
             args_chunk_spec=args_chunk_spec, kwargs_chunk_spec=kwargs_chunk_spec,
-            output_merge_spec=output_merge_spec,
+            output_merge_spec=output_merge_spec, early_recv=early_recv,
         )
 
     def _check_stages(self, stages: list, n_microbatches: int, n_seq_chunks: int) -> None:

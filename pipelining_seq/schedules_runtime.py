@@ -19,7 +19,7 @@ from typing import Any, Literal
 import torch
 import torch.distributed as dist
 
-from . import _compat, agreement, schedule_ir_multi
+from . import _compat, agreement, recv_order, schedule_ir_multi
 from .partition import SeqPartition
 from .seq_units import SeqChunkedSchedule, SeqUnits
 from .stage import SequencePipelineStage
@@ -50,6 +50,7 @@ class SeqRuntimeSchedule(SeqChunkedSchedule, _compat.PipelineScheduleRuntime):
         args_chunk_spec: Any = None,
         kwargs_chunk_spec: Any = None,
         output_merge_spec: Any = None,
+        early_recv: bool | None = None,
     ) -> None:
         self._units = SeqUnits(
             owner=self.name, n_microbatches=n_microbatches, n_seq_chunks=n_seq_chunks,
@@ -77,7 +78,8 @@ class SeqRuntimeSchedule(SeqChunkedSchedule, _compat.PipelineScheduleRuntime):
         self._orders = orders
         self.pipeline_order = schedule_ir_multi.to_actions(orders)
         self._prepare_schedule_with_comms(self.pipeline_order)
-        self._train_order_with_comms = self.pipeline_order_with_comms
+        self._early_recv = self._use_early_recv(early_recv, stages[0])
+        self._train_order_with_comms = self._posted_early(self.pipeline_order_with_comms)
         self._eval_order_with_comms: dict[int, list] | None = None
         # torch's runtime would divide gradients by its unit count; Seq1F1B's weighted
         # chunk losses already sum to a micro-batch's loss, so divide by micro-batches.
@@ -87,6 +89,18 @@ class SeqRuntimeSchedule(SeqChunkedSchedule, _compat.PipelineScheduleRuntime):
             self, _compat.REDUCE_GRAD,
             lambda action, ctx: stage_by_index[action.stage_index].perform_reduce_grad(scale),
         )
+
+    @staticmethod
+    def _use_early_recv(early_recv: bool | None, stage: Any) -> bool:
+        # As ScheduleSeq1F1B: on for gloo; NCCL queues receives on its stream in order.
+        if early_recv is not None:
+            return early_recv
+        return dist.get_backend(stage.group or _compat.default_group()) == "gloo"
+
+    def _posted_early(self, order: dict[int, list]) -> dict[int, list]:
+        if not self._early_recv:
+            return order
+        return recv_order.post_receives_early(order, lambda s: self.stage_index_to_group_rank[s])
 
     # ------------------------------------------------------------------ subclass API
     def _compute_orders(self, num_ranks: int, n_local: int, n_microbatches: int, n_seq_chunks: int) -> dict:
@@ -207,9 +221,9 @@ class SeqRuntimeSchedule(SeqChunkedSchedule, _compat.PipelineScheduleRuntime):
                 r: [a for a in actions if a is not None and a.computation_type == _compat.FORWARD]
                 for r, actions in self.pipeline_order.items()
             }
-            self._eval_order_with_comms = _compat.add_send_recv(
+            self._eval_order_with_comms = self._posted_early(_compat.add_send_recv(
                 fwd_only, stage_to_rank=lambda s: self.stage_index_to_group_rank[s], num_stages=self._num_stages
-            )
+            ))
         return self._eval_order_with_comms
 
     # ---------------------------------------------------------------------- losses

@@ -35,6 +35,12 @@ class ScheduleSeq1F1BZeroBubble(SeqRuntimeSchedule):
             index equal to the rank.
         n_microbatches, loss_fn, n_seq_chunks, seq_partition, seq_dim, scale_grads,
             seq_len, loss_reduction, ignore_index: as in :class:`pipelining_seq.ScheduleSeq1F1B`.
+        early_recv: post each receive as early as the action list allows
+            (:mod:`pipelining_seq.recv_order`); default on for gloo, off otherwise.
+        weight_grad_store: run I and W with the stage's weight-gradient store
+            (:meth:`SequencePipelineStage.use_weight_grad_store`: ``nn.Linear`` weight
+            gradients deferred to W as matrix products, one autograd call per I);
+            False, or a stage the store cannot serve, keeps torch's split backward.
 
     ``n_microbatches * n_seq_chunks`` must be at least the number of ranks.
     """
@@ -57,6 +63,8 @@ class ScheduleSeq1F1BZeroBubble(SeqRuntimeSchedule):
         args_chunk_spec: Any = None,
         kwargs_chunk_spec: Any = None,
         output_merge_spec: Any = None,
+        early_recv: bool | None = None,
+        weight_grad_store: bool = True,
     ) -> None:
         stages = list(stage) if isinstance(stage, (list, tuple)) else [stage]
         if len(stages) != 1:
@@ -69,13 +77,14 @@ class ScheduleSeq1F1BZeroBubble(SeqRuntimeSchedule):
             stages, n_microbatches, loss_fn, n_seq_chunks=n_seq_chunks, seq_partition=seq_partition,
             seq_dim=seq_dim, scale_grads=scale_grads, seq_len=seq_len, loss_reduction=loss_reduction, ignore_index=ignore_index,
             args_chunk_spec=args_chunk_spec, kwargs_chunk_spec=kwargs_chunk_spec,
-            output_merge_spec=output_merge_spec,
+            output_merge_spec=output_merge_spec, early_recv=early_recv,
         )
         for s in stages:
             if isinstance(s, SequencePipelineStage):
                 # The weight pass may recompute (activation checkpointing) a chunk's
                 # attention after later I passes: keep K/V until the last W.
                 s.kv_cache.keep_until_drop = True
+                s.use_weight_grad_store(weight_grad_store)
 
     @property
     def _stage(self) -> Any:

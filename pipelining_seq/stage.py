@@ -18,6 +18,7 @@ Differences from torch's ``PipelineStage`` (same constructor, plus ``activation_
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -28,6 +29,7 @@ from torch.distributed.pipelining import PipelineStage
 from . import _compat
 from .context import ChunkContext, ContractError, KVCache, chunk_context
 from .guard import chunked_unit
+from .weight_grad import WeightGradStore, unsupported_reason
 
 __all__ = ["SequencePipelineStage"]
 
@@ -59,6 +61,7 @@ class SequencePipelineStage(PipelineStage):
         # Chunk lengths whose forward ran under the attention guard (see _guarded).
         self._guarded_lengths: set[int] = set()
         self._compiled = False
+        self._wgrad_store: WeightGradStore | None = None
 
     # ------------------------------------------------------------------ configuration
     def configure_seq_chunks(self, *, n_microbatches: int, chunk_lengths: Sequence[int]) -> None:
@@ -68,6 +71,39 @@ class SequencePipelineStage(PipelineStage):
         self._offsets = [sum(self._lengths[:j]) for j in range(self._n_chunks)]
         self._n_microbatches = n_microbatches
         self._compiled = _compat.has_compiled_module(self.submod)
+
+    def use_weight_grad_store(self, enabled: bool = True) -> bool:
+        """Split backwards (I, W) with a weight-gradient store (:mod:`pipelining_seq.weight_grad`).
+
+        I then computes the input gradients (and the gradients of parameters outside
+        ``nn.Linear`` layers) in one autograd call that frees the unit's graph; W runs the
+        deferred ``nn.Linear`` weight products. Works for any schedule that calls
+        ``backward_one_chunk(full_backward=False)`` and ``backward_weight_one_chunk``
+        (torch's zero-bubble schedules too). Returns whether the store is in use: False
+        when the stage has no trainable ``nn.Linear``, or is wrapped in DDP/FSDP or
+        compiled (then torch's own split backward runs).
+        """
+        if self._wgrad_store is not None:
+            self._wgrad_store.detach()
+            self._wgrad_store = None
+            self.dw_builder = None
+        if not enabled or unsupported_reason(self.submod) is not None:
+            return False
+        store = WeightGradStore()
+        if store.attach(self.submod) == 0:
+            return False
+        self._wgrad_store = store
+        self.dw_builder = store.take
+        return True
+
+    @property
+    def weight_grad_store(self) -> WeightGradStore | None:
+        """The store in use (:meth:`use_weight_grad_store`), else None."""
+        return self._wgrad_store
+
+    def _capture_weight_grads(self):
+        store = self._wgrad_store
+        return store.capture() if store is not None else contextlib.nullcontext()
 
     def unit_context(self, unit: int, *, recompute: bool = False) -> ChunkContext:
         mb, j = divmod(unit, self._n_chunks)
@@ -174,7 +210,8 @@ class SequencePipelineStage(PipelineStage):
         last_backward=False,
     ):
         if not self._lengths or not self.has_backward:
-            return super().backward_one_chunk(bwd_chunk_id, loss, full_backward, last_backward)
+            with self._capture_weight_grads():
+                return super().backward_one_chunk(bwd_chunk_id, loss, full_backward, last_backward)
         ctx = self.unit_context(bwd_chunk_id, recompute=True)
         expected = self._next_bwd_chunk.get(ctx.microbatch, ctx.n_chunks - 1)
         if ctx.chunk != expected:
@@ -186,7 +223,7 @@ class SequencePipelineStage(PipelineStage):
             )
         self._unit = bwd_chunk_id
         try:
-            with chunk_context(ctx):
+            with chunk_context(ctx), self._capture_weight_grads():
                 out = super().backward_one_chunk(bwd_chunk_id, loss, full_backward, last_backward)
         finally:
             self._unit = None
@@ -239,6 +276,9 @@ class SequencePipelineStage(PipelineStage):
                 self.stage_index, self.kv_cache.microbatches(),
             )
         self.kv_cache.clear()
+        if self._wgrad_store is not None:
+            self.dw_runner.clear()  # W runners of an unfinished step hold its tensors
+            self._wgrad_store.clear()
         self._next_bwd_chunk.clear()
         self._next_w_chunk.clear()
         self._split_pending.clear()

@@ -7,7 +7,7 @@ import io
 
 import pytest
 
-from pipelining_seq import _compat, schedule_ir, schedule_ir_multi
+from pipelining_seq import _compat, recv_order, schedule_ir, schedule_ir_multi
 
 MK = [(m, k) for m in range(1, 9) for k in range(1, 9)]
 
@@ -16,8 +16,38 @@ def _torch_checks(actions, p, n_stages, n_units):
     stage_to_rank = lambda s: s % p  # noqa: E731 - loop placement
     _compat.validate_schedule(copy.deepcopy(actions), p, n_stages, n_units)
     with_comms = _compat.add_send_recv(copy.deepcopy(actions), stage_to_rank=stage_to_rank, num_stages=n_stages)
+    early = recv_order.post_receives_early(with_comms, stage_to_rank)
     with contextlib.redirect_stdout(io.StringIO()):
         _compat.simulate_comms_compute(with_comms, stage_to_rank, n_stages)
+        _compat.simulate_comms_compute(copy.deepcopy(early), stage_to_rank, n_stages)
+    _check_early_receives(with_comms, early, stage_to_rank)
+
+
+def _check_early_receives(lowered, early, stage_to_rank):
+    # Same actions; compute and sends in the same order; receives from one peer in the
+    # same order; no receive later than torch placed it.
+    def peer(a):
+        return recv_order.recv_peer(a, stage_to_rank)
+
+    for r, actions in lowered.items():
+        moved = early[r]
+        assert sorted(map(str, actions)) == sorted(map(str, moved))
+        assert [a for a in actions if peer(a) is None] == [a for a in moved if peer(a) is None]
+        for q in {peer(a) for a in actions} - {None}:
+            assert [a for a in actions if peer(a) == q] == [a for a in moved if peer(a) == q]
+        pos = {}
+        others = 0
+        for a in moved:
+            if peer(a) is None:
+                others += 1
+            else:
+                pos[str(a)] = others
+        others = 0
+        for a in actions:
+            if peer(a) is None:
+                others += 1
+            else:
+                assert pos[str(a)] <= others, (r, str(a))
 
 
 @pytest.mark.parametrize("p", [2, 3, 4, 8])

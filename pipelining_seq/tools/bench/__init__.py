@@ -5,6 +5,8 @@
 ``bench partition``  per-chunk forward+backward time: uniform, FLOP-balanced, calibrated
 ``bench gpu``        one-GPU check: attention parity, real-size chunk times, stage memory
 ``bench documents``  Seq1F1B attention time per step with vs without document masks
+``bench breakdown``  per-rank step time: compute, p2p waits, executor, weight pass
+``bench emulate``    schedules on P ranks with each unit's compute a sleep of its FLOP time
 
 Each prints one table and writes ``<name>.json`` and ``<name>.csv`` under ``--out``
 (default ``$OUT`` if set, else ``outputs/bench``). Benchmark modules are imported only
@@ -24,6 +26,8 @@ _BENCHES = {
     "partition": ("pipelining_seq.tools.bench.partition", "per-chunk fwd+bwd time; linear_fit calibration"),
     "gpu": ("pipelining_seq.tools.bench.gpu", "one-GPU check (or --smoke on CPU)"),
     "documents": ("pipelining_seq.tools.bench.documents", "attention time with vs without document masks"),
+    "breakdown": ("pipelining_seq.tools.bench.breakdown", "per-rank step time: compute, p2p waits, executor, W"),
+    "emulate": ("pipelining_seq.tools.bench.emulate", "schedules with sleeping compute: measured vs simulated"),
 }
 
 

@@ -111,7 +111,8 @@ def partition_lengths(name: str, cfg: BenchModel, n_chunks: int, calibrated: dic
 # ------------------------------------------------------------------------- schedules
 def build_schedule(name: str, model: GPT, rank: int, world: int, *, m: int, k: int = 1,
                    lengths: Sequence[int] | None = None, seq_len: int | None = None,
-                   stages_per_rank: int = 2, early_recv: bool | None = None) -> tuple[Any, list]:
+                   stages_per_rank: int = 2, early_recv: bool | None = None,
+                   weight_grad_store: bool = True) -> tuple[Any, list]:
     """A schedule of ``name`` for this rank and the stages it drives.
 
     ``Seq1F1B`` uses a :class:`SequencePipelineStage`; torch's schedules get plain
@@ -130,8 +131,11 @@ def build_schedule(name: str, model: GPT, rank: int, world: int, *, m: int, k: i
         ids = list(range(rank, world * v, world))
         stages = [SequencePipelineStage(split_stage(model, s, world * v), s, world * v, device) for s in ids]
         part = list(lengths) if lengths is not None else ("uniform" if seq_len is None else uniform_partition(seq_len, k))
-        cls = ScheduleInterleavedSeq1F1B if v > 1 else ScheduleSeq1F1BZeroBubble
-        return cls(stages, m, cross_entropy_loss, n_seq_chunks=k, seq_partition=part), stages
+        if v > 1:
+            return ScheduleInterleavedSeq1F1B(stages, m, cross_entropy_loss, n_seq_chunks=k, seq_partition=part,
+                                              early_recv=early_recv), stages
+        return ScheduleSeq1F1BZeroBubble(stages, m, cross_entropy_loss, n_seq_chunks=k, seq_partition=part,
+                                         early_recv=early_recv, weight_grad_store=weight_grad_store), stages
     cls = torch_schedules.torch_schedule_class(name)
     if issubclass(cls, torch.distributed.pipelining.schedules.PipelineScheduleSingle):
         stage = PipelineStage(split_stage(model, rank, world), rank, world, device)

@@ -104,11 +104,14 @@ def memory_worker(rank: int, world: int, cfg: BenchModel, configs: list[dict]) -
         x, y = make_batch(cfg, m)
         mcfg = replace(cfg, model=replace(cfg.model, attn_backend=c.get("backend", cfg.model.attn_backend)))
         sched, stages = build_schedule(c["schedule"], make_model(mcfg), rank, world, m=m, k=c["k"],
-                                       lengths=c.get("lengths"), seq_len=cfg.seq_len)
+                                       lengths=c.get("lengths"), seq_len=cfg.seq_len,
+                                       weight_grad_store=c.get("weight_grad_store", True))
         run_step(sched, stages, x, y)  # warm-up: metadata inference and p2p set-up
         caches = [s.kv_cache for s in stages if hasattr(s, "kv_cache")]
+        stores = [s.weight_grad_store for s in stages if getattr(s, "weight_grad_store", None) is not None]
         meter = ActivationMemoryMeter(modules=[s.submod for s in stages],
-                                      kv_cache=caches[0] if len(caches) == 1 else _MergedKV(caches) if caches else None)
+                                      kv_cache=caches[0] if len(caches) == 1 else _MergedKV(caches) if caches else None,
+                                      weight_grads=stores)
         with meter:
             run_step(sched, stages, x, y)
         num_stages = stages[0].num_stages
