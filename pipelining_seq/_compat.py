@@ -62,6 +62,8 @@ __all__ = [
     "OP_TYPES",
     "SDPA_C",
     "has_compiled_module",
+    "dynamo_reset",
+    "set_available_device",
 ]
 
 TORCH_VERSION = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
@@ -280,3 +282,27 @@ def set_lr_scheduler_step(sched: Any, step: int) -> None:
 def assert_async(cond: torch.Tensor, msg: str) -> None:
     """``torch._assert_async``: raise where ``cond`` is false, without a host sync on CUDA."""
     torch._assert_async(cond, msg)
+
+
+# --------------------------------------------------------------------------------------
+# torchtitan on CPU: its device pick and the compile probe's cleanup.
+# --------------------------------------------------------------------------------------
+
+
+def dynamo_reset() -> None:
+    """``torch._dynamo.reset()``: drop compiled code (after the torchtitan compile probe)."""
+    torch._dynamo.reset()
+
+
+def set_available_device(device_type: str, device_module: Any) -> None:
+    """Make ``torch._utils._get_available_device_type()`` return ``device_type`` and
+    ``torch._utils._get_device_module(device_type)`` return ``device_module``.
+
+    torchtitan 0.3 picks ``_get_available_device_type() or "cuda"`` as its device when its
+    modules are imported, and asks ``_get_device_module`` for device names, memory figures
+    and ``current_device()``; on a CPU-only machine the answer would be cuda."""
+    import torch._utils as utils
+
+    original = utils._get_device_module
+    utils._get_available_device_type = lambda: device_type
+    utils._get_device_module = lambda kind="cuda": device_module if kind == device_type else original(kind)

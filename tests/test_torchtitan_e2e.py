@@ -127,9 +127,9 @@ def test_other_models(runs, model):
 @pytest.mark.skipif(not SUPPORTS_DOCUMENT_IDS, reason="ChunkedCausalAttention has no document_ids yet")
 def test_document_masking_seq1f1b_equals_1f1b(runs):
     """torchtitan's flex model (block-causal per document); both runs use the package's attention."""
-    ref = ok(runs.get("llama3_doc_1f1b", "--seq1f1b.attention", "always", config="llama3_flex"))
+    ref = ok(runs.get("llama3_doc_1f1b", "--seq1f1b.attention", "always", config="torchtitan.models.llama3.config_registry:llama3_debugmodel"))
     seq = ok(runs.get("llama3_doc_k4", "--seq1f1b.n_seq_chunks", "4", "--seq1f1b.partition", "balanced",
-                      config="llama3_flex", schedule=SEQ))
+                      config="torchtitan.models.llama3.config_registry:llama3_debugmodel", schedule=SEQ))
     assert_same_losses(seq, ref)
     # The masks are on: the same weights and data give other losses than plain causal attention.
     assert abs(ref["train"][1] - baseline(runs)["train"][1]) > 1e-4
@@ -154,6 +154,6 @@ def test_unconverted_attention_is_refused_at_start(runs):
 
 @pytest.mark.skipif(SUPPORTS_DOCUMENT_IDS, reason="document masking is supported")
 def test_flex_document_masking_refused_without_document_ids(runs):
-    result = runs.get("llama3_flex_refused", config="llama3_flex", schedule=SEQ, steps=1)
+    result = runs.get("llama3_flex_refused", config="torchtitan.models.llama3.config_registry:llama3_debugmodel", schedule=SEQ, steps=1)
     assert result["rc"] != 0 and not result["train"]
     assert "layers.0.attention.inner_attention is FlexAttention.Config" in result["output"]
