@@ -114,9 +114,8 @@ def test_pipeline_module_restored_after_build():
     from torch.distributed.pipelining import PipelineStage
 
     from pipelining_seq import SequencePipelineStage
-    from pipelining_seq.integrations.torchtitan.wiring import _seq1f1b_pipeline_module
-
     from pipelining_seq.integrations.torchtitan.stages import SeqShardedPipelineStage
+    from pipelining_seq.integrations.torchtitan.wiring import _seq1f1b_pipeline_module
 
     cls = tt.seq1f1b_schedule_class(n_seq_chunks=2)
     with _seq1f1b_pipeline_module(cls, "Seq1F1B", 1):

@@ -87,10 +87,28 @@ def loss_table(root: Path, base: str, others: list[str]) -> str:
     return "\n".join(lines)
 
 
+def report(d: Path) -> str:
+    """Every loss table of one ``-m torchtitan`` session (its pytest tmp dir ``.../titan0``)."""
+    tables = [
+        ("llama3, PP=2, 2 ranks: 1F1B vs Seq1F1B", "llama3_1f1b",
+         ["llama3_k2_uniform", "llama3_k4_uniform", "llama3_k2_balanced", "llama3_k4_balanced", "llama3_section",
+          "llama3_k2_resume", "llama3_k2_compiled", "llama3_zb_k2"]),
+        ("llama3, PP=2, 2 stages per rank: Interleaved1F1B vs InterleavedSeq1F1B", "llama3_interleaved_1f1b",
+         ["llama3_interleaved_k2"]),
+        ("qwen3, PP=2", "qwen3_1f1b", ["qwen3_k2"]),
+        ("deepseek_v3, PP=2", "deepseek_v3_1f1b", ["deepseek_v3_k2"]),
+        ("llama3 block-causal documents, PP=2", "llama3_doc_1f1b", ["llama3_doc_k4"]),
+        ("llama3, PP=2 x FSDP (dp_shard=2), 4 ranks", "llama3_fsdp_1f1b", ["llama3_fsdp_Seq1F1B_k2"]),
+        ("llama3, PP=2 x TP=2 + SP, 4 ranks", "llama3_tp_sp_1f1b",
+         ["llama3_tp_sp_Seq1F1B_k2", "llama3_tp_sp_Seq1F1BZeroBubble_k2"]),
+        ("qwen3, PP=2 x TP=2 + SP, 4 ranks", "qwen3_tp_sp_1f1b", ["qwen3_tp_sp_Seq1F1B_k2"]),
+    ]
+    out = []
+    for title, base, others in tables:
+        if (d / f"{base}.jsonl").exists():
+            out.append(f"{title}\n\n{loss_table(d, base, others)}")
+    return "\n\n".join(out)
+
+
 if __name__ == "__main__":  # python tests/titan_run.py <pytest tmp dir>/titan0
-    d = Path(sys.argv[1])
-    print(loss_table(d, "llama3_1f1b", ["llama3_k2_uniform", "llama3_k4_uniform", "llama3_k2_balanced",
-                                        "llama3_k4_balanced", "llama3_section", "llama3_k2_resume"]))
-    for m in ("qwen3", "deepseek_v3", "llama3_doc"):
-        if (d / f"{m}_1f1b.jsonl").exists():
-            print(f"\n{m}\n\n" + loss_table(d, f"{m}_1f1b", [f"{m}_k2", f"{m}_k4"]))
+    print(report(Path(sys.argv[1])))

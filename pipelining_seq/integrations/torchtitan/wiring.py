@@ -107,6 +107,18 @@ def _check_layout(config: Any, schedule: str) -> None:
             f"{flag} with --parallelism.context_parallel_degree {par.context_parallel_degree}: chunking a "
             "context-parallel (sequence-sharded) micro-batch is not supported; set it to 1"
         )
+    if schedule == "Seq1F1BZeroBubble":
+        from torchtitan.distributed.activation_checkpoint import FullAC
+
+        ac = config.activation_checkpoint
+        if ac is not None and not isinstance(ac, FullAC.Config):
+            # Selective AC saves per-op outputs for one backward; the split backward runs two
+            # (input, then weight) over the same region: "Trying to backward an extra time".
+            raise StartupRefusal(
+                f"{flag} splits each backward into an input and a weight pass, which torchtitan's "
+                f"{type(ac).__qualname__.split('.')[0]} activation checkpointing cannot run: add "
+                "activation-checkpoint:full or activation-checkpoint:none to the command line"
+            )
     multi = schedule == "InterleavedSeq1F1B"
     spr, source = _stages_per_rank(config, multi)
     if multi and spr < 2:
@@ -232,8 +244,8 @@ def _wrap_pipelining(fn: Any, schedule_cls: type, schedule: str, seq_shards: int
         with _seq1f1b_pipeline_module(schedule_cls, schedule, seq_shards):
             built, parts, has_first, has_last = fn(model, **kwargs)
         logger.info(
-            "%s: %s, %d stage(s) on this rank, chunk lengths %s",
-            schedule, type(built).__name__, len(parts), list(built.seq_partition),
+            "%s: %s, %d stage(s) on this rank (%s), chunk lengths %s",
+            schedule, type(built).__name__, len(parts), stage_class(seq_shards).__name__, list(built.seq_partition),
         )
         return built, parts, has_first, has_last
 
