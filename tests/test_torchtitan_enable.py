@@ -80,10 +80,13 @@ def test_every_seq1f1b_schedule_by_name():
         config = seq_config()
         config.parallelism.pipeline_parallel_schedule = name
         assert is_seq1f1b(config)
-        tt.enable(config)
-        assert config.model_spec.pipelining_fn._seq1f1b
         cls = tt.get_schedule_class(name, n_seq_chunks=2)
         assert cls.__mro__[1].__name__ == base
+        if name == "Seq1F1BZeroBubble":  # known by name, refused under torchtitan's FSDP2
+            bad(config, "Seq1F1BZeroBubble: torchtitan wraps every model part in FSDP2")
+            continue
+        tt.enable(config)
+        assert config.model_spec.pipelining_fn._seq1f1b
 
 
 def test_unknown_schedule_refused_listing_every_name():

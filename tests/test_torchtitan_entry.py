@@ -55,6 +55,7 @@ def refusal_lines(out: subprocess.CompletedProcess) -> list[str]:
      "--seq1f1b.n_seq_chunks (3)"),
     (["--parallelism.pipeline_parallel_schedule", "Seq1F1B", "--parallelism.pipeline_parallel_layers_per_stage", "1"],
      "--parallelism.pipeline_parallel_layers_per_stage 1"),
+    (["--parallelism.pipeline_parallel_schedule", "seq1f1bzerobubble"], "FSDP2 with a split (input, then weight)"),
 ])
 def test_refused_once_on_one_line(args, text):
     lines = refusal_lines(entry("--cpu", *CONFIG, *args))
