@@ -41,6 +41,7 @@ __all__ = [
     "RecvInfo",
     "TORCH_VERSION",
     "add_reduce_grad",
+    "add_unshard_reshard",
     "assert_async",
     "add_send_recv",
     "batch_p2p",
@@ -83,6 +84,7 @@ RecvInfo = _stage._RecvInfo
 batch_p2p = _schedules._batch_p2p
 wait_batch_p2p = _schedules._wait_batch_p2p
 add_reduce_grad = _schedules._add_reduce_grad
+add_unshard_reshard = _schedules._add_unshard_reshard
 add_send_recv = _schedules._add_send_recv
 validate_schedule = _schedules._validate_schedule
 simulate_comms_compute = _schedules._simulate_comms_compute

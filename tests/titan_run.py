@@ -67,7 +67,9 @@ def read_losses(path: Path) -> dict:
     out: dict = {"train": {}, "validation": {}}
     for line in path.read_text().splitlines():
         rec = json.loads(line)
-        if rec["loss"] != -1.0:
+        # Ranks without the last stage log -1 (summed over data-parallel ranks: -2, ...);
+        # a cross-entropy loss is never negative.
+        if rec["loss"] >= 0:
             out[rec["kind"]][rec["step"]] = rec["loss"]
     return out
 
