@@ -42,6 +42,7 @@ __all__ = [
     "RecvInfo",
     "TORCH_VERSION",
     "add_reduce_grad",
+    "add_unshard_reshard",
     "assert_async",
     "add_send_recv",
     "batch_p2p",
@@ -63,6 +64,8 @@ __all__ = [
     "OP_TYPES",
     "SDPA_C",
     "has_compiled_module",
+    "dynamo_reset",
+    "set_available_device",
 ]
 
 TORCH_VERSION = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
@@ -82,6 +85,7 @@ RecvInfo = _stage._RecvInfo
 batch_p2p = _schedules._batch_p2p
 wait_batch_p2p = _schedules._wait_batch_p2p
 add_reduce_grad = _schedules._add_reduce_grad
+add_unshard_reshard = _schedules._add_unshard_reshard
 add_send_recv = _schedules._add_send_recv
 validate_schedule = _schedules._validate_schedule
 simulate_comms_compute = _schedules._simulate_comms_compute
@@ -308,3 +312,27 @@ def set_lr_scheduler_step(sched: Any, step: int) -> None:
 def assert_async(cond: torch.Tensor, msg: str) -> None:
     """``torch._assert_async``: raise where ``cond`` is false, without a host sync on CUDA."""
     torch._assert_async(cond, msg)
+
+
+# --------------------------------------------------------------------------------------
+# torchtitan on CPU: its device pick and the compile probe's cleanup.
+# --------------------------------------------------------------------------------------
+
+
+def dynamo_reset() -> None:
+    """``torch._dynamo.reset()``: drop compiled code (after the torchtitan compile probe)."""
+    torch._dynamo.reset()
+
+
+def set_available_device(device_type: str, device_module: Any) -> None:
+    """Make ``torch._utils._get_available_device_type()`` return ``device_type`` and
+    ``torch._utils._get_device_module(device_type)`` return ``device_module``.
+
+    torchtitan 0.3 picks ``_get_available_device_type() or "cuda"`` as its device when its
+    modules are imported, and asks ``_get_device_module`` for device names, memory figures
+    and ``current_device()``; on a CPU-only machine the answer would be cuda."""
+    import torch._utils as utils
+
+    original = utils._get_device_module
+    utils._get_available_device_type = lambda: device_type
+    utils._get_device_module = lambda kind="cuda": device_module if kind == device_type else original(kind)

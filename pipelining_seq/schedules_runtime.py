@@ -215,10 +215,14 @@ class SeqRuntimeSchedule(SeqChunkedSchedule, _compat.PipelineScheduleRuntime):
         return None
 
     def _eval_order(self) -> dict[int, list]:
-        """The forwards of the training order, lowered with their sends and receives."""
+        """The forwards of the training order, lowered with FSDP unshards and their sends and receives."""
         if self._eval_order_with_comms is None:
+            # UNSHARD/RESHARD as in the training order: after a training step FSDP stages are
+            # resharded, and the runtime refuses to compute on a sharded stage.
             fwd_only = {
-                r: [a for a in actions if a is not None and a.computation_type == _compat.FORWARD]
+                r: _compat.add_unshard_reshard(
+                    [a for a in actions if a is not None and a.computation_type == _compat.FORWARD]
+                )
                 for r, actions in self.pipeline_order.items()
             }
             self._eval_order_with_comms = self._posted_early(_compat.add_send_recv(

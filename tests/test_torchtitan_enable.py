@@ -5,6 +5,7 @@ No process group is needed: everything here happens before the Trainer is built.
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 
 import pytest
@@ -12,12 +13,12 @@ import torch
 
 pytest.importorskip("torchtitan", reason="torchtitan is not installed in this interpreter")
 
-import titan_configs  # noqa: E402
 from torchtitan.components.loss import ChunkedLossWrapper, CrossEntropyLoss  # noqa: E402
 from torchtitan.models.common.attention import BaseAttention, ScaledDotProductAttention  # noqa: E402
 from torchtitan.protocols.module import Module  # noqa: E402
 
 from pipelining_seq.integrations import torchtitan as tt  # noqa: E402
+from pipelining_seq.integrations.torchtitan import configs as titan_configs  # noqa: E402
 from pipelining_seq.integrations.torchtitan.__main__ import _config_manager  # noqa: E402
 from pipelining_seq.integrations.torchtitan.attention import (  # noqa: E402
     SUPPORTS_DOCUMENT_IDS,
@@ -54,8 +55,48 @@ def test_other_schedules_untouched():
     config.parallelism.pipeline_parallel_schedule = "1F1B"
     spec = config.model_spec
     tt.enable(config)
-    assert config.model_spec is spec
+    # Only the gloo reduction fix wraps parallelize_fn; the model and pipelining are torchtitan's.
+    assert config.model_spec.pipelining_fn is spec.pipelining_fn and config.model_spec.model is spec.model
+    assert config.model_spec.parallelize_fn.__wrapped__ is spec.parallelize_fn
     assert all(isinstance(a, ScaledDotProductAttention.Config) for a in inner_attentions(config))
+
+
+def test_pp1_leaves_the_model_untouched(caplog):
+    config = seq_config(n_seq_chunks=4)
+    config.parallelism.pipeline_parallel_degree = 1
+    spec = config.model_spec
+    with caplog.at_level("WARNING"):
+        tt.enable(config)
+    assert all(isinstance(a, ScaledDotProductAttention.Config) for a in inner_attentions(config))
+    assert config.model_spec.pipelining_fn is spec.pipelining_fn
+    assert "model is left unchanged" in caplog.text
+
+
+def test_every_seq1f1b_schedule_by_name():
+    from pipelining_seq.integrations.torchtitan.wiring import is_seq1f1b
+
+    for name, base in (("seq1f1b", "ScheduleSeq1F1B"), ("INTERLEAVEDSEQ1F1B", "ScheduleInterleavedSeq1F1B"),
+                       ("Seq1F1BZeroBubble", "PipelineScheduleSingle")):
+        config = seq_config()
+        config.parallelism.pipeline_parallel_schedule = name
+        assert is_seq1f1b(config)
+        cls = tt.get_schedule_class(name, n_seq_chunks=2)
+        assert cls.__mro__[1].__name__ == base
+        if name == "Seq1F1BZeroBubble":  # known by name, refused under torchtitan's FSDP2
+            bad(config, "Seq1F1BZeroBubble: torchtitan wraps every model part in FSDP2")
+            continue
+        tt.enable(config)
+        assert config.model_spec.pipelining_fn._seq1f1b
+
+
+def test_unknown_schedule_refused_listing_every_name():
+    config = seq_config()
+    config.parallelism.pipeline_parallel_schedule = "Seq1F1BFast"
+    with pytest.raises(ValueError) as err:
+        tt.enable(config)
+    for name in ("Seq1F1B", "InterleavedSeq1F1B", "Seq1F1BZeroBubble", "1F1B", "Interleaved1F1B", "ZBVZeroBubble"):
+        assert name in str(err.value)
+    assert "--parallelism.pipeline_parallel_schedule 'Seq1F1BFast'" in str(err.value)
 
 
 def test_command_line_section():
@@ -76,11 +117,15 @@ def test_pipeline_module_restored_after_build():
     from torch.distributed.pipelining import PipelineStage
 
     from pipelining_seq import SequencePipelineStage
+    from pipelining_seq.integrations.torchtitan.stages import SeqShardedPipelineStage
     from pipelining_seq.integrations.torchtitan.wiring import _seq1f1b_pipeline_module
 
     cls = tt.seq1f1b_schedule_class(n_seq_chunks=2)
-    with _seq1f1b_pipeline_module(cls):
+    with _seq1f1b_pipeline_module(cls, "Seq1F1B", 1):
         assert pp.PipelineStage is SequencePipelineStage and pp.get_schedule_class("seq1f1b") is cls
+        assert pp.get_schedule_class("1F1B").__name__ == "Schedule1F1B"
+    with _seq1f1b_pipeline_module(cls, "Seq1F1B", 2):  # sequence parallelism over 2 TP ranks
+        assert issubclass(pp.PipelineStage, SeqShardedPipelineStage) and pp.PipelineStage.seq_shards == 2
     assert pp.PipelineStage is PipelineStage and pp.get_schedule_class.__module__.startswith("torch.")
 
 
@@ -113,10 +158,28 @@ def bad(config, match):
 def test_multi_stage_layout_refused():
     config = seq_config()
     config.parallelism.pipeline_parallel_layers_per_stage = 1
-    bad(config, "pipeline_parallel_layers_per_stage 1")
+    bad(config, "pipeline_parallel_layers_per_stage 1 gives 4 stages per rank")
     config = seq_config()
     config.parallelism.module_fqns_per_model_part = [["tok_embeddings"], ["layers.0"], ["layers.1"], ["norm"]]
-    bad(config, "module_fqns_per_model_part has 4 parts")
+    bad(config, "module_fqns_per_model_part gives 2 stages per rank")
+    config = seq_config()
+    config.parallelism.module_fqns_per_model_part = [["tok_embeddings"], ["layers.0"], ["norm"]]
+    bad(config, "module_fqns_per_model_part has 3 parts")
+
+
+def test_interleaved_layout():
+    config = seq_config()
+    config.parallelism.pipeline_parallel_schedule = "InterleavedSeq1F1B"
+    config.parallelism.pipeline_parallel_layers_per_stage = 2  # (6 + 1 + 1) / 2 = 4 stages, 2 per rank
+    tt.enable(config)
+    config = seq_config()
+    config.parallelism.pipeline_parallel_schedule = "InterleavedSeq1F1B"
+    config.parallelism.pipeline_parallel_layers_per_stage = 4  # 2 stages, 1 per rank
+    bad(config, "InterleavedSeq1F1B runs several stages per rank, but --parallelism.pipeline_parallel_layers_per_stage 4")
+    config = seq_config()
+    config.parallelism.pipeline_parallel_schedule = "InterleavedSeq1F1B"
+    config.parallelism.pipeline_parallel_layers_per_stage = 3  # 3 stages over 2 ranks
+    bad(config, "gives 3 stages .* not a multiple of --parallelism.pipeline_parallel_degree 2")
 
 
 def test_chunks_that_do_not_fit_refused():
@@ -287,7 +350,7 @@ def test_block_causal_equals_torchtitan_flex():
 
     from pipelining_seq.integrations.torchtitan.attention import convert_attention, install_chunk_inputs_hook
 
-    config = titan_configs.llama3_flex().model_spec.model
+    config = importlib.import_module("torchtitan.models.llama3.config_registry").llama3_debugmodel().model_spec.model
     torch.manual_seed(0)
     flex_model = config.build()
     flex_model.init_weights(buffer_device=torch.device("cpu"))

@@ -8,6 +8,11 @@ Command line (torchtitan's own arguments, plus a ``seq1f1b`` section)::
         --parallelism.pipeline_parallel_schedule Seq1F1B \\
         --seq1f1b.n_seq_chunks 4 --seq1f1b.partition balanced
 
+Schedules by name (case-insensitive): ``Seq1F1B``, ``InterleavedSeq1F1B`` (several stages
+per rank), and torch's; ``Seq1F1BZeroBubble`` is refused under torchtitan's FSDP2. ``--cpu``
+runs on gloo CPU ranks, ``--cpu-assets DIR`` writes offline assets (:mod:`.cpu`);
+``--module pipelining_seq.integrations.torchtitan.configs`` has SDPA debug models for CPU.
+
 Own entry script::
 
     from pipelining_seq.integrations.torchtitan import enable, with_seq1f1b

@@ -8,7 +8,9 @@ What it changes, all on the config (nothing global outlives the Trainer's constr
   positions) on every model part it returns;
 * ``model_spec.pipelining_fn`` runs torchtitan's own pipelining function while
   ``torchtitan.distributed.pipeline_parallel`` resolves ``"Seq1F1B"`` to a bound
-  ``ScheduleSeq1F1B`` and builds ``SequencePipelineStage`` instead of ``PipelineStage``.
+  schedule and builds ``SequencePipelineStage`` (under sequence parallelism a
+  :class:`~.stages.SeqShardedPipelineStage`) instead of ``PipelineStage``;
+* on gloo, FSDP reduces gradients with SUM (gloo has no ``PREMUL_SUM``).
 
 Every setting is checked first, and a bad one raises naming the knob.
 """
@@ -20,27 +22,41 @@ import dataclasses
 import functools
 import logging
 import math
+import os
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 
+from ... import _compat
 from ...context import chunk_context
-from ...stage import SequencePipelineStage
 from . import attention as _attention
 from .config import Seq1F1BConfig, check_section
 from .partition import chunk_multiple, resolve_lengths
-from .schedule import SCHEDULE_NAME, seq1f1b_schedule_class
+from .schedule import check_schedule_name, seq1f1b_name, seq1f1b_schedule_class
+from .stages import stage_class
 
-__all__ = ["enable", "is_seq1f1b"]
+__all__ = ["StartupRefusal", "enable", "is_seq1f1b"]
 
 logger = logging.getLogger(__name__)
 
 _PP_MODULE = "torchtitan.distributed.pipeline_parallel"
 
 
+class StartupRefusal(ValueError):
+    """A setting that cannot run exactly, found before any process group exists.
+
+    The entry point prints its message once (rank 0), on one line, and exits with status 2.
+    """
+
+
 def is_seq1f1b(config: Any) -> bool:
-    return str(config.parallelism.pipeline_parallel_schedule).lower() == SCHEDULE_NAME.lower()
+    """Whether the configured schedule is one of the package's (Seq1F1B, InterleavedSeq1F1B, ...)."""
+    return seq1f1b_name(config.parallelism.pipeline_parallel_schedule) is not None
+
+
+def _rank0() -> bool:
+    return os.environ.get("RANK", "0") == "0"
 
 
 def _loss_num_chunks(config: Any) -> int | None:
@@ -49,38 +65,74 @@ def _loss_num_chunks(config: Any) -> int | None:
     return config.loss.num_chunks if isinstance(config.loss, ChunkedLossWrapper.Config) else None
 
 
-def _check_layout(config: Any) -> None:
+def _stages_per_rank(config: Any, multi_stage: bool) -> tuple[int, str]:
+    """Stages per rank torchtitan will build, and the flag that decides it."""
     par = config.parallelism
     pp = par.pipeline_parallel_degree
+    parts = par.module_fqns_per_model_part
+    if parts is not None:
+        if len(parts) % pp:
+            raise StartupRefusal(
+                f"--parallelism.module_fqns_per_model_part has {len(parts)} parts, not a multiple of "
+                f"--parallelism.pipeline_parallel_degree {pp}: every rank must hold the same number of stages"
+            )
+        return len(parts) // pp, "--parallelism.module_fqns_per_model_part"
+    lps = par.pipeline_parallel_layers_per_stage
+    if lps is None:  # torchtitan's default: one stage per rank, two for multi-stage schedules
+        return (2 if multi_stage else 1), "--parallelism.pipeline_parallel_layers_per_stage (unset)"
+    n_layers = len(config.model_spec.model.layers)
+    stages = math.ceil(
+        (n_layers + par.pipeline_parallel_first_stage_less_layers + par.pipeline_parallel_last_stage_less_layers)
+        / lps
+    )
+    flag = f"--parallelism.pipeline_parallel_layers_per_stage {lps}"
+    if stages % pp:
+        raise StartupRefusal(
+            f"{flag} gives {stages} stages ({n_layers} layers), not a multiple of "
+            f"--parallelism.pipeline_parallel_degree {pp}: choose a value that gives a multiple of {pp}"
+        )
+    return stages // pp, flag
+
+
+def _check_layout(config: Any, schedule: str) -> None:
+    par = config.parallelism
+    flag = f"--parallelism.pipeline_parallel_schedule {schedule}"
     if par.pipeline_parallel_schedule_csv:
-        raise ValueError(
-            f"--parallelism.pipeline_parallel_schedule Seq1F1B with --parallelism.pipeline_parallel_schedule_csv "
+        raise StartupRefusal(
+            f"{flag} with --parallelism.pipeline_parallel_schedule_csv "
             f"{par.pipeline_parallel_schedule_csv!r}: a CSV schedule replaces the named one; drop one of them"
         )
     if par.context_parallel_degree > 1:
-        raise ValueError(
-            f"Seq1F1B with --parallelism.context_parallel_degree {par.context_parallel_degree}: chunking a "
+        raise StartupRefusal(
+            f"{flag} with --parallelism.context_parallel_degree {par.context_parallel_degree}: chunking a "
             "context-parallel (sequence-sharded) micro-batch is not supported; set it to 1"
         )
-    parts = par.module_fqns_per_model_part
-    if parts is not None and len(parts) != pp:
-        raise ValueError(
-            f"Seq1F1B runs one stage per rank, but --parallelism.module_fqns_per_model_part has {len(parts)} "
-            f"parts for --parallelism.pipeline_parallel_degree {pp}: give exactly {pp} parts"
+    if schedule == "Seq1F1BZeroBubble":
+        # torchtitan 0.3 wraps every decoder part in FSDP2 (apply_fsdp_to_decoder, even at
+        # data_parallel_shard_degree 1), and FSDP2 under a backward split into input and
+        # weight passes does not accumulate every weight gradient: measured on llama3 PP=2,
+        # the last stage's final-norm weight gets a fifth of its gradient and the losses
+        # drift from 1F1B by 3e-4 after one step (torch's own InterleavedZeroBubble drifts
+        # from Interleaved1F1B the same way); with FSDP taken out the losses are equal.
+        raise StartupRefusal(
+            f"{flag}: torchtitan wraps every model part in FSDP2, and FSDP2 with a split (input, then "
+            "weight) backward loses part of the weight gradients, so this schedule would train with "
+            "wrong numbers; use --parallelism.pipeline_parallel_schedule Seq1F1B (or InterleavedSeq1F1B)"
         )
-    lps = par.pipeline_parallel_layers_per_stage
-    if lps is not None and parts is None:
-        n_layers = len(config.model_spec.model.layers)
-        stages = math.ceil(
-            (n_layers + par.pipeline_parallel_first_stage_less_layers + par.pipeline_parallel_last_stage_less_layers)
-            / lps
+    multi = schedule == "InterleavedSeq1F1B"
+    spr, source = _stages_per_rank(config, multi)
+    if multi and spr < 2:
+        raise StartupRefusal(
+            f"{flag} runs several stages per rank, but {source} gives {spr}: lower "
+            "--parallelism.pipeline_parallel_layers_per_stage so that each rank holds at least 2, "
+            "or use --parallelism.pipeline_parallel_schedule Seq1F1B"
         )
-        if stages != pp:
-            raise ValueError(
-                f"Seq1F1B runs one stage per rank, but --parallelism.pipeline_parallel_layers_per_stage {lps} "
-                f"gives {stages} stages for --parallelism.pipeline_parallel_degree {pp} ({n_layers} layers): "
-                "raise it so that there is one stage per rank, or leave it unset"
-            )
+    if not multi and spr != 1:
+        raise StartupRefusal(
+            f"{flag} runs one stage per rank, but {source} gives {spr} stages per rank: raise "
+            "--parallelism.pipeline_parallel_layers_per_stage (or leave it unset), or use "
+            "--parallelism.pipeline_parallel_schedule InterleavedSeq1F1B"
+        )
 
 
 def _chunk_lengths(config: Any, section: Seq1F1BConfig, partition: str | list[int]) -> list[int]:
@@ -96,14 +148,14 @@ def _chunk_lengths(config: Any, section: Seq1F1BConfig, partition: str | list[in
         n_chunks=section.n_seq_chunks, multiple_of=multiple,
     )
     if loss_chunks and any(s % loss_chunks for s in lengths):
-        raise ValueError(
+        raise StartupRefusal(
             f"chunk lengths {lengths} (--seq1f1b.partition {section.partition}, --seq1f1b.n_seq_chunks "
             f"{section.n_seq_chunks}) are not all divisible by --loss.num_chunks {loss_chunks}: torchtitan's "
             "ChunkedLossWrapper cuts each chunk that many ways. Use --seq1f1b.partition balanced (aligned "
             "automatically), other lengths, or a --loss.num_chunks that divides them"
         )
     if sp and any(s % par.tensor_parallel_degree for s in lengths):
-        raise ValueError(
+        raise StartupRefusal(
             f"chunk lengths {lengths} (--seq1f1b.partition {section.partition}) are not all divisible by "
             f"--parallelism.tensor_parallel_degree {par.tensor_parallel_degree}: sequence parallelism shards "
             "every chunk's tokens across the TP ranks. Use --seq1f1b.partition balanced or other lengths"
@@ -126,59 +178,84 @@ def _probe_compile(backend: str, document_masking: bool) -> None:
         with chunk_context(ctx):
             fn(q, q, q).sum().backward()
     except Exception as err:  # noqa: BLE001 - any failure means "cannot compile"
-        raise ValueError(
+        raise StartupRefusal(
             "--compile.enable with Seq1F1B: torchtitan compiles every transformer block with "
             "fullgraph=True, and the installed pipelining_seq.ChunkedCausalAttention does not compile "
             f"that way ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}). Drop "
             "--compile.enable, or compile only the loss: --compile.components loss"
         ) from None
     finally:
-        torch._dynamo.reset()
+        _compat.dynamo_reset()
 
 
 @contextlib.contextmanager
-def _seq1f1b_pipeline_module(schedule_cls: type) -> Iterator[None]:
+def _seq1f1b_pipeline_module(schedule_cls: type, schedule: str, seq_shards: int) -> Iterator[None]:
     import importlib
 
     pp = importlib.import_module(_PP_MODULE)
     original_lookup, original_stage = pp.get_schedule_class, pp.PipelineStage
 
     def lookup(name: str) -> type:
-        return schedule_cls if name.lower() == SCHEDULE_NAME.lower() else original_lookup(name)
+        return schedule_cls if seq1f1b_name(name) == schedule else original_lookup(name)
 
-    pp.get_schedule_class, pp.PipelineStage = lookup, SequencePipelineStage
+    pp.get_schedule_class, pp.PipelineStage = lookup, stage_class(seq_shards)
     try:
         yield
     finally:
         pp.get_schedule_class, pp.PipelineStage = original_lookup, original_stage
 
 
-def _wrap_parallelize(fn: Any, document_masking: bool) -> Any:
+def _sum_reductions_on_gloo(model: torch.nn.Module) -> None:
+    """FSDP on gloo: reduce-scatter with SUM, not ``PREMUL_SUM(1.0)``.
+
+    torchtitan divides gradients by the global token count itself and sets every FSDP
+    module's gradient divide factor to 1.0, which FSDP turns into ``ReduceOp.PREMUL_SUM``;
+    gloo has no such op. ``set_force_sum_reduction_for_comms`` makes FSDP reduce with SUM
+    and divide afterwards by that same factor (1.0: nothing), the same numbers.
+    """
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FSDPModule
+
+    if not dist.is_initialized() or dist.get_backend() != "gloo":
+        return
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.set_force_sum_reduction_for_comms(True)
+
+
+def _wrap_parallelize(fn: Any, document_masking: bool | None) -> Any:
+    """``document_masking`` None: no adapter, only the gloo reduction fix."""
+
     @functools.wraps(fn)
     def parallelize(model: torch.nn.Module, **kwargs: Any) -> torch.nn.Module:
         model = fn(model, **kwargs)
-        _attention.install_chunk_inputs_hook(model, document_masking=document_masking)
+        _sum_reductions_on_gloo(model)
+        if document_masking is not None:
+            _attention.install_chunk_inputs_hook(model, document_masking=document_masking)
         return model
 
     parallelize._seq1f1b = True
     return parallelize
 
 
-def _wrap_pipelining(fn: Any, schedule_cls: type) -> Any:
+def _wrap_pipelining(fn: Any, schedule_cls: type, schedule: str, seq_shards: int) -> Any:
     @functools.wraps(fn)
     def pipelining(model: torch.nn.Module, **kwargs: Any):
-        with _seq1f1b_pipeline_module(schedule_cls):
-            schedule, parts, has_first, has_last = fn(model, **kwargs)
-        if len(parts) != 1:
-            raise ValueError(
-                f"Seq1F1B runs one stage per rank, got {len(parts)} model parts on this rank: check "
-                "--parallelism.pipeline_parallel_layers_per_stage / module_fqns_per_model_part"
-            )
-        logger.info("Seq1F1B: %s, chunk lengths %s", type(schedule).__name__, schedule.seq_partition)
-        return schedule, parts, has_first, has_last
+        with _seq1f1b_pipeline_module(schedule_cls, schedule, seq_shards):
+            built, parts, has_first, has_last = fn(model, **kwargs)
+        logger.info(
+            "%s: %s, %d stage(s) on this rank (%s), chunk lengths %s",
+            schedule, type(built).__name__, len(parts), stage_class(seq_shards).__name__, list(built.seq_partition),
+        )
+        return built, parts, has_first, has_last
 
     pipelining._seq1f1b = True
     return pipelining
+
+
+def _say_once(message: str) -> None:
+    if _rank0():
+        logger.warning(message)
 
 
 def enable(config: Any, **overrides: Any) -> Any:
@@ -186,8 +263,13 @@ def enable(config: Any, **overrides: Any) -> Any:
 
     The settings come from the config's ``seq1f1b`` section (see :func:`with_seq1f1b`),
     else the defaults of :class:`Seq1F1BConfig`; ``overrides`` (``n_seq_chunks=4``,
-    ``partition="balanced"``, ...) replace single fields. Nothing changes unless the
-    schedule is ``Seq1F1B`` or ``attention="always"``. Returns ``config``, changed in place.
+    ``partition="balanced"``, ...) replace single fields. The schedule is
+    ``parallelism.pipeline_parallel_schedule``: ``Seq1F1B``, ``InterleavedSeq1F1B`` or
+    ``Seq1F1BZeroBubble`` (case-insensitive); with any other schedule nothing changes
+    unless ``attention="always"``, and with ``pipeline_parallel_degree`` 1 the model is
+    left untouched (a warning says so). Every setting is checked here, before any process
+    group exists; a bad one raises :class:`StartupRefusal` (a ``ValueError``) or
+    ``UnsupportedAttentionError`` naming the flag. Returns ``config``, changed in place.
     """
     section = getattr(config, "seq1f1b", None) or Seq1F1BConfig()
     if overrides:
@@ -200,17 +282,25 @@ def enable(config: Any, **overrides: Any) -> Any:
     if any(getattr(getattr(spec, name), "_seq1f1b", False) for name in ("parallelize_fn", "pipelining_fn")):
         return config  # already enabled
     partition = check_section(section, seq_len=config.training.seq_len)
-    seq = is_seq1f1b(config)
-    pp_on = config.parallelism.pipeline_parallel_degree > 1
-    if seq and not pp_on:
-        logger.warning("Seq1F1B chosen without pipeline parallelism (pipeline_parallel_degree 1): no effect")
-    convert = section.attention == "always" or (section.attention == "auto" and seq)
+    par = config.parallelism
+    schedule = seq1f1b_name(par.pipeline_parallel_schedule)
+    pp_on = par.pipeline_parallel_degree > 1
+    if pp_on and not par.pipeline_parallel_schedule_csv:
+        check_schedule_name(par.pipeline_parallel_schedule)
+    if schedule is not None and not pp_on:
+        _say_once(
+            f"--parallelism.pipeline_parallel_schedule {schedule} with --parallelism.pipeline_parallel_degree "
+            f"{par.pipeline_parallel_degree}: no pipeline, so Seq1F1B is off and the model is left unchanged "
+            "(its attention is not replaced); set pipeline_parallel_degree > 1 to use it"
+        )
+        schedule = None
+    convert = section.attention == "always" or (section.attention == "auto" and schedule is not None)
     if convert:
         converted = _attention.convert_attention(
             spec.model, document_masking=section.document_masking, backend=section.attention_backend
         )
         logger.info("Seq1F1B: %d inner attentions made chunk-aware (%s, ...)", len(converted), converted[:1])
-    elif seq and pp_on and section.n_seq_chunks > 1:
+    elif schedule is not None and section.n_seq_chunks > 1:
         _attention.check_chunk_aware(spec.model)
         if not _attention.has_adapter(spec.model):
             raise _attention.UnsupportedAttentionError(
@@ -218,22 +308,29 @@ def enable(config: Any, **overrides: Any) -> Any:
                 "would see only its own chunk. Use --seq1f1b.attention auto"
             )
     new_fns: dict[str, Any] = {}
-    if _attention.has_adapter(spec.model):
+    adapter = _attention.has_adapter(spec.model)
+    if spec.parallelize_fn is not None:
         new_fns["parallelize_fn"] = _wrap_parallelize(
-            spec.parallelize_fn, _attention.uses_document_masking(spec.model)
+            spec.parallelize_fn, _attention.uses_document_masking(spec.model) if adapter else None
         )
-    if seq and pp_on:
+    elif adapter:
+        raise StartupRefusal(f"model {spec.name} has no parallelize_fn to install the Seq1F1B chunk inputs on")
+    if schedule is not None:
         if spec.pipelining_fn is None:
-            raise ValueError(f"model {spec.name} has no pipelining_fn: torchtitan cannot pipeline it")
-        _check_layout(config)
+            raise StartupRefusal(f"model {spec.name} has no pipelining_fn: torchtitan cannot pipeline it")
+        _check_layout(config, schedule)
         lengths = _chunk_lengths(config, section, partition)
         compile_cfg = config.compile
         if compile_cfg.enable and "model" in compile_cfg.components:
             _probe_compile(section.attention_backend, _attention.uses_document_masking(spec.model))
         cls = seq1f1b_schedule_class(
-            n_seq_chunks=section.n_seq_chunks, seq_partition=lengths, seq_len=config.training.seq_len
+            schedule=schedule, n_seq_chunks=section.n_seq_chunks, seq_partition=lengths,
+            seq_len=config.training.seq_len,
         )
-        new_fns["pipelining_fn"] = _wrap_pipelining(spec.pipelining_fn, cls)
+        sp = par.enable_sequence_parallel and par.tensor_parallel_degree > 1
+        new_fns["pipelining_fn"] = _wrap_pipelining(
+            spec.pipelining_fn, cls, schedule, par.tensor_parallel_degree if sp else 1
+        )
         logger.info("Seq1F1B: k=%d, partition %s -> chunk lengths %s", section.n_seq_chunks, section.partition, lengths)
     if new_fns:
         config.model_spec = dataclasses.replace(spec, **new_fns)
