@@ -15,7 +15,8 @@ from typing import Any, Literal
 
 import torch
 
-from . import schedule_ir_multi
+from . import registry
+from .chunking import ChunkingConfig
 from .partition import SeqPartition
 from .schedules_runtime import SeqRuntimeSchedule
 
@@ -41,6 +42,7 @@ class ScheduleInterleavedSeq1F1B(SeqRuntimeSchedule):
     at least p.
     """
 
+    registry_name = "InterleavedSeq1F1B"
     name = "ScheduleInterleavedSeq1F1B"
 
     def __init__(
@@ -49,7 +51,7 @@ class ScheduleInterleavedSeq1F1B(SeqRuntimeSchedule):
         n_microbatches: int,
         loss_fn: Callable[..., torch.Tensor] | None = None,
         *,
-        n_seq_chunks: int,
+        n_seq_chunks: int | None = None,
         seq_partition: SeqPartition = "uniform",
         seq_dim: int = 1,
         scale_grads: bool = True,
@@ -59,6 +61,7 @@ class ScheduleInterleavedSeq1F1B(SeqRuntimeSchedule):
         args_chunk_spec: Any = None,
         kwargs_chunk_spec: Any = None,
         output_merge_spec: Any = None,
+        chunking: ChunkingConfig | None = None,
     ) -> None:
         if not isinstance(stages, (list, tuple)):
             raise TypeError(
@@ -68,14 +71,8 @@ class ScheduleInterleavedSeq1F1B(SeqRuntimeSchedule):
             stages, n_microbatches, loss_fn, n_seq_chunks=n_seq_chunks, seq_partition=seq_partition,
             seq_dim=seq_dim, scale_grads=scale_grads, seq_len=seq_len, loss_reduction=loss_reduction, ignore_index=ignore_index,
             args_chunk_spec=args_chunk_spec, kwargs_chunk_spec=kwargs_chunk_spec,
-            output_merge_spec=output_merge_spec,
+            output_merge_spec=output_merge_spec, chunking=chunking,
         )
-
-    def _check_stages(self, stages: list, n_microbatches: int, n_seq_chunks: int) -> None:
-        super()._check_stages(stages, n_microbatches, n_seq_chunks)
-        p = stages[0].group_size
-        # Fails here, before any communication, when m does not fit the rounds.
-        schedule_ir_multi.interleaved_group_size(p, n_microbatches, n_seq_chunks)
 
     def _expected_stage_indices(self, rank: int, num_ranks: int, num_stages: int) -> list[int]:
         if num_stages % num_ranks:
@@ -83,13 +80,10 @@ class ScheduleInterleavedSeq1F1B(SeqRuntimeSchedule):
                 f"{self.name}: num_stages={num_stages} is not a multiple of the {num_ranks} "
                 "pipeline ranks: give every rank the same number of stages"
             )
-        return list(range(rank, num_stages, num_ranks))
+        return registry.rank_stages(self.registry_name, pp=num_ranks, rank=rank, stages_per_rank=num_stages // num_ranks)
 
     def _placement_doc(self, num_ranks: int, num_stages: int) -> str:
         return (
             f"loop placement: {num_stages // num_ranks} stages per rank, rank r holds "
             f"stages r, r+{num_ranks}, ...; pass all of them, in any order"
         )
-
-    def _compute_orders(self, num_ranks: int, n_local: int, n_microbatches: int, n_seq_chunks: int) -> dict:
-        return schedule_ir_multi.interleaved_orders(num_ranks, n_local, n_microbatches, n_seq_chunks)

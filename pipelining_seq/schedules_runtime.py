@@ -19,9 +19,10 @@ from typing import Any, Literal
 import torch
 import torch.distributed as dist
 
-from . import _compat, agreement, schedule_ir_multi
+from . import _compat, registry, schedule_ir_multi
+from .chunking import ChunkingConfig
 from .partition import SeqPartition
-from .seq_units import SeqChunkedSchedule, SeqUnits
+from .seq_units import SeqChunkedSchedule
 from .stage import SequencePipelineStage
 
 __all__ = ["SeqRuntimeSchedule"]
@@ -29,10 +30,13 @@ __all__ = ["SeqRuntimeSchedule"]
 logger = logging.getLogger(__name__)
 
 
+@_compat.check_overrides
 class SeqRuntimeSchedule(SeqChunkedSchedule, _compat.PipelineScheduleRuntime):
     """Base of the multi-stage-runtime Seq1F1B schedules (not used directly)."""
 
     name = "SeqRuntimeSchedule"
+    registry_name = ""
+    """The schedule's name in :mod:`pipelining_seq.registry` (its orders and admissibility)."""
 
     def __init__(
         self,
@@ -40,7 +44,7 @@ class SeqRuntimeSchedule(SeqChunkedSchedule, _compat.PipelineScheduleRuntime):
         n_microbatches: int,
         loss_fn: Callable[..., torch.Tensor] | None = None,
         *,
-        n_seq_chunks: int,
+        n_seq_chunks: int | None = None,
         seq_partition: SeqPartition = "uniform",
         seq_dim: int = 1,
         scale_grads: bool = True,
@@ -50,12 +54,14 @@ class SeqRuntimeSchedule(SeqChunkedSchedule, _compat.PipelineScheduleRuntime):
         args_chunk_spec: Any = None,
         kwargs_chunk_spec: Any = None,
         output_merge_spec: Any = None,
+        chunking: ChunkingConfig | None = None,
     ) -> None:
-        self._units = SeqUnits(
-            owner=self.name, n_microbatches=n_microbatches, n_seq_chunks=n_seq_chunks,
-            seq_partition=seq_partition, seq_dim=seq_dim, seq_len=seq_len,
-            loss_reduction=loss_reduction, scale_grads=scale_grads, ignore_index=ignore_index,
+        units = self._init_units(
+            self.name, n_microbatches, chunking, scale_grads, n_seq_chunks=n_seq_chunks,
+            seq_partition=seq_partition, seq_dim=seq_dim, seq_len=seq_len, loss_reduction=loss_reduction,
+            ignore_index=ignore_index,
         )
+        n_seq_chunks = units.n_seq_chunks
         stages = list(stages)
         self._check_stages(stages, n_microbatches, n_seq_chunks)
         super().__init__(
@@ -68,7 +74,9 @@ class SeqRuntimeSchedule(SeqChunkedSchedule, _compat.PipelineScheduleRuntime):
             scale_grads=scale_grads,
         )
         p = self.pp_group_size
-        orders = self._compute_orders(p, len(stages), n_microbatches, n_seq_chunks)
+        orders = registry.resolve_schedule(self.registry_name).orders(
+            pp=p, n_microbatches=n_microbatches, n_seq_chunks=n_seq_chunks, stages_per_rank=len(stages)
+        )
         try:
             schedule_ir_multi.check_stage_orders(orders, self._num_stages, n_microbatches, n_seq_chunks)
             schedule_ir_multi.check_deadlock_free(orders, self._num_stages)
@@ -89,9 +97,6 @@ class SeqRuntimeSchedule(SeqChunkedSchedule, _compat.PipelineScheduleRuntime):
         )
 
     # ------------------------------------------------------------------ subclass API
-    def _compute_orders(self, num_ranks: int, n_local: int, n_microbatches: int, n_seq_chunks: int) -> dict:
-        raise NotImplementedError
-
     def _expected_stage_indices(self, rank: int, num_ranks: int, num_stages: int) -> list[int]:
         raise NotImplementedError
 
@@ -122,12 +127,8 @@ class SeqRuntimeSchedule(SeqChunkedSchedule, _compat.PipelineScheduleRuntime):
                 f"{name}: rank {rank} of {p} holds stages {got}, but the schedule needs "
                 f"{expected} ({self._placement_doc(p, n_stages)})"
             )
-        if n_microbatches * n_seq_chunks < p:
-            raise ValueError(
-                f"{name}: n_microbatches ({n_microbatches}) * n_seq_chunks ({n_seq_chunks}) = "
-                f"{n_microbatches * n_seq_chunks} units cannot fill the {n_stages} stages on {p} "
-                f"ranks: raise n_microbatches or n_seq_chunks so that their product is at least {p}"
-            )
+        registry.check_admissible(self.registry_name, pp=p, n_microbatches=n_microbatches,
+                                  n_seq_chunks=n_seq_chunks, stages_per_rank=len(stages), owner=name)
 
     def _placement_doc(self, num_ranks: int, num_stages: int) -> str:
         return ""
@@ -142,15 +143,16 @@ class SeqRuntimeSchedule(SeqChunkedSchedule, _compat.PipelineScheduleRuntime):
         """torch's compute-only ``_Action`` IR of every rank."""
         return schedule_ir_multi.to_actions(self._orders)
 
-    def _exchange_lengths(self, local: list[int] | None) -> list[int]:
-        group = self._stages[0].group
-        g = group or _compat.default_group()
+    def _seq_stages(self) -> list:
+        return self._stages
+
+    def _length_peers(self) -> tuple[int | None, int | None, str]:
+        g = self._stages[0].group or _compat.default_group()
         r, p = self.rank, self.pp_group_size
-        return self._units.exchange_lengths(
-            local, device=self._stages[0].device, group=group,
-            prev_rank=dist.get_global_rank(g, r - 1) if r > 0 else None,
-            next_rank=dist.get_global_rank(g, r + 1) if r < p - 1 else None,
-            where=f"rank {r}",
+        return (
+            dist.get_global_rank(g, r - 1) if r > 0 else None,
+            dist.get_global_rank(g, r + 1) if r < p - 1 else None,
+            f"rank {r}",
         )
 
     def step(
@@ -165,24 +167,7 @@ class SeqRuntimeSchedule(SeqChunkedSchedule, _compat.PipelineScheduleRuntime):
         """One step on a whole batch, like ``ScheduleInterleaved1F1B.step``; ``losses``
         receives one loss per micro-batch. Also accepts torchtitan's pre-split
         ``arg_mbs``/``kwarg_mbs``/``target_mbs``."""
-        if self._has_backward and not torch.is_grad_enabled():
-            raise RuntimeError("step() requires gradients to be enabled; call eval() for forward-only runs")
-        units = self._units
-        agreement.check_schedule(self, stage=self._stages[0], units=units)  # once per kind: one small collective
-        arg_mbs, kwarg_mbs, target_mbs, seq_len = units.split_step(
-            args, kwargs, target, self._args_chunk_spec, self._kwargs_chunk_spec
-        )
-        for stage in self._stages:
-            stage.has_backward = self._has_backward
-            stage.clear_runtime_states()
-        lengths = units.resolve_lengths(seq_len, exchange=self._exchange_lengths if self.pp_group_size > 1 else None)
-        for stage in self._stages:
-            if isinstance(stage, SequencePipelineStage):
-                stage.configure_seq_chunks(n_microbatches=self._units.n_microbatches, chunk_lengths=lengths)
-        arg_units, kwarg_units = units.units(arg_mbs), units.units(kwarg_mbs)
-        target_units = units.units(target_mbs) if target_mbs is not None else None
-        has_last = any(st.is_last for st in self._stages)
-        units.set_targets(target_units if has_last and self._loss_fn is not None else None)
+        arg_units, kwarg_units, target_units = self._prepare_step(args, kwargs, target)
         if self._has_backward:
             self.pipeline_order_with_comms = self._train_order_with_comms
             _compat.runtime_step_microbatches(self, arg_units, kwarg_units, target_units, losses, return_outputs, loss_kwargs)
@@ -193,10 +178,7 @@ class SeqRuntimeSchedule(SeqChunkedSchedule, _compat.PipelineScheduleRuntime):
                     _compat.runtime_step_microbatches(self, arg_units, kwarg_units, target_units, losses, return_outputs, loss_kwargs)
             finally:
                 self.pipeline_order_with_comms = self._train_order_with_comms
-        for stage in self._stages:
-            if stage.is_last and return_outputs:
-                return self._merge_outputs(units.merge_chunks(stage.output_chunks))
-        return None
+        return self._merged_outputs(return_outputs)
 
     def _eval_order(self) -> dict[int, list]:
         """The forwards of the training order, lowered with their sends and receives."""
@@ -210,16 +192,3 @@ class SeqRuntimeSchedule(SeqChunkedSchedule, _compat.PipelineScheduleRuntime):
             )
         return self._eval_order_with_comms
 
-    # ---------------------------------------------------------------------- losses
-    def _maybe_compute_loss(self, stage, output, target_mbs, mb_index, loss_kwargs=None):
-        if stage.is_last and self._loss_fn is not None:
-            loss = self._loss_fn(output, target_mbs[mb_index], **(loss_kwargs or {}))
-            self._internal_losses.append(self._units.weight_loss(loss, mb_index, output))
-
-    def _update_losses(self, stages, losses):
-        stages = stages if isinstance(stages, list) else [stages]
-        if any(s.is_last for s in stages) and losses is not None:
-            mb_losses = self._units.microbatch_losses(self._internal_losses)
-            losses.clear()
-            losses.extend(mb_losses)
-        self._internal_losses.clear()

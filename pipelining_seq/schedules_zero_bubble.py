@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 import torch
 
-from . import schedule_ir_multi
+from .chunking import ChunkingConfig
 from .partition import SeqPartition
 from .schedules_runtime import SeqRuntimeSchedule
 from .stage import SequencePipelineStage
@@ -39,6 +39,7 @@ class ScheduleSeq1F1BZeroBubble(SeqRuntimeSchedule):
     ``n_microbatches * n_seq_chunks`` must be at least the number of ranks.
     """
 
+    registry_name = "Seq1F1BZeroBubble"
     name = "ScheduleSeq1F1BZeroBubble"
 
     def __init__(
@@ -47,7 +48,7 @@ class ScheduleSeq1F1BZeroBubble(SeqRuntimeSchedule):
         n_microbatches: int,
         loss_fn: Callable[..., torch.Tensor] | None = None,
         *,
-        n_seq_chunks: int,
+        n_seq_chunks: int | None = None,
         seq_partition: SeqPartition = "uniform",
         seq_dim: int = 1,
         scale_grads: bool = True,
@@ -57,6 +58,7 @@ class ScheduleSeq1F1BZeroBubble(SeqRuntimeSchedule):
         args_chunk_spec: Any = None,
         kwargs_chunk_spec: Any = None,
         output_merge_spec: Any = None,
+        chunking: ChunkingConfig | None = None,
     ) -> None:
         stages = list(stage) if isinstance(stage, (list, tuple)) else [stage]
         if len(stages) != 1:
@@ -69,7 +71,7 @@ class ScheduleSeq1F1BZeroBubble(SeqRuntimeSchedule):
             stages, n_microbatches, loss_fn, n_seq_chunks=n_seq_chunks, seq_partition=seq_partition,
             seq_dim=seq_dim, scale_grads=scale_grads, seq_len=seq_len, loss_reduction=loss_reduction, ignore_index=ignore_index,
             args_chunk_spec=args_chunk_spec, kwargs_chunk_spec=kwargs_chunk_spec,
-            output_merge_spec=output_merge_spec,
+            output_merge_spec=output_merge_spec, chunking=chunking,
         )
         for s in stages:
             if isinstance(s, SequencePipelineStage):
@@ -91,6 +93,3 @@ class ScheduleSeq1F1BZeroBubble(SeqRuntimeSchedule):
 
     def _placement_doc(self, num_ranks: int, num_stages: int) -> str:
         return "one stage per rank, stage index = pipeline rank"
-
-    def _compute_orders(self, num_ranks: int, n_local: int, n_microbatches: int, n_seq_chunks: int) -> dict:
-        return schedule_ir_multi.zero_bubble_orders(num_ranks, n_microbatches, n_seq_chunks)

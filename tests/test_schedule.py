@@ -105,7 +105,8 @@ def test_wrong_backward_order_is_caught():
         (dict(m=2, k=3, seq_partition=[4, 4, 4], seq_len=16), "sums to 12"),
         (dict(m=2, k=3, seq_partition=[8, 0, 8]), "zero-length"),
         (dict(m=2, k=2, seq_partition=[8, 4, 4]), "n_seq_chunks=2"),
-        (dict(m=2, k=2, seq_partition="balanced"), "use 'uniform'"),
+        (dict(m=2, k=2, seq_partition="balanced"), "needs the FLOP model"),
+        (dict(m=2, k=2, seq_partition="zigzag"), "use one of uniform, balanced, calibrated"),
         (dict(m=0, k=2), "n_microbatches=0"),
     ],
 )
