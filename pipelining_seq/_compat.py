@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.pipelining import schedules as _schedules
 from torch.distributed.pipelining import stage as _stage
+from torch.utils._pytree import tree_leaves
 
 __all__ = [
     "observe_input_reshard",
@@ -63,6 +64,8 @@ __all__ = [
     "OP_TYPES",
     "SDPA_C",
     "has_compiled_module",
+    "flash_attention_ops",
+    "tree_leaves",
 ]
 
 TORCH_VERSION = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
@@ -86,6 +89,19 @@ add_send_recv = _schedules._add_send_recv
 validate_schedule = _schedules._validate_schedule
 simulate_comms_compute = _schedules._simulate_comms_compute
 format_pipeline_order = _schedules._format_pipeline_order
+
+# tree_leaves (torch's private pytree helper, imported above): the leaves of a nested
+# output (pipelining_seq.losses).
+
+
+def flash_attention_ops(device_type: str) -> tuple[Any, Any]:
+    """The forward and backward aten flash-attention kernels that return the log-sum-exp
+    (pipelining_seq.kernels): the CPU ones, or the CUDA ones."""
+    aten = torch.ops.aten
+    if device_type == "cpu":
+        return aten._scaled_dot_product_flash_attention_for_cpu, aten._scaled_dot_product_flash_attention_for_cpu_backward
+    return aten._scaled_dot_product_flash_attention, aten._scaled_dot_product_flash_attention_backward
+
 
 # Attention guard (pipelining_seq.guard): the types of ``torch.ops`` callables, which
 # reach a TorchFunctionMode as themselves, and SDPA's C entry point (the same kernel as

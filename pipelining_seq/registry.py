@@ -34,6 +34,7 @@ __all__ = [
     "rank_stages",
     "resolve_schedule",
     "schedule_class",
+    "stage_layer_ranges",
     "stage_ranks",
     "stages_per_rank",
     "torch_orders",
@@ -155,10 +156,12 @@ class ScheduleInfo:
 
     # ------------------------------------------------------------------ orders
     def orders(self, *, pp: int, n_microbatches: int, n_seq_chunks: int = 1,
-               stages_per_rank: int | None = None) -> Orders:
-        """Every rank's compute actions, in the order the schedule runs them."""
+               stages_per_rank: int | None = None, check: bool = True) -> Orders:
+        """Every rank's compute actions, in the order the schedule runs them; ``check=False``
+        skips :meth:`check` (an order the schedule class would refuse to run)."""
         v = self.stages_per_rank(stages_per_rank)
-        self.check(pp=pp, n_microbatches=n_microbatches, n_seq_chunks=n_seq_chunks, stages_per_rank=v)
+        if check:
+            self.check(pp=pp, n_microbatches=n_microbatches, n_seq_chunks=n_seq_chunks, stages_per_rank=v)
         build = _OWN_ORDERS.get(self.name)
         if build is None:
             return torch_orders(self, pp, n_microbatches, v)
@@ -328,6 +331,20 @@ def torch_orders(info: ScheduleInfo, pp: int, n_microbatches: int, stages_per_ra
                     f"not micro-batches 0..{n_microbatches - 1}: its pipeline order is unusable here"
                 )
     return out
+
+
+def stage_layer_ranges(n_layers: int, num_stages: int) -> list[range]:
+    """Contiguous, as-even-as-possible layer ranges per stage (earlier stages get the extra)."""
+    if num_stages < 1 or n_layers < num_stages:
+        raise ValueError(
+            f"cannot split {n_layers} layers over {num_stages} pipeline stages: "
+            "every stage needs at least one layer (lower pipeline_parallel_degree or add layers)"
+        )
+    base, extra = divmod(n_layers, num_stages)
+    bounds = [0]
+    for s in range(num_stages):
+        bounds.append(bounds[-1] + base + (1 if s < extra else 0))
+    return [range(bounds[s], bounds[s + 1]) for s in range(num_stages)]
 
 
 # -------------------------------------------------------------------------- table

@@ -100,3 +100,17 @@ def test_lr_scheduler_step_matches_stepping():
     _compat.set_lr_scheduler_step(placed, 4)
     assert placed.last_epoch == stepped.last_epoch and placed.get_last_lr() == stepped.get_last_lr()
     assert placed.optimizer.param_groups[0]["lr"] == stepped.optimizer.param_groups[0]["lr"]
+
+
+def test_the_core_loads_no_model_and_no_tool():
+    # The FLOP model takes sizes; the reference GPT maps its config onto it. Importing the
+    # package must not load the reference model, nor the measurement/test helpers.
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, pipelining_seq; "
+        "print(sorted(m for m in sys.modules if m.startswith(('pipelining_seq.models', 'pipelining_seq.tools'))))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", out

@@ -2,8 +2,9 @@ import pytest
 import torch
 
 from pipelining_seq import balanced_partition, chunk_cost, uniform_partition
-from pipelining_seq.flops import FlopModel, balanced_partition_for
+from pipelining_seq.flops import FlopModel
 from pipelining_seq.models import GPT, GPTConfig
+from pipelining_seq.models.gpt import balanced_partition_for, flop_model
 from pipelining_seq.partition import resolve_partition
 from pipelining_seq.trainer.metrics import model_flops_per_token
 
@@ -119,7 +120,7 @@ def test_flop_model_counts_every_matmul_of_the_gpt(over):
     gpt = GPT(cfg)
     block = gpt.layers["0"]
     weights = sum(m.weight.numel() for m in block.modules() if isinstance(m, torch.nn.Linear))
-    fm = FlopModel.from_gpt(cfg)
+    fm = flop_model(cfg)
     assert fm.token_flops == 2 * weights
     assert fm.head_cost(5) == 2 * 5 * gpt.output.weight.numel()
     # QK^T and AV per pair and head (2*d each) plus 3 for the softmax, whatever the kv heads.

@@ -65,7 +65,7 @@ def base_args(tok_dir: Path, data_dir: Path, dump: Path, *, config: str = "llama
 
 def run(args: list[str], *, log: Path, timeout: float = 900) -> dict:
     """Run torchtitan's training through the package's entry point on 2 gloo ranks."""
-    from pipelining_seq.testing import free_port
+    from pipelining_seq.tools.testing import free_port
 
     if log.exists():
         log.unlink()

@@ -8,18 +8,18 @@ stage, the stage layout a checkpoint must match, and the Seq1F1B chunk lengths.
 
 from __future__ import annotations
 
-import functools
 import os
 from typing import Any
 
 from .. import placement
-from ..flops import balanced_partition_for
-from ..models.gpt import stage_layer_ranges
-from ..partition import SeqPartition, resolve_partition
+from ..chunking import ChunkingConfig
+from ..models.gpt import flop_model, stage_layer_ranges
+from ..partition import SeqPartition
 from .config import ConfigError, JobConfig
 
 __all__ = [
     "chunk_lengths",
+    "chunking",
     "n_microbatches",
     "pipeline_layout",
     "resolve_path",
@@ -78,13 +78,22 @@ def pipeline_layout(cfg: JobConfig) -> dict[str, Any]:
     }
 
 
+def chunking(cfg: JobConfig) -> ChunkingConfig:
+    """The recipe's ``seq1f1b`` section as the schedules' :class:`~pipelining_seq.ChunkingConfig`
+    (``num_seq_chunks`` is its ``n_seq_chunks``; ``balanced`` over the recipe's model)."""
+    s = cfg.seq1f1b
+    part = s.partition if isinstance(s.partition, str) else list(s.partition)
+    return ChunkingConfig(
+        n_seq_chunks=s.num_seq_chunks, seq_partition=part, multiple_of=s.multiple_of,
+        flop_model=flop_model(cfg.model) if part == "balanced" else None,
+        # Middle stages get no input to read the length from; a static length spares the exchange.
+        seq_len=cfg.training.seq_len if isinstance(part, str) else None,
+    )
+
+
 def seq_partition(cfg: JobConfig) -> SeqPartition:
-    """The ``seq_partition`` argument of the recipe's Seq1F1B schedule: 'uniform', a list,
-    or (``balanced``) a callable ``seq_len -> lengths`` over the recipe's model."""
-    s, g = cfg.seq1f1b, cfg.model
-    if isinstance(s.partition, str) and s.partition == "balanced":
-        return functools.partial(balanced_partition_for, g, n_chunks=s.num_seq_chunks, multiple_of=s.multiple_of)
-    return s.partition if isinstance(s.partition, str) else list(s.partition)
+    """The ``seq_partition`` of the recipe's Seq1F1B schedule: 'uniform', 'balanced' or a list."""
+    return chunking(cfg).seq_partition
 
 
 def chunk_lengths(cfg: JobConfig) -> list[int]:
@@ -92,7 +101,7 @@ def chunk_lengths(cfg: JobConfig) -> list[int]:
     seq = cfg.training.seq_len
     if not schedule_info(cfg).seq_chunks:
         return [seq]
-    return resolve_partition(seq_partition(cfg), seq, cfg.seq1f1b.num_seq_chunks)
+    return chunking(cfg).lengths(seq)
 
 
 def resolve_path(cfg: JobConfig, path: str) -> str:

@@ -35,12 +35,11 @@ from torch import nn
 from ... import schedule_ir
 from ...attention import ChunkedCausalAttention, flash_attn_available
 from ...context import ChunkContext, KVCache, chunk_context
-from ...flops import balanced_partition_for
-from ...memory import ActivationMemoryMeter
-from ...models.gpt import Block, GPTConfig
+from ...models.gpt import Block, GPTConfig, balanced_partition_for
 from ...partition import uniform_partition
 from .. import simulate
 from ..calibration import default_samples, fit_chunk_cost, linear_fit_partition, time_chunk, time_chunks
+from ..memory import ActivationMemoryMeter
 from .common import env_info, out_dir, print_table, write_results
 from .memory import expected_peak
 

@@ -1,7 +1,7 @@
 """``bench memory``: peak activation memory per rank, measured and expected.
 
 Each of ``--ranks`` CPU ranks runs every schedule (same model, same batch) for one
-warm-up step, then one step inside :class:`~pipelining_seq.memory.ActivationMemoryMeter`
+warm-up step, then one step inside :class:`~pipelining_seq.tools.memory.ActivationMemoryMeter`
 (live bytes of tensors saved for backward plus the K/V cache, each storage counted
 once). Ranks holding two stages (Interleaved1F1B, ZBV) are measured as a whole.
 
@@ -21,11 +21,10 @@ from dataclasses import asdict, replace
 
 import torch
 
-from ... import schedule_ir
-from ...memory import ActivationMemoryMeter
+from ... import registry
 from ...models import GPTConfig, cross_entropy_loss, split_stage
-from ...testing import run_ranks
-from .. import torch_schedules
+from ..memory import ActivationMemoryMeter
+from ..testing import run_ranks
 from .common import (
     SEQ_SCHEDULES,
     BenchModel,
@@ -36,6 +35,7 @@ from .common import (
     make_model,
     model_from_args,
     out_dir,
+    parse_schedules,
     partition_lengths,
     print_table,
     run_step,
@@ -64,15 +64,15 @@ def _stage_activation(cfg: BenchModel, stage_index: int, num_stages: int) -> tup
     return meter.peak_bytes, kv
 
 
-def expected_peak(ops: list[tuple[int, str, int]], stage_bytes: dict[int, tuple[int, int]],
+def expected_peak(ops: list[registry.Action], stage_bytes: dict[int, tuple[int, int]],
                   lengths: list[int]) -> float:
-    """Peak bytes of a rank's ``(stage, kind, unit)`` list (see module docs)."""
+    """Peak bytes of a rank's actions (see module docs)."""
     k = len(lengths)
     seq = sum(lengths)
     offsets = [sum(lengths[:j]) for j in range(k)]
     live = peak = 0.0
     relay: dict[tuple[int, int], float] = {}
-    for stage, kind, unit in ops:
+    for kind, stage, unit in ops:
         act, kv = stage_bytes[stage]
         n, j = divmod(unit, k)
         share = act * lengths[j] / seq
@@ -113,16 +113,11 @@ def memory_worker(rank: int, world: int, cfg: BenchModel, configs: list[dict]) -
             run_step(sched, stages, x, y)
         num_stages = stages[0].num_stages
         stage_bytes = {s.stage_index: _stage_activation(mcfg, s.stage_index, num_stages) for s in stages}
-        if c["schedule"] == "Seq1F1B":
-            ops = [(rank, kind, u) for kind, u in schedule_ir.compute_order(world, rank, m, c["k"])]
-            lengths = list(c["lengths"])
-        elif c["schedule"] in SEQ_SCHEDULES:  # the schedule's own action list
-            ops = [(s, kind, u) for kind, s, u in sched.compute_orders[rank]]
-            lengths = list(c["lengths"])
-        else:
-            ops = torch_schedules.torch_schedule_actions(c["schedule"], world, m)[rank] if c["schedule"] != "1F1B" else [
-                (rank, kind, u) for kind, u in schedule_ir.compute_order(world, rank, m, 1)]
-            lengths = [cfg.seq_len]
+        # The schedule's own action list, from the registry.
+        info = registry.resolve_schedule(c["schedule"])
+        ops = info.orders(pp=world, n_microbatches=m, n_seq_chunks=c["k"] if info.seq_chunks else 1,
+                          stages_per_rank=len(stages))[rank]
+        lengths = list(c["lengths"]) if info.seq_chunks else [cfg.seq_len]
         out.append(dict(
             c, rank=rank, peak_mib=meter.peak_bytes / MIB, saved_mib=meter.peak_saved_bytes / MIB,
             kv_mib=meter.peak_kv_bytes / MIB,
@@ -211,11 +206,8 @@ def main(args: argparse.Namespace) -> int:
     ms = [int(v) for v in args.microbatches.split(",")]
     ks = [int(v) for v in args.chunks.split(",")]
     parts = [p for p in args.partitions.split(",") if p]
-    torch_names = [s for s in args.schedules.split(",") if s]
-    seq_names = [s for s in args.seq_schedules.split(",") if s]
-    for n in seq_names:
-        if n not in SEQ_SCHEDULES:
-            raise SystemExit(f"--seq-schedules: unknown {n!r}; choose among {', '.join(SEQ_SCHEDULES)}")
+    torch_names = parse_schedules(args.schedules, "--schedules", seq_chunks=False)
+    seq_names = parse_schedules(args.seq_schedules, "--seq-schedules", seq_chunks=True)
     if "1F1B" not in torch_names:
         torch_names.insert(0, "1F1B")  # the ratios' reference
     if cfg.model.n_layers < 2 * args.ranks:

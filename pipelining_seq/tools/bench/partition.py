@@ -18,8 +18,8 @@ from dataclasses import asdict
 
 import torch
 
-from ...flops import FlopModel
 from ...models import cross_entropy_loss
+from ...models.gpt import flop_model as gpt_flop_model
 from ..calibration import default_samples, fit_chunk_cost, linear_fit_partition, time_chunk, time_chunks
 from .common import (
     BenchModel,
@@ -92,7 +92,7 @@ def run(cfg: BenchModel, *, ks: list[int], partitions: list[str], repeats: int, 
                 fwd[i].append(f)
                 bwd[i].append(b)
     rows, entries = [], {}
-    flop_model = FlopModel.from_gpt(cfg.model)
+    flop_model = gpt_flop_model(cfg.model)
     for i, (name, k, lengths) in enumerate(configs):
         f = [statistics.median(r[j] for r in fwd[i]) for j in range(k)]
         b = [statistics.median(r[j] for r in bwd[i]) for j in range(k)]

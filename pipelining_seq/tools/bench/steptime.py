@@ -19,8 +19,8 @@ from dataclasses import asdict
 import torch
 import torch.distributed as dist
 
-from ...testing import run_ranks
 from .. import torch_schedules
+from ..testing import run_ranks
 from .common import (
     SEQ_SCHEDULES,
     BenchModel,
@@ -31,6 +31,7 @@ from .common import (
     make_model,
     model_from_args,
     out_dir,
+    parse_schedules,
     partition_lengths,
     print_table,
     run_step,
@@ -134,11 +135,8 @@ def main(args: argparse.Namespace) -> int:
     cfg = model_from_args(args)
     ms = [int(v) for v in args.microbatches.split(",")]
     ks = [int(v) for v in args.chunks.split(",")]
-    torch_names = [s.strip() for s in args.schedules.split(",") if s.strip()]
-    seq_names = [s.strip() for s in args.seq_schedules.split(",") if s.strip()]
-    for n in seq_names:
-        if n not in SEQ_SCHEDULES:
-            raise SystemExit(f"--seq-schedules: unknown {n!r}; choose among {', '.join(SEQ_SCHEDULES)}")
+    torch_names = parse_schedules(args.schedules, "--schedules", seq_chunks=False)
+    seq_names = parse_schedules(args.seq_schedules, "--seq-schedules", seq_chunks=True)
     for k in ks:
         if cfg.seq_len % k:
             raise SystemExit(f"--seq-len {cfg.seq_len} is not divisible by k={k}: change --chunks or --seq-len")
