@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import asdict, dataclass
+from typing import Any
 
 from .registry import stage_layer_ranges
 
@@ -186,28 +187,13 @@ def check_chunk_counts(seq_len: int, n_chunks: int, multiple_of: int = 1) -> Non
         )
 
 
-def chunk_cost(
-    length: float,
-    end: float,
-    *,
-    num_layers: int,
-    hidden_size: int,
-    num_heads: int,
-    ffn_hidden_size: int,
-    vocab_size: int,
-    num_kv_heads: int | None = None,
-    mlp: str = "gelu",
-    head_dim: int | None = None,
-    v_head_dim: int | None = None,
-) -> float:
+def chunk_cost(length: float, end: float, **sizes: Any) -> float:
     """Modelled forward FLOPs of a chunk of ``length`` tokens ending at position ``end``.
 
-    ``4·s·H·V + L·[α·(s·P − s²/2) + β·s]`` (:class:`FlopModel`; module docs for α and β).
+    ``4·s·H·V + L·[α·(s·P − s²/2) + β·s]`` (:class:`FlopModel`; module docs for α and β);
+    ``sizes`` are :class:`FlopModel`'s fields (``num_layers``, ``hidden_size``, ...).
     """
-    return FlopModel(
-        num_layers=num_layers, hidden_size=hidden_size, num_heads=num_heads, ffn_hidden_size=ffn_hidden_size,
-        vocab_size=vocab_size, num_kv_heads=num_kv_heads, mlp=mlp, head_dim=head_dim, v_head_dim=v_head_dim,
-    ).chunk_cost(length, end)
+    return FlopModel(**sizes).chunk_cost(length, end)
 
 
 def balanced_partition(

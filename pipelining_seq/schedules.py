@@ -145,24 +145,8 @@ class ScheduleSeq1F1B(SeqChunkedSchedule, PipelineScheduleSingle):
             f"stage {stage.stage_index}",
         )
 
-    # ------------------------------------------------------------------------ step
-    def step(
-        self,
-        *args: Any,
-        target: Any = None,
-        losses: list | None = None,
-        return_outputs: bool = True,
-        loss_kwargs: dict[str, Any] | None = None,
-        **kwargs: Any,
-    ) -> Any:
-        """One training step on a whole batch, like ``Schedule1F1B.step``.
-
-        Also accepts torchtitan's pre-split form ``step(arg_mbs=..., kwarg_mbs=...,
-        target_mbs=..., losses=...)`` with one entry per micro-batch.
-        """
-        arg_units, kwarg_units, target_units = self._prepare_step(args, kwargs, target)
+    def _run_units(self, arg_units, kwarg_units, target_units, losses, return_outputs, loss_kwargs) -> None:
         self._step_microbatches(arg_units, kwarg_units, target_units, losses, return_outputs, loss_kwargs)
-        return self._merged_outputs(return_outputs)
 
     # ------------------------------------------------------------------- execution
     def _step_microbatches(

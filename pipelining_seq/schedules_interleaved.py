@@ -10,14 +10,8 @@ micro-batches covering p units. See :mod:`pipelining_seq.schedule_ir_multi`.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
-from typing import Any, Literal
-
-import torch
 
 from . import registry
-from .chunking import ChunkingConfig
-from .partition import SeqPartition
 from .schedules_runtime import SeqRuntimeSchedule
 
 __all__ = ["ScheduleInterleavedSeq1F1B"]
@@ -34,8 +28,8 @@ class ScheduleInterleavedSeq1F1B(SeqRuntimeSchedule):
             ``n_seq_chunks=1``).
         n_microbatches: micro-batches per step, split along dim 0.
         loss_fn: ``loss_fn(output, target)``, called per unit on the last stage.
-        n_seq_chunks, seq_partition, seq_dim, scale_grads, seq_len, loss_reduction, ignore_index:
-            as in :class:`pipelining_seq.ScheduleSeq1F1B`.
+        n_seq_chunks, seq_partition, seq_dim, scale_grads, seq_len, loss_reduction, ignore_index,
+            chunking: as in :class:`pipelining_seq.ScheduleSeq1F1B`.
 
     ``n_microbatches`` must be at most, or a multiple of, ``ceil(p / n_seq_chunks)``
     (p when k = 1, as torch's interleaved rounds), and ``n_microbatches * n_seq_chunks``
@@ -44,35 +38,6 @@ class ScheduleInterleavedSeq1F1B(SeqRuntimeSchedule):
 
     registry_name = "InterleavedSeq1F1B"
     name = "ScheduleInterleavedSeq1F1B"
-
-    def __init__(
-        self,
-        stages: Sequence[Any],
-        n_microbatches: int,
-        loss_fn: Callable[..., torch.Tensor] | None = None,
-        *,
-        n_seq_chunks: int | None = None,
-        seq_partition: SeqPartition = "uniform",
-        seq_dim: int = 1,
-        scale_grads: bool = True,
-        seq_len: int | None = None,
-        loss_reduction: Literal["mean", "sum"] | None = None,
-        ignore_index: int | None = -100,
-        args_chunk_spec: Any = None,
-        kwargs_chunk_spec: Any = None,
-        output_merge_spec: Any = None,
-        chunking: ChunkingConfig | None = None,
-    ) -> None:
-        if not isinstance(stages, (list, tuple)):
-            raise TypeError(
-                f"{self.name}: stages must be a list of this rank's stages, got {type(stages).__name__}"
-            )
-        super().__init__(
-            stages, n_microbatches, loss_fn, n_seq_chunks=n_seq_chunks, seq_partition=seq_partition,
-            seq_dim=seq_dim, scale_grads=scale_grads, seq_len=seq_len, loss_reduction=loss_reduction, ignore_index=ignore_index,
-            args_chunk_spec=args_chunk_spec, kwargs_chunk_spec=kwargs_chunk_spec,
-            output_merge_spec=output_merge_spec, chunking=chunking,
-        )
 
     def _expected_stage_indices(self, rank: int, num_ranks: int, num_stages: int) -> list[int]:
         if num_stages % num_ranks:

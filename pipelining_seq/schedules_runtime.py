@@ -62,7 +62,7 @@ class SeqRuntimeSchedule(SeqChunkedSchedule, _compat.PipelineScheduleRuntime):
             ignore_index=ignore_index,
         )
         n_seq_chunks = units.n_seq_chunks
-        stages = list(stages)
+        stages = self._own_stages(stages)
         self._check_stages(stages, n_microbatches, n_seq_chunks)
         super().__init__(
             stages=stages,
@@ -97,6 +97,12 @@ class SeqRuntimeSchedule(SeqChunkedSchedule, _compat.PipelineScheduleRuntime):
         )
 
     # ------------------------------------------------------------------ subclass API
+    def _own_stages(self, stages: Any) -> list:
+        """This rank's stages as a list (a subclass may accept other forms)."""
+        if not isinstance(stages, (list, tuple)):
+            raise TypeError(f"{self.name}: stages must be a list of this rank's stages, got {type(stages).__name__}")
+        return list(stages)
+
     def _expected_stage_indices(self, rank: int, num_ranks: int, num_stages: int) -> list[int]:
         raise NotImplementedError
 
@@ -155,19 +161,7 @@ class SeqRuntimeSchedule(SeqChunkedSchedule, _compat.PipelineScheduleRuntime):
             f"rank {r}",
         )
 
-    def step(
-        self,
-        *args: Any,
-        target: Any = None,
-        losses: list | None = None,
-        return_outputs: bool = True,
-        loss_kwargs: dict[str, Any] | None = None,
-        **kwargs: Any,
-    ) -> Any:
-        """One step on a whole batch, like ``ScheduleInterleaved1F1B.step``; ``losses``
-        receives one loss per micro-batch. Also accepts torchtitan's pre-split
-        ``arg_mbs``/``kwarg_mbs``/``target_mbs``."""
-        arg_units, kwarg_units, target_units = self._prepare_step(args, kwargs, target)
+    def _run_units(self, arg_units, kwarg_units, target_units, losses, return_outputs, loss_kwargs) -> None:
         if self._has_backward:
             self.pipeline_order_with_comms = self._train_order_with_comms
             _compat.runtime_step_microbatches(self, arg_units, kwarg_units, target_units, losses, return_outputs, loss_kwargs)
@@ -178,7 +172,6 @@ class SeqRuntimeSchedule(SeqChunkedSchedule, _compat.PipelineScheduleRuntime):
                     _compat.runtime_step_microbatches(self, arg_units, kwarg_units, target_units, losses, return_outputs, loss_kwargs)
             finally:
                 self.pipeline_order_with_comms = self._train_order_with_comms
-        return self._merged_outputs(return_outputs)
 
     def _eval_order(self) -> dict[int, list]:
         """The forwards of the training order, lowered with their sends and receives."""

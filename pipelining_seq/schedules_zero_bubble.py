@@ -13,12 +13,10 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
-from .chunking import ChunkingConfig
-from .partition import SeqPartition
 from .schedules_runtime import SeqRuntimeSchedule
 from .stage import SequencePipelineStage
 
@@ -33,8 +31,10 @@ class ScheduleSeq1F1BZeroBubble(SeqRuntimeSchedule):
     Args:
         stage: this rank's :class:`SequencePipelineStage` (or a one-element list), stage
             index equal to the rank.
-        n_microbatches, loss_fn, n_seq_chunks, seq_partition, seq_dim, scale_grads,
-            seq_len, loss_reduction, ignore_index: as in :class:`pipelining_seq.ScheduleSeq1F1B`.
+        n_microbatches, loss_fn: as in :class:`pipelining_seq.ScheduleSeq1F1B`.
+        options: the keywords of :class:`pipelining_seq.ScheduleSeq1F1B` but ``early_recv``
+            (``n_seq_chunks``, ..., ``ignore_index``, or ``chunking=``), and torch's
+            ``scale_grads`` and chunk specs.
 
     ``n_microbatches * n_seq_chunks`` must be at least the number of ranks.
     """
@@ -42,24 +42,16 @@ class ScheduleSeq1F1BZeroBubble(SeqRuntimeSchedule):
     registry_name = "Seq1F1BZeroBubble"
     name = "ScheduleSeq1F1BZeroBubble"
 
-    def __init__(
-        self,
-        stage: Any,
-        n_microbatches: int,
-        loss_fn: Callable[..., torch.Tensor] | None = None,
-        *,
-        n_seq_chunks: int | None = None,
-        seq_partition: SeqPartition = "uniform",
-        seq_dim: int = 1,
-        scale_grads: bool = True,
-        seq_len: int | None = None,
-        loss_reduction: Literal["mean", "sum"] | None = None,
-        ignore_index: int | None = -100,
-        args_chunk_spec: Any = None,
-        kwargs_chunk_spec: Any = None,
-        output_merge_spec: Any = None,
-        chunking: ChunkingConfig | None = None,
-    ) -> None:
+    def __init__(self, stage: Any, n_microbatches: int, loss_fn: Callable[..., torch.Tensor] | None = None,
+                 **options: Any) -> None:
+        super().__init__(stage, n_microbatches, loss_fn, **options)
+        for s in self._stages:
+            if isinstance(s, SequencePipelineStage):
+                # The weight pass may recompute (activation checkpointing) a chunk's
+                # attention after later I passes: keep K/V until the last W.
+                s.kv_cache.keep_until_drop = True
+
+    def _own_stages(self, stage: Any) -> list:
         stages = list(stage) if isinstance(stage, (list, tuple)) else [stage]
         if len(stages) != 1:
             raise ValueError(
@@ -67,17 +59,7 @@ class ScheduleSeq1F1BZeroBubble(SeqRuntimeSchedule):
                 f"(stage indices {[s.stage_index for s in stages]}); for several stages per "
                 "rank use ScheduleInterleavedSeq1F1B"
             )
-        super().__init__(
-            stages, n_microbatches, loss_fn, n_seq_chunks=n_seq_chunks, seq_partition=seq_partition,
-            seq_dim=seq_dim, scale_grads=scale_grads, seq_len=seq_len, loss_reduction=loss_reduction, ignore_index=ignore_index,
-            args_chunk_spec=args_chunk_spec, kwargs_chunk_spec=kwargs_chunk_spec,
-            output_merge_spec=output_merge_spec, chunking=chunking,
-        )
-        for s in stages:
-            if isinstance(s, SequencePipelineStage):
-                # The weight pass may recompute (activation checkpointing) a chunk's
-                # attention after later I passes: keep K/V until the last W.
-                s.kv_cache.keep_until_drop = True
+        return stages
 
     @property
     def _stage(self) -> Any:

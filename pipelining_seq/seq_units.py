@@ -32,7 +32,6 @@ from . import agreement, p2p
 from .attention import check_document_ids
 from .chunking import ChunkingConfig
 from .losses import chunk_loss_weights, weight_chunk_loss
-from .partition import SeqPartition
 from .stage import SequencePipelineStage
 
 __all__ = ["SeqChunkedSchedule", "SeqUnits", "check_positive"]
@@ -262,6 +261,11 @@ class SeqUnits:
         ]
 
 
+def _setting(name: str, doc: str) -> property:
+    """A read-only property forwarding to the schedule's :class:`SeqUnits`."""
+    return property(lambda self: getattr(self._units, name), doc=doc)
+
+
 class SeqChunkedSchedule:
     """What the three Seq1F1B schedules share (a mixin before torch's schedule base class):
     the chunking settings (``self._units``, a :class:`SeqUnits`), the step path from whole
@@ -321,6 +325,30 @@ class SeqChunkedSchedule:
         units.set_targets(target_units if has_last and self._loss_fn is not None else None)
         return units.units(arg_mbs), units.units(kwarg_mbs), target_units
 
+    def step(
+        self,
+        *args: Any,
+        target: Any = None,
+        losses: list | None = None,
+        return_outputs: bool = True,
+        loss_kwargs: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """One training step on a whole batch, like torch's ``Schedule1F1B.step`` /
+        ``ScheduleInterleaved1F1B.step``; ``losses`` receives one loss per micro-batch.
+
+        Also accepts torchtitan's pre-split form ``step(arg_mbs=..., kwarg_mbs=...,
+        target_mbs=..., losses=...)`` with one entry per micro-batch.
+        """
+        arg_units, kwarg_units, target_units = self._prepare_step(args, kwargs, target)
+        self._run_units(arg_units, kwarg_units, target_units, losses, return_outputs, loss_kwargs)
+        return self._merged_outputs(return_outputs)
+
+    def _run_units(self, arg_units: list, kwarg_units: list, target_units: list | None, losses: list | None,
+                   return_outputs: bool, loss_kwargs: dict[str, Any] | None) -> None:
+        """Run one step's units (one entry per unit in each list): the schedule's own execution."""
+        raise NotImplementedError
+
     def _exchange_lengths(self, local: list[int] | None) -> list[int]:
         """The first rank sends the chunk lengths down the pipeline (when not static)."""
         stage = self._seq_stages()[0]
@@ -351,36 +379,19 @@ class SeqChunkedSchedule:
         self._internal_losses.clear()
 
     # --------------------------------------------------------------- settings
-
-    @property
-    def n_microbatches(self) -> int:
-        """Micro-batches per step (m), as given to the constructor."""
-        return self._units.n_microbatches
-
-    @property
-    def n_seq_chunks(self) -> int:
-        """Chunks per micro-batch (k)."""
-        return self._units.n_seq_chunks
-
-    @property
-    def seq_partition(self) -> SeqPartition:
-        """How sequences are cut: 'uniform', a list of lengths, or a callable ``seq_len -> lengths``."""
-        return self._units.seq_partition
+    n_microbatches = _setting("n_microbatches", "Micro-batches per step (m), as given to the constructor.")
+    n_seq_chunks = _setting("n_seq_chunks", "Chunks per micro-batch (k).")
+    seq_partition = _setting(
+        "seq_partition", "How sequences are cut: a name ('uniform', 'balanced', 'calibrated'), a list of lengths, "
+        "or a callable ``seq_len -> lengths``."
+    )
+    loss_reduction = _setting("loss_reduction", "How chunk losses combine: 'mean' (weighted by share) or 'sum' (as they are).")
+    chunking = _setting("chunking", "The chunking settings (:class:`~pipelining_seq.chunking.ChunkingConfig`).")
 
     @property
     def n_units(self) -> int:
         """(micro-batch, chunk) units per step, m·k: what torch's base class counts as micro-batches."""
         return self._n_microbatches
-
-    @property
-    def loss_reduction(self) -> str:
-        """How chunk losses combine: 'mean' (weighted by share) or 'sum' (as they are)."""
-        return self._units.loss_reduction
-
-    @property
-    def chunking(self) -> ChunkingConfig:
-        """The chunking settings (:class:`~pipelining_seq.chunking.ChunkingConfig`)."""
-        return self._units.chunking
 
     @property
     def chunk_lengths(self) -> list[int]:

@@ -22,12 +22,14 @@ from ...chunking import ChunkingConfig
 from ...models import GPT, GPTConfig, cross_entropy_loss, split_stage
 from ...models.gpt import flop_model
 from ...partition import resolve_partition, uniform_partition
-from ..simulate import MODEL_PRESETS
+from ..simulate import MODEL_PRESETS, SEQ_SCHEDULES
 
 __all__ = [
     "SEQ_SCHEDULES",
     "BenchModel",
+    "TORCH_SCHEDULES",
     "add_model_arguments",
+    "add_run_arguments",
     "build_schedule",
     "env_info",
     "make_batch",
@@ -43,8 +45,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-SEQ_SCHEDULES = tuple(s.name for s in registry.SCHEDULES if s.seq_chunks)
-"""Schedules of this package (they take sequence chunks)."""
 
 
 def _cpu_bench_gpt() -> GPTConfig:
@@ -102,6 +102,22 @@ def partition_lengths(name: str, cfg: BenchModel, n_chunks: int, calibrated: dic
 
 
 # ------------------------------------------------------------------------- schedules
+TORCH_SCHEDULES = ("1F1B", "GPipe", "Interleaved1F1B", "ZBVZeroBubble")
+"""torch's schedules the multi-rank benchmarks compare by default."""
+
+
+def add_run_arguments(parser: argparse.ArgumentParser, *, ranks: int, microbatches: str, chunks: str) -> None:
+    """``--ranks``, ``--microbatches``, ``--chunks``, ``--schedules`` and ``--seq-schedules``."""
+    parser.add_argument("--ranks", type=int, default=ranks, help=f"pipeline ranks (default {ranks})")
+    parser.add_argument("--microbatches", default=microbatches, help=f"comma-separated m values (default {microbatches})")
+    parser.add_argument("--chunks", default=chunks, help=f"comma-separated Seq1F1B k values (default {chunks})")
+    parser.add_argument("--schedules", default=",".join(TORCH_SCHEDULES),
+                        help=f"torch schedules to compare (default {','.join(TORCH_SCHEDULES)})")
+    parser.add_argument("--seq-schedules", default=SEQ_SCHEDULES[0],
+                        help="this package's schedules to run per k and partition, among "
+                             f"{','.join(SEQ_SCHEDULES)} (default {SEQ_SCHEDULES[0]})")
+
+
 def parse_schedules(text: str, flag: str, *, seq_chunks: bool) -> list[str]:
     """Canonical names of a comma-separated ``--flag`` list (any capitalisation); SystemExit naming the choices."""
     choices = [s.name for s in registry.SCHEDULES if s.seq_chunks == seq_chunks]

@@ -25,35 +25,20 @@ from ... import registry
 from ...models import GPTConfig, cross_entropy_loss, split_stage
 from ..memory import ActivationMemoryMeter
 from ..testing import run_ranks
-from .common import (
-    SEQ_SCHEDULES,
-    BenchModel,
-    add_model_arguments,
-    build_schedule,
-    env_info,
-    make_batch,
-    make_model,
-    model_from_args,
-    out_dir,
-    parse_schedules,
-    partition_lengths,
-    print_table,
-    run_step,
-    write_results,
-)
+from . import common
 
 __all__ = ["add_arguments", "expected_peak", "main", "memory_worker"]
 
 logger = logging.getLogger(__name__)
 
-TORCH_SCHEDULES = ("1F1B", "GPipe", "Interleaved1F1B", "ZBVZeroBubble")
+TORCH_SCHEDULES = common.TORCH_SCHEDULES
 MIB = 2**20
 
 
-def _stage_activation(cfg: BenchModel, stage_index: int, num_stages: int) -> tuple[int, int]:
+def _stage_activation(cfg: common.BenchModel, stage_index: int, num_stages: int) -> tuple[int, int]:
     """(saved bytes, K/V bytes) of one micro-batch through one stage, measured alone."""
-    part = split_stage(make_model(cfg), stage_index, num_stages)
-    x, y = make_batch(cfg, 1)
+    part = split_stage(common.make_model(cfg), stage_index, num_stages)
+    x, y = common.make_batch(cfg, 1)
     inp = x if stage_index == 0 else torch.randn(1, cfg.seq_len, cfg.model.dim, requires_grad=True)
     meter = ActivationMemoryMeter(modules=[part])
     with meter:
@@ -97,20 +82,20 @@ class _MergedKV:
         return {(i, mb): layers for i, c in enumerate(self._caches) for mb, layers in c._mbs.items()}
 
 
-def memory_worker(rank: int, world: int, cfg: BenchModel, configs: list[dict]) -> list[dict]:
+def memory_worker(rank: int, world: int, cfg: common.BenchModel, configs: list[dict]) -> list[dict]:
     out = []
     for c in configs:
         m = c["m"]
-        x, y = make_batch(cfg, m)
+        x, y = common.make_batch(cfg, m)
         mcfg = replace(cfg, model=replace(cfg.model, attn_backend=c.get("backend", cfg.model.attn_backend)))
-        sched, stages = build_schedule(c["schedule"], make_model(mcfg), rank, world, m=m, k=c["k"],
+        sched, stages = common.build_schedule(c["schedule"], common.make_model(mcfg), rank, world, m=m, k=c["k"],
                                        lengths=c.get("lengths"), seq_len=cfg.seq_len)
-        run_step(sched, stages, x, y)  # warm-up: metadata inference and p2p set-up
+        common.run_step(sched, stages, x, y)  # warm-up: metadata inference and p2p set-up
         caches = [s.kv_cache for s in stages if hasattr(s, "kv_cache")]
         meter = ActivationMemoryMeter(modules=[s.submod for s in stages],
                                       kv_cache=caches[0] if len(caches) == 1 else _MergedKV(caches) if caches else None)
         with meter:
-            run_step(sched, stages, x, y)
+            common.run_step(sched, stages, x, y)
         num_stages = stages[0].num_stages
         stage_bytes = {s.stage_index: _stage_activation(mcfg, s.stage_index, num_stages) for s in stages}
         # The schedule's own action list, from the registry.
@@ -129,16 +114,9 @@ def memory_worker(rank: int, world: int, cfg: BenchModel, configs: list[dict]) -
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = __doc__.splitlines()[0].replace("``", "")
-    add_model_arguments(parser, BenchModel(model=GPTConfig(n_layers=8, dim=64, n_heads=4, vocab_size=256), seq_len=512))
-    parser.add_argument("--ranks", type=int, default=4, help="pipeline ranks (default 4)")
-    parser.add_argument("--microbatches", default="4,8", help="comma-separated m values (default 4,8)")
-    parser.add_argument("--chunks", default="2,4,8", help="comma-separated Seq1F1B k values (default 2,4,8)")
+    common.add_model_arguments(parser, common.BenchModel(model=GPTConfig(n_layers=8, dim=64, n_heads=4, vocab_size=256), seq_len=512))
+    common.add_run_arguments(parser, ranks=4, microbatches="4,8", chunks="2,4,8")
     parser.add_argument("--partitions", default="uniform,balanced", help="Seq1F1B partitions (default uniform,balanced)")
-    parser.add_argument("--schedules", default=",".join(TORCH_SCHEDULES),
-                        help=f"torch schedules (default {','.join(TORCH_SCHEDULES)})")
-    parser.add_argument("--seq-schedules", default="Seq1F1B",
-                        help="this package's schedules to run per k and partition, among "
-                             f"{','.join(SEQ_SCHEDULES)} (default Seq1F1B)")
     parser.add_argument("--backends", default=None,
                         help="extra Seq1F1B attention backends to compare, e.g. sdpa (the concatenating design)")
     parser.add_argument("--timeout", type=float, default=900, help="process-group timeout, seconds")
@@ -202,12 +180,12 @@ def _summary(rows: list[dict], world: int) -> list[dict]:
 
 
 def main(args: argparse.Namespace) -> int:
-    cfg = model_from_args(args)
+    cfg = common.model_from_args(args)
     ms = [int(v) for v in args.microbatches.split(",")]
     ks = [int(v) for v in args.chunks.split(",")]
     parts = [p for p in args.partitions.split(",") if p]
-    torch_names = parse_schedules(args.schedules, "--schedules", seq_chunks=False)
-    seq_names = parse_schedules(args.seq_schedules, "--seq-schedules", seq_chunks=True)
+    torch_names = common.parse_schedules(args.schedules, "--schedules", seq_chunks=False)
+    seq_names = common.parse_schedules(args.seq_schedules, "--seq-schedules", seq_chunks=True)
     if "1F1B" not in torch_names:
         torch_names.insert(0, "1F1B")  # the ratios' reference
     if cfg.model.n_layers < 2 * args.ranks:
@@ -220,17 +198,17 @@ def main(args: argparse.Namespace) -> int:
             for p in parts:
                 for b in backends:
                     configs.append(dict(schedule="Seq1F1B", m=m, k=k, partition=p, backend=b,
-                                        lengths=partition_lengths(p, cfg, k)))
-                configs += [dict(schedule=n, m=m, k=k, partition=p, lengths=partition_lengths(p, cfg, k))
+                                        lengths=common.partition_lengths(p, cfg, k)))
+                configs += [dict(schedule=n, m=m, k=k, partition=p, lengths=common.partition_lengths(p, cfg, k))
                             for n in seq_names if n != "Seq1F1B"]
-    meta = dict(env=env_info(), model=asdict(cfg), ranks=args.ranks)
+    meta = dict(env=common.env_info(), model=asdict(cfg), ranks=args.ranks)
     per_rank = run_ranks(memory_worker, args.ranks, cfg, configs, timeout_s=args.timeout)
     rows = [r for rank_rows in per_rank for r in rank_rows]
     summary = _summary(rows, args.ranks)
     cols = ["schedule", "m", "k", "partition", "backend", "peak_mib", "expected_mib", "rank0_vs_1F1B",
             "rank0_expected_vs_1F1B", "max_vs_1F1B_max"]
-    print_table(summary, cols, formats={c: ".3f" for c in cols[-3:]})
-    jpath, _ = write_results(out_dir(args), "memory", summary, meta, per_rank=rows)
+    common.print_table(summary, cols, formats={c: ".3f" for c in cols[-3:]})
+    jpath, _ = common.write_results(common.out_dir(args), "memory", summary, meta, per_rank=rows)
     print(f"wrote {jpath}")
     if args.png:
         draw_memory(summary, args.png)
