@@ -6,7 +6,7 @@ check, and its builder from stage modules and chunking settings. Peak live units
 one rule (:func:`peak_live_units`). The trainer, the planner, the simulator, the
 benchmarks and the schedule classes read it; names are looked up case-insensitively.
 
-``python -m pipelining_seq.registry`` prints the table of schedules.
+``pipelining-seq schedules`` prints the table of schedules.
 
 One action type. :class:`Action` is a small immutable ``(kind, stage, unit)`` tuple of
 the package rather than torch's ``_Action``: the planner, the simulator and the order
@@ -30,6 +30,7 @@ __all__ = [
     "ScheduleInfo",
     "check_admissible",
     "format_table",
+    "main",
     "peak_live_units",
     "rank_stages",
     "resolve_schedule",
@@ -360,5 +361,15 @@ def format_table() -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
 
 
-if __name__ == "__main__":
+def add_arguments(parser: Any, *, command: str) -> None:
+    """``pipelining-seq schedules``: no options."""
+    parser.description = "Print the schedules the package runs, plans and simulates, from its registry."
+
+
+def main(args: Any = None) -> int:
     print(format_table())
+    return 0
+
+
+if __name__ == "__main__":
+    main()
