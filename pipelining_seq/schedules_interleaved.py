@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 
-from . import registry
+from . import _compat, registry
 from .schedules_runtime import SeqRuntimeSchedule
 
 __all__ = ["ScheduleInterleavedSeq1F1B"]
@@ -19,6 +19,7 @@ __all__ = ["ScheduleInterleavedSeq1F1B"]
 logger = logging.getLogger(__name__)
 
 
+@_compat.check_overrides
 class ScheduleInterleavedSeq1F1B(SeqRuntimeSchedule):
     """Seq1F1B-I: interleaved 1F1B over sequence-chunk units.
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from . import _compat
 from .schedules_runtime import SeqRuntimeSchedule
 from .stage import SequencePipelineStage
 
@@ -25,6 +26,7 @@ __all__ = ["ScheduleSeq1F1BZeroBubble"]
 logger = logging.getLogger(__name__)
 
 
+@_compat.check_overrides
 class ScheduleSeq1F1BZeroBubble(SeqRuntimeSchedule):
     """Seq1F1B-ZB (H1): Seq1F1B with weight gradients deferred into the bubbles.
 
