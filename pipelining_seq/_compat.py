@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.pipelining import schedules as _schedules
 from torch.distributed.pipelining import stage as _stage
+from torch.utils._pytree import tree_leaves
 
 __all__ = [
     "observe_input_reshard",
@@ -55,6 +56,7 @@ __all__ = [
     "register_action_function",
     "set_lr_scheduler_step",
     "single_schedule_order",
+    "schedule_ops",
     "runtime_step_microbatches",
     "OVERRIDDEN_HOOKS",
     "READ_STATE",
@@ -66,6 +68,8 @@ __all__ = [
     "has_compiled_module",
     "dynamo_reset",
     "set_available_device",
+    "flash_attention_ops",
+    "tree_leaves",
 ]
 
 TORCH_VERSION = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
@@ -90,6 +94,19 @@ add_send_recv = _schedules._add_send_recv
 validate_schedule = _schedules._validate_schedule
 simulate_comms_compute = _schedules._simulate_comms_compute
 format_pipeline_order = _schedules._format_pipeline_order
+
+# tree_leaves (torch's private pytree helper, imported above): the leaves of a nested
+# output (pipelining_seq.losses).
+
+
+def flash_attention_ops(device_type: str) -> tuple[Any, Any]:
+    """The forward and backward aten flash-attention kernels that return the log-sum-exp
+    (pipelining_seq.kernels): the CPU ones, or the CUDA ones."""
+    aten = torch.ops.aten
+    if device_type == "cpu":
+        return aten._scaled_dot_product_flash_attention_for_cpu, aten._scaled_dot_product_flash_attention_for_cpu_backward
+    return aten._scaled_dot_product_flash_attention, aten._scaled_dot_product_flash_attention_backward
+
 
 # Attention guard (pipelining_seq.guard): the types of ``torch.ops`` callables, which
 # reach a TorchFunctionMode as themselves, and SDPA's C entry point (the same kernel as
@@ -130,6 +147,14 @@ def initialize_stage(schedule: Any, args: Any, kwargs: Any, target: Any, loss_kw
 def single_schedule_order(schedule: Any) -> dict[int, list]:
     """A ``PipelineScheduleSingle``'s IR (``_get_pipeline_order``), ``{}`` where it has none."""
     return schedule._get_pipeline_order() or {}
+
+
+def schedule_ops(cls: type, pp: int, n_microbatches: int, stages_per_rank: int) -> list[list]:
+    """Every rank's ``_Action`` IR of torch schedule class ``cls``, built by torch's own
+    schedule visualizer on mock stages (no process group)."""
+    from torch.distributed.pipelining._schedule_visualizer import get_schedule_ops
+
+    return get_schedule_ops(cls, pp, n_microbatches, num_stages_per_rank=stages_per_rank)
 
 
 def default_group() -> dist.ProcessGroup:
@@ -192,6 +217,7 @@ OVERRIDDEN_HOOKS: dict[str, tuple[tuple[str, ...], ...]] = {
     "PipelineScheduleSingle": (
         ("_step_microbatches",), ("_maybe_compute_loss",), ("_update_losses",), ("_get_pipeline_order",),
     ),
+    "PipelineScheduleRuntime": (("_maybe_compute_loss",), ("_update_losses",)),
     # 2.11 validates inputs/outputs with _validate_fwd_input/_validate_fwd_outputs; 2.13
     # moved both checks into _validate_stage_tensors.
     "PipelineStage": (("_validate_stage_tensors", "_validate_fwd_input", "_validate_fwd_outputs"),),
@@ -204,21 +230,34 @@ READ_STATE: dict[str, tuple[str, ...]] = {
         "_args_chunk_spec", "_kwargs_chunk_spec", "_check_inputs", "_maybe_get_loss", "_merge_outputs",
         "_initialize_stage",
     ),
+    "PipelineScheduleRuntime": (
+        "_stages", "_num_stages", "_n_microbatches", "_loss_fn", "_has_backward", "_internal_losses",
+        "_args_chunk_spec", "_kwargs_chunk_spec", "_merge_outputs", "_prepare_schedule_with_comms",
+        "_step_microbatches",
+    ),
     "PipelineStage": ("args_recv_info", "grad_recv_info", "stage_index_to_group_rank"),
 }
 
-_TORCH_BASES = {"PipelineScheduleSingle": _schedules.PipelineScheduleSingle, "PipelineStage": _stage.PipelineStage}
+_TORCH_BASES = {
+    "PipelineScheduleSingle": _schedules.PipelineScheduleSingle,
+    "PipelineScheduleRuntime": _schedules._PipelineScheduleRuntime,
+    "PipelineStage": _stage.PipelineStage,
+}
 
 
 def check_overrides(cls: type) -> type:
-    """Raise ``RuntimeError`` if ``cls`` overrides an undeclared private torch method, or if a
-    declared hook it overrides is gone from the installed torch. Returns ``cls``."""
+    """Raise ``RuntimeError`` if ``cls`` (or a mixin of the package it inherits) overrides an
+    undeclared private torch method, or if a declared hook it overrides is gone from the
+    installed torch. Returns ``cls``."""
     for base_name, groups in OVERRIDDEN_HOOKS.items():
         base = _TORCH_BASES[base_name]
         if not issubclass(cls, base):
             continue
         declared = {name for group in groups for name in group}
-        for name, value in vars(cls).items():
+        # Every class between cls and torch's own: the package's subclasses and mixins.
+        own = [k for k in cls.__mro__ if not k.__module__.startswith(("torch.", "builtins", "typing"))]
+        overridden = {name: value for k in own for name, value in vars(k).items()}
+        for name, value in overridden.items():
             method = inspect.isfunction(value) or isinstance(value, (property, staticmethod, classmethod))
             if method and name.startswith("_") and not name.startswith("__") and hasattr(base, name) and name not in declared:
                 raise RuntimeError(
@@ -226,7 +265,7 @@ def check_overrides(cls: type) -> type:
                     "does not declare: add it to OVERRIDDEN_HOOKS"
                 )
         for group in groups:
-            if any(name in vars(cls) for name in group) and not any(hasattr(base, name) for name in group):
+            if any(name in overridden for name in group) and not any(hasattr(base, name) for name in group):
                 raise RuntimeError(
                     f"torch {torch.__version__} has no {base_name}.{' / '.join(group)}: {cls.__name__}'s override "
                     "would silently stop applying; pipelining_seq does not support this torch version yet"

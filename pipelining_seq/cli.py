@@ -19,6 +19,7 @@ _COMMANDS = {
     "ls": ("pipelining_seq.trainer.launch", "list the shipped recipes"),
     "export": ("pipelining_seq.trainer.export", "gather a sharded checkpoint into one safetensors file"),
     "plan": ("pipelining_seq.tools.planner", "predict per-stage memory of a recipe on the meta device"),
+    "schedules": ("pipelining_seq.registry", "print the table of schedules (class, placement, orders, planned)"),
     "simulate": ("pipelining_seq.tools.simulate", "play a schedule through a cost model; print bubble and memory"),
     "bench": ("pipelining_seq.tools.bench", "benchmarks: memory, time, partition, gpu"),
 }

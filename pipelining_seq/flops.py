@@ -26,13 +26,13 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import asdict, dataclass
+from typing import Any
 
-from .models.gpt import GPTConfig, stage_layer_ranges
+from .registry import stage_layer_ranges
 
 __all__ = [
     "FlopModel",
     "balanced_partition",
-    "balanced_partition_for",
     "check_chunk_counts",
     "chunk_cost",
 ]
@@ -86,15 +86,6 @@ class FlopModel:
         object.__setattr__(self, "head_dim", self.head_dim or default_head)
         object.__setattr__(self, "v_head_dim", self.v_head_dim or default_head)
 
-    @classmethod
-    def from_gpt(cls, cfg: GPTConfig) -> FlopModel:
-        """The FLOP model of a :class:`~pipelining_seq.models.GPTConfig` (the one translation of its names)."""
-        return cls(
-            num_layers=cfg.n_layers, hidden_size=cfg.dim, num_heads=cfg.n_heads, ffn_hidden_size=cfg.ffn_dim,
-            vocab_size=cfg.vocab_size, num_kv_heads=cfg.n_kv_heads, mlp=cfg.mlp,
-            head_dim=cfg.head_dim, v_head_dim=cfg.value_head_dim,
-        )
-
     def partition_kwargs(self) -> dict:
         """The keyword arguments of :func:`balanced_partition` / :func:`chunk_cost` for this model."""
         return asdict(self)
@@ -142,7 +133,7 @@ class FlopModel:
 
     def stage_costs(self, lengths: list[int] | tuple[int, ...], num_stages: int) -> list[list[float]]:
         """Forward FLOPs ``[stage][chunk]`` with the layers split as the model is
-        (:func:`~pipelining_seq.models.gpt.stage_layer_ranges`) and the output head on
+        (:func:`~pipelining_seq.registry.stage_layer_ranges`) and the output head on
         the last stage. The embedding is a lookup and costs nothing here."""
         ranges = stage_layer_ranges(self.num_layers, num_stages)
         ends = [sum(lengths[: j + 1]) for j in range(len(lengths))]
@@ -200,28 +191,13 @@ def check_chunk_counts(seq_len: int, n_chunks: int, multiple_of: int = 1) -> Non
         )
 
 
-def chunk_cost(
-    length: float,
-    end: float,
-    *,
-    num_layers: int,
-    hidden_size: int,
-    num_heads: int,
-    ffn_hidden_size: int,
-    vocab_size: int,
-    num_kv_heads: int | None = None,
-    mlp: str = "gelu",
-    head_dim: int | None = None,
-    v_head_dim: int | None = None,
-) -> float:
+def chunk_cost(length: float, end: float, **sizes: Any) -> float:
     """Modelled forward FLOPs of a chunk of ``length`` tokens ending at position ``end``.
 
-    ``4·s·H·V + L·[α·(s·P − s²/2) + β·s]`` (:class:`FlopModel`; module docs for α and β).
+    ``4·s·H·V + L·[α·(s·P − s²/2) + β·s]`` (:class:`FlopModel`; module docs for α and β);
+    ``sizes`` are :class:`FlopModel`'s fields (``num_layers``, ``hidden_size``, ...).
     """
-    return FlopModel(
-        num_layers=num_layers, hidden_size=hidden_size, num_heads=num_heads, ffn_hidden_size=ffn_hidden_size,
-        vocab_size=vocab_size, num_kv_heads=num_kv_heads, mlp=mlp, head_dim=head_dim, v_head_dim=v_head_dim,
-    ).chunk_cost(length, end)
+    return FlopModel(**sizes).chunk_cost(length, end)
 
 
 def balanced_partition(
@@ -253,8 +229,3 @@ def balanced_partition(
         vocab_size=vocab_size, num_kv_heads=num_kv_heads, mlp=mlp, head_dim=head_dim, v_head_dim=v_head_dim,
     )
     return model.balanced_partition(seq_len, n_chunks, multiple_of=multiple_of)
-
-
-def balanced_partition_for(cfg: GPTConfig, seq_len: int, n_chunks: int, *, multiple_of: int = 1) -> list[int]:
-    """:func:`balanced_partition` for a :class:`~pipelining_seq.models.GPTConfig`."""
-    return FlopModel.from_gpt(cfg).balanced_partition(seq_len, n_chunks, multiple_of=multiple_of)

@@ -21,6 +21,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import _compat
+
 __all__ = ["flash_backward", "flash_forward", "work_dtype"]
 
 
@@ -36,7 +38,7 @@ def _additive(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | N
 
 
 def _cpu_forward(q, k, v, causal, scale, mask):
-    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+    out, lse = _compat.flash_attention_ops("cpu")[0](
         q, k, v, 0.0, causal, attn_mask=_additive(mask, q.dtype), scale=scale
     )
     if mask is not None:
@@ -45,13 +47,13 @@ def _cpu_forward(q, k, v, causal, scale, mask):
 
 
 def _cpu_backward(dout, q, k, v, out, lse, aux, causal, scale, mask):
-    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+    return _compat.flash_attention_ops("cpu")[1](
         dout, q, k, v, out, lse, 0.0, causal, attn_mask=_additive(mask, q.dtype), scale=scale
     )
 
 
 def _cuda_forward(q, k, v, causal, scale, mask):
-    res = torch.ops.aten._scaled_dot_product_flash_attention(
+    res = _compat.flash_attention_ops("cuda")[0](
         q, k, v, 0.0, causal, False, scale=scale
     )
     # cum_seq_q, cum_seq_k, max_q, max_k, rng_state, unused: handed back to the backward
@@ -61,7 +63,7 @@ def _cuda_forward(q, k, v, causal, scale, mask):
 
 def _cuda_backward(dout, q, k, v, out, lse, aux, causal, scale, mask):
     cum_q, cum_k, max_q, max_k, rng_state, unused = aux
-    return torch.ops.aten._scaled_dot_product_flash_attention_backward(
+    return _compat.flash_attention_ops("cuda")[1](
         dout, q, k, v, out, lse, cum_q, cum_k, max_q, max_k, 0.0, causal, rng_state, unused,
         scale=scale,
     )

@@ -26,7 +26,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from torch.utils._pytree import tree_leaves
+
+from ._compat import tree_leaves
 
 __all__ = ["chunk_loss_weights", "weight_chunk_loss"]
 

@@ -8,11 +8,14 @@ one FLOP model of :mod:`pipelining_seq.flops` (where it lives; re-exported here)
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import functools
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 from .flops import balanced_partition, check_chunk_counts, chunk_cost
 
 __all__ = [
+    "PARTITION_NAMES",
     "SeqPartition",
     "balanced_partition",
     "chunk_cost",
@@ -21,6 +24,9 @@ __all__ = [
 ]
 
 SeqPartition = str | Sequence[int] | Callable[[int], Sequence[int]]
+
+PARTITION_NAMES = ("uniform", "balanced", "calibrated")
+"""The partitions known by name (:func:`resolve_partition`, the one place they are resolved)."""
 
 
 def uniform_partition(seq_len: int, n_chunks: int) -> list[int]:
@@ -37,15 +43,46 @@ def uniform_partition(seq_len: int, n_chunks: int) -> list[int]:
     return [seq_len // n_chunks] * n_chunks
 
 
-def resolve_partition(partition: SeqPartition, seq_len: int, n_chunks: int) -> list[int]:
-    """Chunk lengths for ``seq_len`` from a ``seq_partition`` setting, validated."""
+def resolve_partition(
+    partition: SeqPartition,
+    seq_len: int,
+    n_chunks: int,
+    *,
+    flop_model: Any = None,
+    calibrated: Any = None,
+    multiple_of: int = 1,
+) -> list[int]:
+    """Chunk lengths for ``seq_len`` from a ``seq_partition`` setting, validated.
+
+    Names (any capitalisation): ``"uniform"``; ``"balanced"``, equal modelled FLOPs under
+    ``flop_model`` (a :class:`~pipelining_seq.flops.FlopModel`); ``"calibrated"``, equal
+    measured cost under ``calibrated`` (a fitted cost model with the same
+    ``balanced_partition(seq_len, n_chunks, multiple_of=)`` method, or a mapping
+    ``n_chunks -> lengths``). ``multiple_of`` rounds the lengths of the last two.
+    """
     if isinstance(partition, str):
-        if partition != "uniform":
+        name = partition.lower()
+        if name == "uniform":
+            return uniform_partition(seq_len, n_chunks)
+        if name == "balanced" and flop_model is not None:
+            partition = functools.partial(flop_model.balanced_partition, n_chunks=n_chunks, multiple_of=multiple_of)
+        elif name == "calibrated" and isinstance(calibrated, Mapping):
+            if n_chunks not in calibrated:
+                raise ValueError(
+                    f"seq_partition='calibrated': no calibrated lengths for n_seq_chunks={n_chunks} "
+                    f"(calibrated for {sorted(calibrated)}): calibrate for {n_chunks} chunks"
+                )
+            partition = list(calibrated[n_chunks])
+        elif name == "calibrated" and calibrated is not None:
+            partition = functools.partial(calibrated.balanced_partition, n_chunks=n_chunks, multiple_of=multiple_of)
+        elif name in ("balanced", "calibrated"):
+            knob = "flop_model (the FLOP model it balances)" if name == "balanced" else "calibrated (a measured cost model)"
+            raise ValueError(f"seq_partition={partition!r} needs {knob}: pass it next to seq_partition")
+        else:
             raise ValueError(
-                f"seq_partition={partition!r}: use 'uniform', a list of chunk lengths, or a "
-                "callable seq_len -> lengths (e.g. functools.partial(balanced_partition, ...))"
+                f"seq_partition={partition!r}: use one of {', '.join(PARTITION_NAMES)}, a list of chunk "
+                "lengths, or a callable seq_len -> lengths"
             )
-        return uniform_partition(seq_len, n_chunks)
     lengths = list(partition(seq_len) if callable(partition) else partition)
     if len(lengths) != n_chunks:
         raise ValueError(

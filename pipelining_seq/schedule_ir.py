@@ -76,12 +76,11 @@ def pipeline_order(
 
 
 def peak_live_units(ops: list[tuple[str, int]]) -> int:
-    """Most units whose forward ran and whose backward has not, over one stage's order."""
-    live = peak = 0
-    for kind, _ in ops:
-        live += 1 if kind == "F" else -1
-        peak = max(peak, live)
-    return peak
+    """Most units whose forward ran and whose backward has not, over one stage's order
+    (:func:`pipelining_seq.registry.peak_live_units`, the one rule)."""
+    from .registry import peak_live_units as rule
+
+    return rule(ops)
 
 
 def check_order(ops: list[tuple[str, int]], n_microbatches: int, n_seq_chunks: int) -> None:

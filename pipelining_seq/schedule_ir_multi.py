@@ -27,7 +27,7 @@ gradient), so the K/V gradient relay happens in W and must stay LIFO.
 
 from __future__ import annotations
 
-from . import _compat
+from .registry import Action, peak_live_units
 from .schedule_ir import backward_unit_order
 
 __all__ = [
@@ -41,7 +41,7 @@ __all__ = [
     "zero_bubble_orders",
 ]
 
-Op = tuple[str, int, int]  # (kind, stage_index, unit)
+Op = Action  # (kind, stage_index, unit)
 
 
 def interleaved_group_size(num_ranks: int, n_microbatches: int, n_seq_chunks: int) -> int:
@@ -88,14 +88,14 @@ def _interleaved_rank(p: int, r: int, v: int, m: int, k: int, group: int) -> lis
         local = (fwd_i // group) % v
         fwd_i += 1
         fwd_next[local] += 1
-        return ("F", local * p + r, fwd_next[local] - 1)
+        return Action("F", local * p + r, fwd_next[local] - 1)
 
     def bwd() -> Op:
         nonlocal bwd_i
         local = v - 1 - (bwd_i // group) % v
         bwd_i += 1
         bwd_next[local] += 1
-        return ("B", local * p + r, bwd_units[bwd_next[local] - 1])
+        return Action("B", local * p + r, bwd_units[bwd_next[local] - 1])
 
     ops += [fwd() for _ in range(warm)]
     for _ in range(total - warm):
@@ -113,27 +113,23 @@ def zero_bubble_orders(num_ranks: int, n_microbatches: int, n_seq_chunks: int) -
     orders: dict[int, list[Op]] = {}
     for r in range(p):
         warm = min(p - r - 1 + k - 1, n_units)
-        ops: list[Op] = [("F", r, u) for u in range(warm)]
+        ops: list[Op] = [Action("F", r, u) for u in range(warm)]
         n_w = 0
         for i in range(n_units):
             if warm + i < n_units:
-                ops.append(("F", r, warm + i))
-            ops.append(("I", r, bwd_units[i]))
+                ops.append(Action("F", r, warm + i))
+            ops.append(Action("I", r, bwd_units[i]))
             if i >= r:  # rank r defers its first r weight passes into the cool-down
-                ops.append(("W", r, bwd_units[n_w]))
+                ops.append(Action("W", r, bwd_units[n_w]))
                 n_w += 1
-        ops += [("W", r, bwd_units[j]) for j in range(n_w, n_units)]
+        ops += [Action("W", r, bwd_units[j]) for j in range(n_w, n_units)]
         orders[r] = ops
     return orders
 
 
 def to_actions(orders: dict[int, list[Op]]) -> dict[int, list]:
     """torch ``_Action`` IR (compute only) from ``(kind, stage, unit)`` lists."""
-    kinds = {
-        "F": _compat.FORWARD, "B": _compat.FULL_BACKWARD,
-        "I": _compat.BACKWARD_INPUT, "W": _compat.BACKWARD_WEIGHT,
-    }
-    return {r: [_compat.Action(s, kinds[t], u) for t, s, u in ops] for r, ops in orders.items()}
+    return {r: [Action(*op).to_torch() for op in ops] for r, ops in orders.items()}
 
 
 def check_stage_orders(orders: dict[int, list[Op]], num_stages: int, n_microbatches: int, n_seq_chunks: int) -> None:
@@ -204,15 +200,6 @@ def check_deadlock_free(orders: dict[int, list[Op]], num_stages: int) -> int:
 
 
 def peak_live_units_multi(ops: list[Op]) -> int:
-    """Most units (over all of a rank's stages) forwarded and not yet through B or W."""
-    has_w = any(t == "W" for t, _, _ in ops)
-    live = peak = 0
-    for t, _, _ in ops:
-        if t == "F":
-            live += 1
-        elif t == "W" or (t == "B"):
-            live -= 1
-        elif t == "I" and not has_w:
-            live -= 1
-        peak = max(peak, live)
-    return peak
+    """Most units (over all of a rank's stages) forwarded and not yet through B or W
+    (:func:`pipelining_seq.registry.peak_live_units`, the one rule)."""
+    return peak_live_units(ops)

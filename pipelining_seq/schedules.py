@@ -40,9 +40,10 @@ import torch.distributed as dist
 from torch.distributed.pipelining.schedules import PipelineScheduleSingle
 from torch.profiler import record_function
 
-from . import _compat, agreement, p2p, schedule_ir
+from . import _compat, p2p, registry, schedule_ir
+from .chunking import ChunkingConfig
 from .partition import SeqPartition
-from .seq_units import SeqChunkedSchedule, SeqUnits
+from .seq_units import SeqChunkedSchedule
 from .stage import SequencePipelineStage
 
 __all__ = ["ScheduleSeq1F1B"]
@@ -78,6 +79,9 @@ class ScheduleSeq1F1B(SeqChunkedSchedule, PipelineScheduleSingle):
             milliseconds on gloo. Default: on for gloo process groups, off otherwise
             (NCCL enqueues receives on its stream in order, where posting early buys
             nothing).
+        chunking: the chunking settings as one
+            :class:`~pipelining_seq.ChunkingConfig` instead of the keywords
+            ``n_seq_chunks`` ... ``ignore_index`` (pass one or the other).
     """
 
     def __init__(
@@ -86,7 +90,7 @@ class ScheduleSeq1F1B(SeqChunkedSchedule, PipelineScheduleSingle):
         n_microbatches: int,
         loss_fn: Callable[..., torch.Tensor] | None = None,
         *,
-        n_seq_chunks: int,
+        n_seq_chunks: int | None = None,
         seq_partition: SeqPartition = "uniform",
         seq_dim: int = 1,
         scale_grads: bool = True,
@@ -97,20 +101,16 @@ class ScheduleSeq1F1B(SeqChunkedSchedule, PipelineScheduleSingle):
         args_chunk_spec: Any = None,
         kwargs_chunk_spec: Any = None,
         output_merge_spec: Any = None,
+        chunking: ChunkingConfig | None = None,
     ) -> None:
-        self._units = SeqUnits(
-            owner="ScheduleSeq1F1B", n_microbatches=n_microbatches, n_seq_chunks=n_seq_chunks,
-            seq_partition=seq_partition, seq_dim=seq_dim, seq_len=seq_len,
-            loss_reduction=loss_reduction, scale_grads=scale_grads, ignore_index=ignore_index,
+        units = self._init_units(
+            "ScheduleSeq1F1B", n_microbatches, chunking, scale_grads, n_seq_chunks=n_seq_chunks,
+            seq_partition=seq_partition, seq_dim=seq_dim, seq_len=seq_len, loss_reduction=loss_reduction,
+            ignore_index=ignore_index,
         )
-        p = stage.num_stages
-        if n_microbatches * n_seq_chunks < p:
-            raise ValueError(
-                f"ScheduleSeq1F1B: n_microbatches ({n_microbatches}) * n_seq_chunks "
-                f"({n_seq_chunks}) = {n_microbatches * n_seq_chunks} units cannot fill "
-                f"{p} pipeline stages: raise n_microbatches or n_seq_chunks so that their "
-                f"product is at least {p}"
-            )
+        n_seq_chunks = units.n_seq_chunks
+        registry.check_admissible("Seq1F1B", pp=stage.num_stages, n_microbatches=n_microbatches,
+                                  n_seq_chunks=n_seq_chunks, owner="ScheduleSeq1F1B")
         if n_seq_chunks > 1 and not isinstance(stage, SequencePipelineStage):
             raise TypeError(
                 f"ScheduleSeq1F1B(n_seq_chunks={n_seq_chunks}) needs a SequencePipelineStage "
@@ -133,78 +133,20 @@ class ScheduleSeq1F1B(SeqChunkedSchedule, PipelineScheduleSingle):
         """torch's ``_Action`` IR of every rank, unit ids ``u = microbatch * k + chunk``."""
         return schedule_ir.pipeline_order(self._num_stages, self._units.n_microbatches, self._units.n_seq_chunks)
 
-    # ------------------------------------------------------------------ splitting
-    def _exchange_lengths(self, local: list[int] | None) -> list[int]:
-        """First stage sends the chunk lengths down the pipeline (when not static)."""
+    # ------------------------------------------------------------------ step path
+    def _seq_stages(self) -> list:
+        return [self._stage]
+
+    def _length_peers(self) -> tuple[int | None, int | None, str]:
         stage = self._stage
-        return self._units.exchange_lengths(
-            local, device=stage.device, group=stage.group,
-            prev_rank=None if stage.is_first else _compat.peer_global_rank(stage, stage.stage_index - 1),
-            next_rank=None if stage.is_last else _compat.peer_global_rank(stage, stage.stage_index + 1),
-            where=f"stage {stage.stage_index}",
+        return (
+            None if stage.is_first else _compat.peer_global_rank(stage, stage.stage_index - 1),
+            None if stage.is_last else _compat.peer_global_rank(stage, stage.stage_index + 1),
+            f"stage {stage.stage_index}",
         )
 
-    def _prepare_units(self, arg_mbs, kwarg_mbs, target_mbs, seq_len):
-        units = self._units
-        lengths = units.resolve_lengths(
-            seq_len, exchange=None if self._stage.num_stages == 1 else self._exchange_lengths
-        )
-        if isinstance(self._stage, SequencePipelineStage):
-            self._stage.configure_seq_chunks(n_microbatches=self._units.n_microbatches, chunk_lengths=lengths)
-        target_units = units.units(target_mbs) if target_mbs is not None else None
-        units.set_targets(target_units if self._stage.is_last and self._loss_fn is not None else None)
-        return units.units(arg_mbs), units.units(kwarg_mbs), target_units
-
-    # ------------------------------------------------------------------------ step
-    def step(
-        self,
-        *args: Any,
-        target: Any = None,
-        losses: list | None = None,
-        return_outputs: bool = True,
-        loss_kwargs: dict[str, Any] | None = None,
-        **kwargs: Any,
-    ) -> Any:
-        """One training step on a whole batch, like ``Schedule1F1B.step``.
-
-        Also accepts torchtitan's pre-split form ``step(arg_mbs=..., kwarg_mbs=...,
-        target_mbs=..., losses=...)`` with one entry per micro-batch.
-        """
-        if self._has_backward and not torch.is_grad_enabled():
-            raise RuntimeError(
-                "step() requires gradients to be enabled; call eval() for forward-only runs"
-            )
-        arg_mbs, kwarg_mbs, target_mbs, seq_len = self._units.split_step(
-            args, kwargs, target, self._args_chunk_spec, self._kwargs_chunk_spec
-        )
-        self._units.check_targets(is_last=self._stage.is_last, loss_fn=self._loss_fn, has_backward=self._has_backward,
-                                  target_mbs=target_mbs, losses=losses)
-
-        p2p.note(stage=self._stage.stage_index, n_seq_chunks=self._units.n_seq_chunks)  # for timeout messages
-        agreement.check_schedule(self, stage=self._stage, units=self._units)  # once per kind: one small collective
-        self._stage.has_backward = self._has_backward
-        self._stage.clear_runtime_states()
-        arg_units, kwarg_units, target_units = self._prepare_units(arg_mbs, kwarg_mbs, target_mbs, seq_len)
+    def _run_units(self, arg_units, kwarg_units, target_units, losses, return_outputs, loss_kwargs) -> None:
         self._step_microbatches(arg_units, kwarg_units, target_units, losses, return_outputs, loss_kwargs)
-        if self._stage.is_last and return_outputs:
-            return self._merge_outputs(self._merge_chunks(self._stage.output_chunks))
-        return None
-
-    def _merge_chunks(self, unit_outputs: list) -> list:
-        return self._units.merge_chunks(unit_outputs)
-
-    # ------------------------------------------------------------------------ losses
-    def _maybe_compute_loss(self, stage, output, target_mbs, mb_index, loss_kwargs=None):
-        if stage.is_last and self._loss_fn is not None and target_mbs is not None:  # eval without targets: no loss
-            loss = self._loss_fn(output, target_mbs[mb_index], **(loss_kwargs or {}))
-            self._internal_losses.append(self._units.weight_loss(loss, mb_index, output))
-
-    def _update_losses(self, stages, losses):
-        if self._stage.is_last and losses is not None:
-            mb_losses = self._units.microbatch_losses(self._internal_losses)
-            losses.clear()
-            losses.extend(mb_losses)
-        self._internal_losses.clear()
 
     # ------------------------------------------------------------------- execution
     def _step_microbatches(

@@ -19,9 +19,10 @@ from typing import Any, Literal
 import torch
 import torch.distributed as dist
 
-from . import _compat, agreement, recv_order, schedule_ir_multi
+from . import _compat, recv_order, registry, schedule_ir_multi
+from .chunking import ChunkingConfig
 from .partition import SeqPartition
-from .seq_units import SeqChunkedSchedule, SeqUnits
+from .seq_units import SeqChunkedSchedule
 from .stage import SequencePipelineStage
 
 __all__ = ["SeqRuntimeSchedule"]
@@ -29,10 +30,13 @@ __all__ = ["SeqRuntimeSchedule"]
 logger = logging.getLogger(__name__)
 
 
+@_compat.check_overrides
 class SeqRuntimeSchedule(SeqChunkedSchedule, _compat.PipelineScheduleRuntime):
     """Base of the multi-stage-runtime Seq1F1B schedules (not used directly)."""
 
     name = "SeqRuntimeSchedule"
+    registry_name = ""
+    """The schedule's name in :mod:`pipelining_seq.registry` (its orders and admissibility)."""
 
     def __init__(
         self,
@@ -40,7 +44,7 @@ class SeqRuntimeSchedule(SeqChunkedSchedule, _compat.PipelineScheduleRuntime):
         n_microbatches: int,
         loss_fn: Callable[..., torch.Tensor] | None = None,
         *,
-        n_seq_chunks: int,
+        n_seq_chunks: int | None = None,
         seq_partition: SeqPartition = "uniform",
         seq_dim: int = 1,
         scale_grads: bool = True,
@@ -50,14 +54,16 @@ class SeqRuntimeSchedule(SeqChunkedSchedule, _compat.PipelineScheduleRuntime):
         args_chunk_spec: Any = None,
         kwargs_chunk_spec: Any = None,
         output_merge_spec: Any = None,
+        chunking: ChunkingConfig | None = None,
         early_recv: bool | None = None,
     ) -> None:
-        self._units = SeqUnits(
-            owner=self.name, n_microbatches=n_microbatches, n_seq_chunks=n_seq_chunks,
-            seq_partition=seq_partition, seq_dim=seq_dim, seq_len=seq_len,
-            loss_reduction=loss_reduction, scale_grads=scale_grads, ignore_index=ignore_index,
+        units = self._init_units(
+            self.name, n_microbatches, chunking, scale_grads, n_seq_chunks=n_seq_chunks,
+            seq_partition=seq_partition, seq_dim=seq_dim, seq_len=seq_len, loss_reduction=loss_reduction,
+            ignore_index=ignore_index,
         )
-        stages = list(stages)
+        n_seq_chunks = units.n_seq_chunks
+        stages = self._own_stages(stages)
         self._check_stages(stages, n_microbatches, n_seq_chunks)
         super().__init__(
             stages=stages,
@@ -69,7 +75,9 @@ class SeqRuntimeSchedule(SeqChunkedSchedule, _compat.PipelineScheduleRuntime):
             scale_grads=scale_grads,
         )
         p = self.pp_group_size
-        orders = self._compute_orders(p, len(stages), n_microbatches, n_seq_chunks)
+        orders = registry.resolve_schedule(self.registry_name).orders(
+            pp=p, n_microbatches=n_microbatches, n_seq_chunks=n_seq_chunks, stages_per_rank=len(stages)
+        )
         try:
             schedule_ir_multi.check_stage_orders(orders, self._num_stages, n_microbatches, n_seq_chunks)
             schedule_ir_multi.check_deadlock_free(orders, self._num_stages)
@@ -103,8 +111,11 @@ class SeqRuntimeSchedule(SeqChunkedSchedule, _compat.PipelineScheduleRuntime):
         return recv_order.post_receives_early(order, lambda s: self.stage_index_to_group_rank[s])
 
     # ------------------------------------------------------------------ subclass API
-    def _compute_orders(self, num_ranks: int, n_local: int, n_microbatches: int, n_seq_chunks: int) -> dict:
-        raise NotImplementedError
+    def _own_stages(self, stages: Any) -> list:
+        """This rank's stages as a list (a subclass may accept other forms)."""
+        if not isinstance(stages, (list, tuple)):
+            raise TypeError(f"{self.name}: stages must be a list of this rank's stages, got {type(stages).__name__}")
+        return list(stages)
 
     def _expected_stage_indices(self, rank: int, num_ranks: int, num_stages: int) -> list[int]:
         raise NotImplementedError
@@ -136,12 +147,8 @@ class SeqRuntimeSchedule(SeqChunkedSchedule, _compat.PipelineScheduleRuntime):
                 f"{name}: rank {rank} of {p} holds stages {got}, but the schedule needs "
                 f"{expected} ({self._placement_doc(p, n_stages)})"
             )
-        if n_microbatches * n_seq_chunks < p:
-            raise ValueError(
-                f"{name}: n_microbatches ({n_microbatches}) * n_seq_chunks ({n_seq_chunks}) = "
-                f"{n_microbatches * n_seq_chunks} units cannot fill the {n_stages} stages on {p} "
-                f"ranks: raise n_microbatches or n_seq_chunks so that their product is at least {p}"
-            )
+        registry.check_admissible(self.registry_name, pp=p, n_microbatches=n_microbatches,
+                                  n_seq_chunks=n_seq_chunks, stages_per_rank=len(stages), owner=name)
 
     def _placement_doc(self, num_ranks: int, num_stages: int) -> str:
         return ""
@@ -156,49 +163,19 @@ class SeqRuntimeSchedule(SeqChunkedSchedule, _compat.PipelineScheduleRuntime):
         """torch's compute-only ``_Action`` IR of every rank."""
         return schedule_ir_multi.to_actions(self._orders)
 
-    def _exchange_lengths(self, local: list[int] | None) -> list[int]:
-        group = self._stages[0].group
-        g = group or _compat.default_group()
+    def _seq_stages(self) -> list:
+        return self._stages
+
+    def _length_peers(self) -> tuple[int | None, int | None, str]:
+        g = self._stages[0].group or _compat.default_group()
         r, p = self.rank, self.pp_group_size
-        return self._units.exchange_lengths(
-            local, device=self._stages[0].device, group=group,
-            prev_rank=dist.get_global_rank(g, r - 1) if r > 0 else None,
-            next_rank=dist.get_global_rank(g, r + 1) if r < p - 1 else None,
-            where=f"rank {r}",
+        return (
+            dist.get_global_rank(g, r - 1) if r > 0 else None,
+            dist.get_global_rank(g, r + 1) if r < p - 1 else None,
+            f"rank {r}",
         )
 
-    def step(
-        self,
-        *args: Any,
-        target: Any = None,
-        losses: list | None = None,
-        return_outputs: bool = True,
-        loss_kwargs: dict[str, Any] | None = None,
-        **kwargs: Any,
-    ) -> Any:
-        """One step on a whole batch, like ``ScheduleInterleaved1F1B.step``; ``losses``
-        receives one loss per micro-batch. Also accepts torchtitan's pre-split
-        ``arg_mbs``/``kwarg_mbs``/``target_mbs``."""
-        if self._has_backward and not torch.is_grad_enabled():
-            raise RuntimeError("step() requires gradients to be enabled; call eval() for forward-only runs")
-        units = self._units
-        agreement.check_schedule(self, stage=self._stages[0], units=units)  # once per kind: one small collective
-        arg_mbs, kwarg_mbs, target_mbs, seq_len = units.split_step(
-            args, kwargs, target, self._args_chunk_spec, self._kwargs_chunk_spec
-        )
-        units.check_targets(is_last=any(st.is_last for st in self._stages), loss_fn=self._loss_fn,
-                            has_backward=self._has_backward, target_mbs=target_mbs, losses=losses)
-        for stage in self._stages:
-            stage.has_backward = self._has_backward
-            stage.clear_runtime_states()
-        lengths = units.resolve_lengths(seq_len, exchange=self._exchange_lengths if self.pp_group_size > 1 else None)
-        for stage in self._stages:
-            if isinstance(stage, SequencePipelineStage):
-                stage.configure_seq_chunks(n_microbatches=self._units.n_microbatches, chunk_lengths=lengths)
-        arg_units, kwarg_units = units.units(arg_mbs), units.units(kwarg_mbs)
-        target_units = units.units(target_mbs) if target_mbs is not None else None
-        has_last = any(st.is_last for st in self._stages)
-        units.set_targets(target_units if has_last and self._loss_fn is not None else None)
+    def _run_units(self, arg_units, kwarg_units, target_units, losses, return_outputs, loss_kwargs) -> None:
         if self._has_backward:
             self.pipeline_order_with_comms = self._train_order_with_comms
             _compat.runtime_step_microbatches(self, arg_units, kwarg_units, target_units, losses, return_outputs, loss_kwargs)
@@ -209,10 +186,6 @@ class SeqRuntimeSchedule(SeqChunkedSchedule, _compat.PipelineScheduleRuntime):
                     _compat.runtime_step_microbatches(self, arg_units, kwarg_units, target_units, losses, return_outputs, loss_kwargs)
             finally:
                 self.pipeline_order_with_comms = self._train_order_with_comms
-        for stage in self._stages:
-            if stage.is_last and return_outputs:
-                return self._merge_outputs(units.merge_chunks(stage.output_chunks))
-        return None
 
     def _eval_order(self) -> dict[int, list]:
         """The forwards of the training order, lowered with FSDP unshards and their sends and receives."""
@@ -230,16 +203,3 @@ class SeqRuntimeSchedule(SeqChunkedSchedule, _compat.PipelineScheduleRuntime):
             ))
         return self._eval_order_with_comms
 
-    # ---------------------------------------------------------------------- losses
-    def _maybe_compute_loss(self, stage, output, target_mbs, mb_index, loss_kwargs=None):
-        if stage.is_last and self._loss_fn is not None and target_mbs is not None:  # eval without targets: no loss
-            loss = self._loss_fn(output, target_mbs[mb_index], **(loss_kwargs or {}))
-            self._internal_losses.append(self._units.weight_loss(loss, mb_index, output))
-
-    def _update_losses(self, stages, losses):
-        stages = stages if isinstance(stages, list) else [stages]
-        if any(s.is_last for s in stages) and losses is not None:
-            mb_losses = self._units.microbatch_losses(self._internal_losses)
-            losses.clear()
-            losses.extend(mb_losses)
-        self._internal_losses.clear()

@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
-from . import schedule_ir_multi
-from .partition import SeqPartition
+from . import _compat
 from .schedules_runtime import SeqRuntimeSchedule
 from .stage import SequencePipelineStage
 
@@ -27,14 +26,16 @@ __all__ = ["ScheduleSeq1F1BZeroBubble"]
 logger = logging.getLogger(__name__)
 
 
+@_compat.check_overrides
 class ScheduleSeq1F1BZeroBubble(SeqRuntimeSchedule):
     """Seq1F1B-ZB (H1): Seq1F1B with weight gradients deferred into the bubbles.
 
     Args:
         stage: this rank's :class:`SequencePipelineStage` (or a one-element list), stage
             index equal to the rank.
-        n_microbatches, loss_fn, n_seq_chunks, seq_partition, seq_dim, scale_grads,
-            seq_len, loss_reduction, ignore_index: as in :class:`pipelining_seq.ScheduleSeq1F1B`.
+        n_microbatches, loss_fn: as in :class:`pipelining_seq.ScheduleSeq1F1B`.
+        options: the keywords of :class:`pipelining_seq.ScheduleSeq1F1B` (``n_seq_chunks``,
+            ..., ``ignore_index``, or ``chunking=``), and torch's ``scale_grads`` and chunk specs.
         early_recv: post each receive as early as the action list allows
             (:mod:`pipelining_seq.recv_order`); default on for gloo, off otherwise.
         weight_grad_store: run I and W with the stage's weight-gradient store
@@ -45,27 +46,20 @@ class ScheduleSeq1F1BZeroBubble(SeqRuntimeSchedule):
     ``n_microbatches * n_seq_chunks`` must be at least the number of ranks.
     """
 
+    registry_name = "Seq1F1BZeroBubble"
     name = "ScheduleSeq1F1BZeroBubble"
 
-    def __init__(
-        self,
-        stage: Any,
-        n_microbatches: int,
-        loss_fn: Callable[..., torch.Tensor] | None = None,
-        *,
-        n_seq_chunks: int,
-        seq_partition: SeqPartition = "uniform",
-        seq_dim: int = 1,
-        scale_grads: bool = True,
-        seq_len: int | None = None,
-        loss_reduction: Literal["mean", "sum"] | None = None,
-        ignore_index: int | None = -100,
-        args_chunk_spec: Any = None,
-        kwargs_chunk_spec: Any = None,
-        output_merge_spec: Any = None,
-        early_recv: bool | None = None,
-        weight_grad_store: bool = True,
-    ) -> None:
+    def __init__(self, stage: Any, n_microbatches: int, loss_fn: Callable[..., torch.Tensor] | None = None,
+                 *, weight_grad_store: bool = True, **options: Any) -> None:
+        super().__init__(stage, n_microbatches, loss_fn, **options)
+        for s in self._stages:
+            if isinstance(s, SequencePipelineStage):
+                # The weight pass may recompute (activation checkpointing) a chunk's
+                # attention after later I passes: keep K/V until the last W.
+                s.kv_cache.keep_until_drop = True
+                s.use_weight_grad_store(weight_grad_store)
+
+    def _own_stages(self, stage: Any) -> list:
         stages = list(stage) if isinstance(stage, (list, tuple)) else [stage]
         if len(stages) != 1:
             raise ValueError(
@@ -73,18 +67,7 @@ class ScheduleSeq1F1BZeroBubble(SeqRuntimeSchedule):
                 f"(stage indices {[s.stage_index for s in stages]}); for several stages per "
                 "rank use ScheduleInterleavedSeq1F1B"
             )
-        super().__init__(
-            stages, n_microbatches, loss_fn, n_seq_chunks=n_seq_chunks, seq_partition=seq_partition,
-            seq_dim=seq_dim, scale_grads=scale_grads, seq_len=seq_len, loss_reduction=loss_reduction, ignore_index=ignore_index,
-            args_chunk_spec=args_chunk_spec, kwargs_chunk_spec=kwargs_chunk_spec,
-            output_merge_spec=output_merge_spec, early_recv=early_recv,
-        )
-        for s in stages:
-            if isinstance(s, SequencePipelineStage):
-                # The weight pass may recompute (activation checkpointing) a chunk's
-                # attention after later I passes: keep K/V until the last W.
-                s.kv_cache.keep_until_drop = True
-                s.use_weight_grad_store(weight_grad_store)
+        return stages
 
     @property
     def _stage(self) -> Any:
@@ -100,6 +83,3 @@ class ScheduleSeq1F1BZeroBubble(SeqRuntimeSchedule):
 
     def _placement_doc(self, num_ranks: int, num_stages: int) -> str:
         return "one stage per rank, stage index = pipeline rank"
-
-    def _compute_orders(self, num_ranks: int, n_local: int, n_microbatches: int, n_seq_chunks: int) -> dict:
-        return schedule_ir_multi.zero_bubble_orders(num_ranks, n_microbatches, n_seq_chunks)

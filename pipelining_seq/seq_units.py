@@ -22,16 +22,17 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch.distributed.pipelining.microbatch import split_args_kwargs_into_chunks
 
-from . import p2p
+from . import agreement, p2p
 from .attention import check_document_ids
+from .chunking import ChunkingConfig
 from .losses import chunk_loss_weights, weight_chunk_loss
-from .partition import SeqPartition, resolve_partition
+from .stage import SequencePipelineStage
 
 __all__ = ["SeqChunkedSchedule", "SeqUnits", "check_positive"]
 
@@ -50,53 +51,24 @@ class SeqUnits:
 
     Args:
         owner: the schedule's name, for error messages.
-        n_microbatches, n_seq_chunks, seq_partition, seq_dim, seq_len, loss_reduction,
-        scale_grads, ignore_index: as in :class:`pipelining_seq.ScheduleSeq1F1B`.
+        n_microbatches: micro-batches per step.
+        chunking: the schedule's :class:`~pipelining_seq.chunking.ChunkingConfig`.
+        scale_grads: the schedule's; picks the default ``loss_reduction``.
     """
 
     def __init__(
-        self,
-        *,
-        owner: str,
-        n_microbatches: int,
-        n_seq_chunks: int,
-        seq_partition: SeqPartition = "uniform",
-        seq_dim: int = 1,
-        seq_len: int | None = None,
-        loss_reduction: Literal["mean", "sum"] | None = None,
-        scale_grads: bool = True,
-        ignore_index: int | None = -100,
+        self, *, owner: str, n_microbatches: int, chunking: ChunkingConfig, scale_grads: bool = True
     ) -> None:
-        check_positive(owner, n_microbatches=n_microbatches, n_seq_chunks=n_seq_chunks)
-        if loss_reduction not in (None, "mean", "sum"):
-            raise ValueError(f"loss_reduction={loss_reduction!r}: use 'mean' or 'sum'")
-        if ignore_index is not None and (isinstance(ignore_index, bool) or not isinstance(ignore_index, int)):
-            raise TypeError(
-                f"{owner}: ignore_index={ignore_index!r} must be an int (the target value the loss ignores, "
-                "-100 for F.cross_entropy) or None"
-            )
-        if isinstance(seq_partition, str):
-            # With seq_len known, check the lengths now; otherwise at least the name.
-            resolve_partition(seq_partition, seq_len or n_seq_chunks, n_seq_chunks)
-        elif callable(seq_partition):
-            if seq_len is not None:
-                resolve_partition(seq_partition, seq_len, n_seq_chunks)
-        else:
-            resolve_partition(seq_partition, sum(seq_partition), n_seq_chunks)
-            if seq_len is not None and seq_len != sum(seq_partition):
-                raise ValueError(
-                    f"seq_len={seq_len} but seq_partition {list(seq_partition)} sums to "
-                    f"{sum(seq_partition)}: drop seq_len or make them agree"
-                )
-            seq_len = sum(seq_partition)
+        check_positive(owner, n_microbatches=n_microbatches)
         self.owner = owner
         self.n_microbatches = n_microbatches
-        self.n_seq_chunks = n_seq_chunks
-        self.seq_partition = seq_partition
-        self.seq_dim = seq_dim
-        self.seq_len = seq_len
-        self.loss_reduction: str = loss_reduction or ("mean" if scale_grads else "sum")
-        self.ignore_index = ignore_index
+        self.chunking = chunking
+        self.n_seq_chunks = chunking.n_seq_chunks
+        self.seq_partition = chunking.seq_partition
+        self.seq_dim = chunking.seq_dim
+        self.seq_len = chunking.static_seq_len
+        self.loss_reduction: str = chunking.loss_reduction or ("mean" if scale_grads else "sum")
+        self.ignore_index = chunking.ignore_index
         self.lengths: list[int] = []
         self.unit_weights: list[float] | None = None
 
@@ -218,7 +190,7 @@ class SeqUnits:
                 f"built for {static}: pass inputs of that length, or change seq_partition / seq_len"
             )
         total = seq_len or static
-        local = resolve_partition(self.seq_partition, total, self.n_seq_chunks) if total else None
+        local = self.chunking.lengths(total) if total else None
         if static is None and exchange is not None:
             local = exchange(local)
         if local is None:
@@ -326,37 +298,139 @@ class SeqUnits:
         ]
 
 
+def _setting(name: str, doc: str) -> property:
+    """A read-only property forwarding to the schedule's :class:`SeqUnits`."""
+    return property(lambda self: getattr(self._units, name), doc=doc)
+
+
 class SeqChunkedSchedule:
-    """Read-only chunking settings of a schedule whose :class:`SeqUnits` is ``self._units``
-    (a mixin of the three Seq1F1B schedules)."""
+    """What the three Seq1F1B schedules share (a mixin before torch's schedule base class):
+    the chunking settings (``self._units``, a :class:`SeqUnits`), the step path from whole
+    batches to units, the chunk-length exchange, and the per-unit loss hooks.
+
+    A schedule provides :meth:`_seq_stages` (the stages this rank drives) and
+    :meth:`_length_peers` (global ranks of the previous / next pipeline rank).
+    """
 
     _units: SeqUnits
     _n_microbatches: int  # set by torch's schedule base class: the unit count
 
-    @property
-    def n_microbatches(self) -> int:
-        """Micro-batches per step (m), as given to the constructor."""
-        return self._units.n_microbatches
+    # ------------------------------------------------------------- construction
+    def _init_units(
+        self, owner: str, n_microbatches: int, chunking: ChunkingConfig | None, scale_grads: bool, **keywords: Any
+    ) -> SeqUnits:
+        """Chunking from ``chunking=`` or the keywords (:func:`~pipelining_seq.chunking.chunking_from`)."""
+        from .chunking import chunking_from
 
-    @property
-    def n_seq_chunks(self) -> int:
-        """Chunks per micro-batch (k)."""
-        return self._units.n_seq_chunks
+        check_positive(owner, n_microbatches=n_microbatches)
+        config = chunking_from(owner, chunking, **keywords)
+        self._units = SeqUnits(owner=owner, n_microbatches=n_microbatches, chunking=config, scale_grads=scale_grads)
+        return self._units
 
-    @property
-    def seq_partition(self) -> SeqPartition:
-        """How sequences are cut: 'uniform', a list of lengths, or a callable ``seq_len -> lengths``."""
-        return self._units.seq_partition
+    def _seq_stages(self) -> list:
+        raise NotImplementedError
+
+    def _length_peers(self) -> tuple[int | None, int | None, str]:
+        """Global ranks of the previous and next pipeline rank (None at the ends), and this rank's name."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ step path
+    def _prepare_step(self, args: tuple, kwargs: dict, target: Any, losses: list | None = None) -> tuple[list, list, list | None]:
+        """Whole-batch ``step`` inputs → unit args, kwargs and targets: split into
+        micro-batches, agree on the settings, resolve the chunk lengths, configure the
+        stages, cut into units, weight the losses. Every check on the inputs runs before
+        any communication."""
+        if self._has_backward and not torch.is_grad_enabled():
+            raise RuntimeError("step() requires gradients to be enabled; call eval() for forward-only runs")
+        units, stages = self._units, self._seq_stages()
+        arg_mbs, kwarg_mbs, target_mbs, seq_len = units.split_step(
+            args, kwargs, target, self._args_chunk_spec, self._kwargs_chunk_spec
+        )
+        units.check_targets(is_last=any(stage.is_last for stage in stages), loss_fn=self._loss_fn,
+                            has_backward=self._has_backward, target_mbs=target_mbs, losses=losses)
+        p2p.note(stage=stages[0].stage_index, n_seq_chunks=units.n_seq_chunks)  # for timeout messages
+        agreement.check_schedule(self, stage=stages[0], units=units)  # once per kind: one small collective
+        for stage in stages:
+            stage.has_backward = self._has_backward
+            stage.clear_runtime_states()
+        prev_rank, next_rank, _ = self._length_peers()
+        exchange = None if prev_rank is None and next_rank is None else self._exchange_lengths
+        lengths = units.resolve_lengths(seq_len, exchange=exchange)
+        for stage in stages:
+            if isinstance(stage, SequencePipelineStage):
+                stage.configure_seq_chunks(n_microbatches=units.n_microbatches, chunk_lengths=lengths)
+        target_units = units.units(target_mbs) if target_mbs is not None else None
+        has_last = any(stage.is_last for stage in stages)
+        units.set_targets(target_units if has_last and self._loss_fn is not None else None)
+        return units.units(arg_mbs), units.units(kwarg_mbs), target_units
+
+    def step(
+        self,
+        *args: Any,
+        target: Any = None,
+        losses: list | None = None,
+        return_outputs: bool = True,
+        loss_kwargs: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """One training step on a whole batch, like torch's ``Schedule1F1B.step`` /
+        ``ScheduleInterleaved1F1B.step``; ``losses`` receives one loss per micro-batch.
+
+        Also accepts torchtitan's pre-split form ``step(arg_mbs=..., kwarg_mbs=...,
+        target_mbs=..., losses=...)`` with one entry per micro-batch.
+        """
+        arg_units, kwarg_units, target_units = self._prepare_step(args, kwargs, target, losses)
+        self._run_units(arg_units, kwarg_units, target_units, losses, return_outputs, loss_kwargs)
+        return self._merged_outputs(return_outputs)
+
+    def _run_units(self, arg_units: list, kwarg_units: list, target_units: list | None, losses: list | None,
+                   return_outputs: bool, loss_kwargs: dict[str, Any] | None) -> None:
+        """Run one step's units (one entry per unit in each list): the schedule's own execution."""
+        raise NotImplementedError
+
+    def _exchange_lengths(self, local: list[int] | None) -> list[int]:
+        """The first rank sends the chunk lengths down the pipeline (when not static)."""
+        stage = self._seq_stages()[0]
+        prev_rank, next_rank, where = self._length_peers()
+        return self._units.exchange_lengths(
+            local, device=stage.device, group=stage.group, prev_rank=prev_rank, next_rank=next_rank, where=where
+        )
+
+    def _merged_outputs(self, return_outputs: bool) -> Any:
+        """The last stage's outputs of this step, one per micro-batch merged by torch's spec."""
+        for stage in self._seq_stages():
+            if stage.is_last and return_outputs:
+                return self._merge_outputs(self._units.merge_chunks(stage.output_chunks))
+        return None
+
+    # ---------------------------------------------------------------------- losses
+    def _maybe_compute_loss(self, stage, output, target_mbs, mb_index, loss_kwargs=None):
+        if stage.is_last and self._loss_fn is not None and target_mbs is not None:  # eval without targets: no loss
+            loss = self._loss_fn(output, target_mbs[mb_index], **(loss_kwargs or {}))
+            self._internal_losses.append(self._units.weight_loss(loss, mb_index, output))
+
+    def _update_losses(self, stages, losses):
+        stages = stages if isinstance(stages, list) else [stages]
+        if any(s.is_last for s in stages) and losses is not None:
+            mb_losses = self._units.microbatch_losses(self._internal_losses)
+            losses.clear()
+            losses.extend(mb_losses)
+        self._internal_losses.clear()
+
+    # --------------------------------------------------------------- settings
+    n_microbatches = _setting("n_microbatches", "Micro-batches per step (m), as given to the constructor.")
+    n_seq_chunks = _setting("n_seq_chunks", "Chunks per micro-batch (k).")
+    seq_partition = _setting(
+        "seq_partition", "How sequences are cut: a name ('uniform', 'balanced', 'calibrated'), a list of lengths, "
+        "or a callable ``seq_len -> lengths``."
+    )
+    loss_reduction = _setting("loss_reduction", "How chunk losses combine: 'mean' (weighted by share) or 'sum' (as they are).")
+    chunking = _setting("chunking", "The chunking settings (:class:`~pipelining_seq.chunking.ChunkingConfig`).")
 
     @property
     def n_units(self) -> int:
         """(micro-batch, chunk) units per step, m·k: what torch's base class counts as micro-batches."""
         return self._n_microbatches
-
-    @property
-    def loss_reduction(self) -> str:
-        """How chunk losses combine: 'mean' (weighted by share) or 'sum' (as they are)."""
-        return self._units.loss_reduction
 
     @property
     def chunk_lengths(self) -> list[int]:

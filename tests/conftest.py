@@ -17,7 +17,7 @@ def world_of_one():
     if dist.is_initialized():
         yield
         return
-    from pipelining_seq.testing import free_port
+    from pipelining_seq.tools.testing import free_port
 
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ["MASTER_PORT"] = str(free_port())

@@ -114,13 +114,13 @@ def test_time_chunks_runs_like_a_stage():
 def test_expected_peak_matches_the_formula():
     p, m, k, act = 4, 8, 4, 1000.0
     for r in range(p):
-        ops = [(r, kind, u) for kind, u in compute_order(p, r, m, k)]
+        ops = [(kind, r, u) for kind, u in compute_order(p, r, m, k)]
         got = expected_peak(ops, {r: (act, 0.0)}, [16] * k)
         assert got == pytest.approx(min(p - r + k - 1, m * k) / k * act)
-        base = [(r, kind, u) for kind, u in compute_order(p, r, m, 1)]
+        base = [(kind, r, u) for kind, u in compute_order(p, r, m, 1)]
         assert expected_peak(base, {r: (act, 0.0)}, [64]) == pytest.approx((p - r) * act)
     # Relayed K/V gradients add to the count while a micro-batch's backward is under way.
-    ops = [(0, kind, u) for kind, u in compute_order(p, 0, m, k)]
+    ops = [(kind, 0, u) for kind, u in compute_order(p, 0, m, k)]
     assert expected_peak(ops, {0: (act, 400.0)}, [16] * k) > expected_peak(ops, {0: (act, 0.0)}, [16] * k)
 
 

@@ -191,7 +191,7 @@ def test_kill_then_resume_matches_the_uninterrupted_run_bit_for_bit(tmp_path):
 def test_async_save_writes_the_same_checkpoints_as_a_blocking_save(tmp_path):
     from train_workers import schedules_worker
 
-    from pipelining_seq.testing import run_ranks
+    from pipelining_seq.tools.testing import run_ranks
 
     common = ["training.steps=6", "checkpoint.enable=true", "checkpoint.interval=3", "checkpoint.keep_latest_k=0"]
     runs = {

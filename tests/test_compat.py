@@ -40,9 +40,14 @@ def test_kernels_agree_with_math_reference():
 
 
 def test_overridden_hooks_exist_in_this_torch():
-    from pipelining_seq import ScheduleSeq1F1B, SequencePipelineStage
+    from pipelining_seq import (
+        ScheduleInterleavedSeq1F1B,
+        ScheduleSeq1F1B,
+        ScheduleSeq1F1BZeroBubble,
+        SequencePipelineStage,
+    )
 
-    for cls in (ScheduleSeq1F1B, SequencePipelineStage):
+    for cls in (ScheduleSeq1F1B, ScheduleInterleavedSeq1F1B, ScheduleSeq1F1BZeroBubble, SequencePipelineStage):
         assert _compat.check_overrides(cls) is cls
     for base, groups in _compat.OVERRIDDEN_HOOKS.items():
         torch_cls = _compat._TORCH_BASES[base]
@@ -70,12 +75,14 @@ def test_an_undeclared_or_vanished_hook_is_refused(monkeypatch):
 
 
 def test_private_state_read_exists_on_real_instances(world_of_one):
-    from pipelining_seq import ScheduleSeq1F1B, SequencePipelineStage
+    from pipelining_seq import ScheduleSeq1F1B, ScheduleSeq1F1BZeroBubble, SequencePipelineStage
     from pipelining_seq.models import GPT, GPTConfig
 
     stage = SequencePipelineStage(GPT(GPTConfig(n_layers=1)), 0, 1, torch.device("cpu"))
     sched = ScheduleSeq1F1B(stage, 2, lambda o, t: o.sum(), n_seq_chunks=2)
-    objs = {"PipelineScheduleSingle": sched, "PipelineStage": stage}
+    runtime_stage = SequencePipelineStage(GPT(GPTConfig(n_layers=1)), 0, 1, torch.device("cpu"))
+    runtime = ScheduleSeq1F1BZeroBubble(runtime_stage, 2, lambda o, t: o.sum(), n_seq_chunks=2)
+    objs = {"PipelineScheduleSingle": sched, "PipelineScheduleRuntime": runtime, "PipelineStage": stage}
     for base, names in _compat.READ_STATE.items():
         missing = [n for n in names if not hasattr(objs[base], n)]
         assert not missing, (torch.__version__, base, missing)
@@ -93,3 +100,17 @@ def test_lr_scheduler_step_matches_stepping():
     _compat.set_lr_scheduler_step(placed, 4)
     assert placed.last_epoch == stepped.last_epoch and placed.get_last_lr() == stepped.get_last_lr()
     assert placed.optimizer.param_groups[0]["lr"] == stepped.optimizer.param_groups[0]["lr"]
+
+
+def test_the_core_loads_no_model_and_no_tool():
+    # The FLOP model takes sizes; the reference GPT maps its config onto it. Importing the
+    # package must not load the reference model, nor the measurement/test helpers.
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, pipelining_seq; "
+        "print(sorted(m for m in sys.modules if m.startswith(('pipelining_seq.models', 'pipelining_seq.tools'))))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", out

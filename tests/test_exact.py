@@ -12,7 +12,7 @@ from torch import nn
 from pipelining_seq import ContractError, ScheduleSeq1F1B, SequencePipelineStage
 from pipelining_seq.losses import chunk_loss_weights
 from pipelining_seq.models import GPT, GPTConfig, document_ids_from_tokens
-from pipelining_seq.testing import run_ranks
+from pipelining_seq.tools.testing import run_ranks
 
 TOL = 1e-10
 

@@ -160,7 +160,7 @@ def test_sigstop_of_a_rank_ends_the_run_within_the_timeout_and_ten_seconds(tmp_p
 def test_async_save_cut_short_by_a_nonfinite_stop_keeps_its_manifest(tmp_path):
     from fault_helpers import async_nonfinite_worker
 
-    from pipelining_seq.testing import run_ranks
+    from pipelining_seq.tools.testing import run_ranks
 
     out = run_ranks(async_nonfinite_worker, 2, str(tmp_path), timeout_s=180)
     assert all("is not finite" in msg for msg in out), out
@@ -174,7 +174,7 @@ def test_async_save_cut_short_by_a_nonfinite_stop_keeps_its_manifest(tmp_path):
 def test_nodes_without_shared_storage_are_refused_before_the_manifest(tmp_path):
     from fault_helpers import unshared_storage_worker
 
-    from pipelining_seq.testing import run_ranks
+    from pipelining_seq.tools.testing import run_ranks
 
     out = run_ranks(unshared_storage_worker, 2, str(tmp_path), timeout_s=180)
     for msg in out:
@@ -269,7 +269,7 @@ def test_document_masking_changed_on_resume_is_refused(tmp_path):
 def test_eval_returns_exactly_the_batch_and_refuses_a_smaller_one(kind):
     from fault_helpers import eval_worker
 
-    from pipelining_seq.testing import run_ranks
+    from pipelining_seq.tools.testing import run_ranks
 
     first, last = run_ranks(eval_worker, 2, kind, timeout_s=120)
     # The last rank's outputs equal a single-process forward, with or without a loss_fn.
@@ -285,7 +285,7 @@ def test_eval_returns_exactly_the_batch_and_refuses_a_smaller_one(kind):
 def test_a_stalled_peer_in_a_script_is_named_by_the_first_steps_agreement():
     from fault_helpers import stalled_peer_worker
 
-    from pipelining_seq.testing import run_ranks
+    from pipelining_seq.tools.testing import run_ranks
 
     msg, _ = run_ranks(stalled_peer_worker, 2, timeout_s=120)
     assert msg.startswith("stage 0") and "agreement all_gather" in msg and "no answer from rank 1" in msg, msg

@@ -343,7 +343,7 @@ def test_cli_refusals_without_processes(tmp_path):
 def test_ranks_that_disagree_are_stopped_before_any_unit_runs(per_rank, call, key):
     from fault_helpers import mismatch_worker
 
-    from pipelining_seq.testing import run_ranks
+    from pipelining_seq.tools.testing import run_ranks
 
     t = time.monotonic()
     out = run_ranks(mismatch_worker, 2, per_rank, call, timeout_s=60)
@@ -359,7 +359,7 @@ def test_ranks_that_disagree_are_stopped_before_any_unit_runs(per_rank, call, ke
 def test_trainer_ranks_with_different_recipes_are_stopped_naming_the_field(tmp_path):
     from fault_helpers import recipe_mismatch_worker
 
-    from pipelining_seq.testing import run_ranks
+    from pipelining_seq.tools.testing import run_ranks
 
     per_rank = [["model.n_layers=4"], ["model.n_layers=2"]]
     out = run_ranks(recipe_mismatch_worker, 2, per_rank, str(tmp_path), timeout_s=60)

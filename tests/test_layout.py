@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from pipelining_seq import placement
+from pipelining_seq import registry
 from pipelining_seq.cli import main as cli_main
 from pipelining_seq.trainer import layout
 from pipelining_seq.trainer.config import ConfigError, load_config
@@ -23,24 +23,24 @@ def _variants(name: str) -> list[str]:
     return sorted({name, name.lower(), name.upper(), name.swapcase()})
 
 
-@pytest.mark.parametrize("name", placement.SCHEDULE_NAMES)
+@pytest.mark.parametrize("name", registry.SCHEDULE_NAMES)
 def test_every_spelling_resolves_to_one_schedule(name):
     for variant in _variants(name):
-        assert placement.resolve_schedule(variant).name == name
+        assert registry.resolve_schedule(variant).name == name
     with pytest.raises(ValueError, match="Zigzag.*Seq1F1B"):
-        placement.resolve_schedule("Zigzag")
+        registry.resolve_schedule("Zigzag")
 
 
 def test_stage_placement_loop_and_v():
-    loop, v = placement.resolve_schedule("interleaved1f1b"), placement.resolve_schedule("zbvzerobubble")
-    assert placement.stage_ranks(loop, pp=3, stages_per_rank=2) == [0, 1, 2, 0, 1, 2]
-    assert placement.stage_ranks(v, pp=3, stages_per_rank=2) == [0, 1, 2, 2, 1, 0]
-    assert placement.rank_stages(v, pp=3, rank=0, stages_per_rank=2) == [0, 5]
-    assert placement.rank_stages(loop, pp=2, rank=1, stages_per_rank=3) == [1, 3, 5]
+    loop, v = registry.resolve_schedule("interleaved1f1b"), registry.resolve_schedule("zbvzerobubble")
+    assert registry.stage_ranks(loop, pp=3, stages_per_rank=2) == [0, 1, 2, 0, 1, 2]
+    assert registry.stage_ranks(v, pp=3, stages_per_rank=2) == [0, 1, 2, 2, 1, 0]
+    assert registry.rank_stages(v, pp=3, rank=0, stages_per_rank=2) == [0, 5]
+    assert registry.rank_stages(loop, pp=2, rank=1, stages_per_rank=3) == [1, 3, 5]
     with pytest.raises(ValueError, match="exactly 2"):
-        placement.stages_per_rank(v, 3)
+        registry.stages_per_rank(v, 3)
     with pytest.raises(ValueError, match="exactly 1"):
-        placement.stages_per_rank(placement.resolve_schedule("seq1f1b"), 2)
+        registry.stages_per_rank(registry.resolve_schedule("seq1f1b"), 2)
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: os.path.relpath(p, os.path.dirname(p) + "/.."))
@@ -49,7 +49,7 @@ def test_validate_and_plan_agree_on_every_recipe_and_spelling(recipe, capsys, tm
     for variant in _variants(name):
         override = [f"parallelism.pipeline_parallel_schedule={variant}", f"job.dump_folder={tmp_path}"]
         cfg = load_config(recipe, override)
-        assert layout.schedule_info(cfg).name == placement.resolve_schedule(name).name
+        assert layout.schedule_info(cfg).name == registry.resolve_schedule(name).name
         assert cli_main(["validate", recipe, *override]) == 0, capsys.readouterr().err
         code = cli_main(["plan", recipe, *override])
         out = capsys.readouterr().out

@@ -4,8 +4,8 @@ including FSDP2's unsharded parameter views."""
 import torch
 from torch.distributed.fsdp import fully_shard
 
-from pipelining_seq.memory import ActivationMemoryMeter
 from pipelining_seq.models import GPT, GPTConfig
+from pipelining_seq.tools.memory import ActivationMemoryMeter
 
 
 def _measure(model, x):

@@ -12,8 +12,8 @@ import pytest
 
 from pipelining_seq.models import GPTConfig
 from pipelining_seq.parallel import tp_shard_dim, validate_layout
-from pipelining_seq.testing import run_ranks
 from pipelining_seq.tools.planner import stage_param_counts
+from pipelining_seq.tools.testing import run_ranks
 
 LAYOUTS_4 = [
     dict(name="pp2xdp2", pp=2, dp=2, tp=1, m=2, batch=8, seq=16, partition=(7, 5, 4)),

@@ -7,7 +7,7 @@ process start-up cost (a few seconds per group) out of the suite's time.
 import pytest
 from parity_worker import parity_worker
 
-from pipelining_seq.testing import run_ranks
+from pipelining_seq.tools.testing import run_ranks
 
 TOL = 1e-10
 

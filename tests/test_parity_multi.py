@@ -4,7 +4,7 @@ and the runtime executes exactly the compute order of the schedule's IR."""
 import pytest
 from parity_multi_worker import multi_parity_worker
 
-from pipelining_seq.testing import run_ranks
+from pipelining_seq.tools.testing import run_ranks
 
 TOL = 1e-10
 

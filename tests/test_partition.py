@@ -2,8 +2,9 @@ import pytest
 import torch
 
 from pipelining_seq import balanced_partition, chunk_cost, uniform_partition
-from pipelining_seq.flops import FlopModel, balanced_partition_for
+from pipelining_seq.flops import FlopModel
 from pipelining_seq.models import GPT, GPTConfig
+from pipelining_seq.models.gpt import balanced_partition_for, flop_model
 from pipelining_seq.partition import resolve_partition
 from pipelining_seq.trainer.metrics import model_flops_per_token
 
@@ -76,7 +77,9 @@ def test_uniform_error_suggests_lengths():
         ([4, 4, 4], "sums to 12"),
         ([8, 0, 8], "positive integer"),
         ([8, 8], "n_seq_chunks=3"),
-        ("balanced", "use 'uniform'"),
+        ("balanced", "needs flop_model"),
+        ("calibrated", "needs calibrated"),
+        ("zigzag", "use one of uniform, balanced, calibrated"),
     ],
 )
 def test_resolve_partition_errors(partition, match):
@@ -117,7 +120,7 @@ def test_flop_model_counts_every_matmul_of_the_gpt(over):
     gpt = GPT(cfg)
     block = gpt.layers["0"]
     weights = sum(m.weight.numel() for m in block.modules() if isinstance(m, torch.nn.Linear))
-    fm = FlopModel.from_gpt(cfg)
+    fm = flop_model(cfg)
     assert fm.token_flops == 2 * weights
     assert fm.head_cost(5) == 2 * 5 * gpt.output.weight.numel()
     # QK^T and AV per pair and head (2*d each) plus 3 for the softmax, whatever the kv heads.
@@ -166,3 +169,40 @@ def test_balanced_partition_for_a_gpt_config_and_bad_dims():
         chunk_cost(8, 8, **dict(DIMS_7B, num_heads=3))
     with pytest.raises(ValueError, match="num_layers=0"):
         balanced_partition(64, 2, **dict(DIMS_7B, num_layers=0))
+
+
+def test_resolve_partition_by_name_in_one_place():
+    from pipelining_seq.flops import FlopModel
+
+    fm = FlopModel(num_layers=2, hidden_size=64, num_heads=4, ffn_hidden_size=256, vocab_size=100)
+    assert resolve_partition("Balanced", 64, 4, flop_model=fm, multiple_of=8) == fm.balanced_partition(
+        64, 4, multiple_of=8
+    )
+    assert resolve_partition("calibrated", 16, 2, calibrated={2: [10, 6]}) == [10, 6]
+    with pytest.raises(ValueError, match="no calibrated lengths for n_seq_chunks=3"):
+        resolve_partition("calibrated", 16, 3, calibrated={2: [10, 6]})
+    assert resolve_partition("calibrated", 64, 4, calibrated=fm, multiple_of=8) == fm.balanced_partition(
+        64, 4, multiple_of=8
+    )
+
+
+def test_chunking_config_and_keywords_are_one_setting():
+    from pipelining_seq import ChunkingConfig
+    from pipelining_seq.chunking import chunking_from
+    from pipelining_seq.flops import FlopModel
+
+    cfg = ChunkingConfig(n_seq_chunks=2, seq_partition=[5, 3])
+    assert cfg.static_seq_len == 8 and cfg.lengths(8) == [5, 3]
+    assert chunking_from("S", None, n_seq_chunks=2, seq_partition=[5, 3]) == cfg
+    assert chunking_from("S", cfg, n_seq_chunks=None, seq_dim=1) is cfg
+    with pytest.raises(ValueError, match="seq_dim given next to chunking="):
+        chunking_from("S", cfg, seq_dim=2)
+    with pytest.raises(TypeError, match="pass n_seq_chunks"):
+        chunking_from("S", None, n_seq_chunks=None)
+    with pytest.raises(ValueError, match="S: n_seq_chunks=0 must be a positive integer"):
+        chunking_from("S", None, n_seq_chunks=0)
+    with pytest.raises(ValueError, match="needs the FLOP model"):
+        ChunkingConfig(n_seq_chunks=2, seq_partition="balanced")
+    fm = FlopModel(num_layers=2, hidden_size=64, num_heads=4, ffn_hidden_size=256, vocab_size=100)
+    balanced = ChunkingConfig(n_seq_chunks=4, seq_partition="balanced", flop_model=fm, multiple_of=8)
+    assert balanced.lengths(64) == fm.balanced_partition(64, 4, multiple_of=8)

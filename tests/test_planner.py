@@ -9,8 +9,8 @@ import os
 import pytest
 import torch
 
-from pipelining_seq.flops import balanced_partition_for
 from pipelining_seq.models import GPT, GPTConfig
+from pipelining_seq.models.gpt import balanced_partition_for
 from pipelining_seq.tools.planner import (
     calibrate,
     format_plan,

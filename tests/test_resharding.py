@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 from train_workers import schedules_worker
 
-from pipelining_seq.testing import run_ranks
+from pipelining_seq.tools.testing import run_ranks
 from pipelining_seq.trainer import checkpoint as ckpt
 
 pytestmark = pytest.mark.slow

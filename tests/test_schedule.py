@@ -105,7 +105,8 @@ def test_wrong_backward_order_is_caught():
         (dict(m=2, k=3, seq_partition=[4, 4, 4], seq_len=16), "sums to 12"),
         (dict(m=2, k=3, seq_partition=[8, 0, 8]), "zero-length"),
         (dict(m=2, k=2, seq_partition=[8, 4, 4]), "n_seq_chunks=2"),
-        (dict(m=2, k=2, seq_partition="balanced"), "use 'uniform'"),
+        (dict(m=2, k=2, seq_partition="balanced"), "needs the FLOP model"),
+        (dict(m=2, k=2, seq_partition="zigzag"), "use one of uniform, balanced, calibrated"),
         (dict(m=0, k=2), "n_microbatches=0"),
     ],
 )
@@ -139,3 +140,29 @@ def test_step_errors_before_any_work(batch, seq, kw, match):
     with pytest.raises(ValueError, match=match):
         sched.step(x, target=y)
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_chunking_config_and_balanced_partition_match_the_keywords():
+    # chunking=ChunkingConfig(...) is the same setting as the keywords; "balanced" is
+    # resolved by the core from the FlopModel it is given.
+    from pipelining_seq import ChunkingConfig
+    from pipelining_seq.flops import FlopModel
+
+    fm = FlopModel(num_layers=2, hidden_size=32, num_heads=4, ffn_hidden_size=64, vocab_size=64)
+    lengths = fm.balanced_partition(16, 3, multiple_of=2)
+    x, y = make_batch(4, 16)
+    runs = []
+    for kw in (dict(n_seq_chunks=3, seq_partition=lengths),
+               dict(chunking=ChunkingConfig(n_seq_chunks=3, seq_partition="balanced", flop_model=fm, multiple_of=2))):
+        model = make_model()
+        stage = SequencePipelineStage(model, 0, 1, torch.device("cpu"))
+        sched = ScheduleSeq1F1B(stage, 2, ce_loss, **kw)
+        losses = []
+        sched.step(x, target=y, losses=losses)
+        assert sched.chunk_lengths == lengths
+        runs.append((torch.stack(losses), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    torch.testing.assert_close(runs[0][0], runs[1][0], atol=0, rtol=0)
+    for n, g in runs[0][1].items():
+        torch.testing.assert_close(g, runs[1][1][n], atol=0, rtol=0)
+    with pytest.raises(ValueError, match="seq_dim given next to chunking="):
+        ScheduleSeq1F1B(stage, 2, ce_loss, chunking=ChunkingConfig(n_seq_chunks=2), seq_dim=2)

@@ -89,7 +89,7 @@ def _pretend_ranks(stages, p, rank=0):
 
 def test_too_few_units_and_bad_rounds():
     stages = _pretend_ranks(_stages([0, 4], 8, make_model(n_layers=8)), 4)
-    with pytest.raises(ValueError, match=r"= 2 units cannot fill the 8 stages on 4 ranks"):
+    with pytest.raises(ValueError, match=r"= 2 units cannot fill 4 pipeline ranks"):
         ScheduleInterleavedSeq1F1B(stages, 1, ce_loss, n_seq_chunks=2)
     stages = _pretend_ranks(_stages([0], 4), 4)
     with pytest.raises(ValueError, match=r"= 3 units cannot fill"):

@@ -8,8 +8,8 @@ import pytest
 
 from pipelining_seq import schedule_ir
 from pipelining_seq.cli import main as cli_main
-from pipelining_seq.flops import FlopModel
 from pipelining_seq.models import GPTConfig
+from pipelining_seq.models.gpt import flop_model
 from pipelining_seq.partition import balanced_partition
 from pipelining_seq.tools import torch_schedules
 from pipelining_seq.tools.simulate import (
@@ -76,7 +76,7 @@ def test_dependencies_hold_in_the_timeline():
 def test_forward_chunk_order_backward_deadlocks():
     # Backward in forward chunk order cannot satisfy the K/V-gradient dependency.
     p, m, k = 2, 1, 2
-    ops = {r: [Op(r, r, "F", 0), Op(r, r, "F", 1), Op(r, r, "B", 0), Op(r, r, "B", 1)] for r in range(p)}
+    ops = {r: [Op("F", r, 0), Op("F", r, 1), Op("B", r, 0), Op("B", r, 1)] for r in range(p)}
     plan = ScheduleOps("bad", p, p, m, k, ops)
     with pytest.raises(RuntimeError, match="deadlocks"):
         simulate(plan, equal_costs(plan))
@@ -100,7 +100,7 @@ def test_torch_schedule_actions_cover_every_microbatch():
         acts = torch_schedules.torch_schedule_actions(name, 4, 5)
         for r, ops in acts.items():
             for s in torch_schedules.torch_schedule_stages(name, 4, r):
-                assert sorted(mb for st, kind, mb in ops if st == s and kind == "F") == list(range(5))
+                assert sorted(a.unit for a in ops if a.stage == s and a.kind == "F") == list(range(5))
 
 
 def test_flop_model_balanced_beats_uniform():
@@ -119,7 +119,7 @@ def test_flop_model_balanced_beats_uniform():
     assert sum(bal.busy) == pytest.approx(sum(base.busy), rel=1e-9)
     assert sum(uni.busy) == pytest.approx(sum(base.busy), rel=1e-9)
     # That work is the FLOP model's (forward + 2 x backward), less the embedding the paper counts.
-    work = 3 * (FlopModel.from_gpt(model).chunk_cost(32768, 32768) - 2 * 32768 * 4096 * 51200) / 1e9
+    work = 3 * (flop_model(model).chunk_cost(32768, 32768) - 2 * 32768 * 4096 * 51200) / 1e9
     assert sum(base.busy) == pytest.approx(8 * work, rel=1e-9)
 
 
@@ -130,7 +130,7 @@ def test_flop_costs_follow_the_models_shape():
     gqa = GPTConfig(n_layers=3, dim=256, n_heads=8, n_kv_heads=2, vocab_size=1000, ffn_dim=688, mlp="swiglu")
     a, b = flop_costs(plan, mha, [600, 424]), flop_costs(plan, gqa, [600, 424])
     # 3 layers over 2 stages: 2 and 1; the head on stage 1.
-    fm = FlopModel.from_gpt(gqa)
+    fm = flop_model(gqa)
     assert b.fwd[0][1] == pytest.approx(2 * fm.layer_cost(424, 1024) / 1e9)
     assert b.fwd[1][0] == pytest.approx((fm.layer_cost(600, 600) + fm.head_cost(600)) / 1e9)
     # SwiGLU's third matrix outweighs GQA's smaller K/V here: 2*256*688 > 2*2*256*(256-64).

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipelining_seq.flops import balanced_partition_for
+from pipelining_seq.models.gpt import balanced_partition_for
 from pipelining_seq.tools.simulate import (
     MODEL_PRESETS,
     build_schedule_ops,

@@ -13,7 +13,7 @@ import pytest
 import torch
 from train_workers import DEFAULT_RECIPE, ROOT, reference_run, schedules_worker, tiny_config
 
-from pipelining_seq.testing import run_ranks
+from pipelining_seq.tools.testing import run_ranks
 from pipelining_seq.trainer.optim import clip_grad_norm_, lr_factor
 
 

@@ -35,7 +35,7 @@ from pipelining_seq.integrations.transformers import (  # noqa: E402
     split_causal_lm,
 )
 from pipelining_seq.partition import resolve_partition  # noqa: E402
-from pipelining_seq.testing import run_ranks  # noqa: E402
+from pipelining_seq.tools.testing import run_ranks  # noqa: E402
 
 TOL = 1e-10
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -48,7 +48,7 @@ def base_args(tok_dir: Path, data_dir: Path, dump: Path, *, config: str = "llama
 
 def run(args: list[str], *, log: Path, nproc: int = 2, timeout: float = 900) -> dict:
     """Run torchtitan's training through the package's entry point (``--cpu``) on ``nproc`` gloo ranks."""
-    from pipelining_seq.testing import free_port
+    from pipelining_seq.tools.testing import free_port
 
     if log.exists():
         log.unlink()

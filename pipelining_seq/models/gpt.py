@@ -22,14 +22,18 @@ from torch.utils.checkpoint import checkpoint
 
 from ..attention import ChunkedCausalAttention
 from ..context import ContractError, chunk_positions, current_chunk
+from ..flops import FlopModel
+from ..registry import stage_layer_ranges
 
 __all__ = [
     "ATTN_BACKENDS",
     "GPT",
     "GPTConfig",
     "GPTConfigError",
+    "balanced_partition_for",
     "cross_entropy_loss",
     "document_ids_from_tokens",
+    "flop_model",
     "init_value",
     "init_weights",
     "split_stage",
@@ -283,18 +287,18 @@ def cross_entropy_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tens
     return F.cross_entropy(logits.flatten(0, 1), target.flatten())
 
 
-def stage_layer_ranges(n_layers: int, num_stages: int) -> list[range]:
-    """Contiguous, as-even-as-possible layer ranges per stage (earlier stages get the extra)."""
-    if num_stages < 1 or n_layers < num_stages:
-        raise ValueError(
-            f"cannot split {n_layers} layers over {num_stages} pipeline stages: "
-            "every stage needs at least one layer (lower pipeline_parallel_degree or add layers)"
-        )
-    base, extra = divmod(n_layers, num_stages)
-    bounds = [0]
-    for s in range(num_stages):
-        bounds.append(bounds[-1] + base + (1 if s < extra else 0))
-    return [range(bounds[s], bounds[s + 1]) for s in range(num_stages)]
+def flop_model(cfg: GPTConfig) -> FlopModel:
+    """The FLOP model of this GPT (the one translation of its names into the FLOP model's sizes)."""
+    return FlopModel(
+        num_layers=cfg.n_layers, hidden_size=cfg.dim, num_heads=cfg.n_heads, ffn_hidden_size=cfg.ffn_dim,
+        vocab_size=cfg.vocab_size, num_kv_heads=cfg.n_kv_heads, mlp=cfg.mlp,
+        head_dim=cfg.head_dim, v_head_dim=cfg.value_head_dim,
+    )
+
+
+def balanced_partition_for(cfg: GPTConfig, seq_len: int, n_chunks: int, *, multiple_of: int = 1) -> list[int]:
+    """FLOP-balanced chunk lengths for this GPT (:meth:`~pipelining_seq.flops.FlopModel.balanced_partition`)."""
+    return flop_model(cfg).balanced_partition(seq_len, n_chunks, multiple_of=multiple_of)
 
 
 def split_stage(model: GPT, stage_index: int, num_stages: int) -> GPT:

@@ -55,6 +55,11 @@ class LinearChunkCost:
         s, p = length, end
         return self.a1 * (s * p - s * s / 2) + self.a3 * s * s + self.a2 * s + self.b
 
+    def balanced_partition(self, seq_len: int, n_chunks: int, *, multiple_of: int = 1) -> list[int]:
+        """Chunk lengths of equal fitted cost (:func:`linear_fit_partition`): what
+        ``seq_partition="calibrated"`` resolves to with ``calibrated=`` this cost model."""
+        return linear_fit_partition(seq_len, n_chunks, self, multiple_of=multiple_of)
+
 
 def fit_chunk_cost(samples: Sequence[tuple[int, int, float]], *, diagonal: bool = False) -> LinearChunkCost:
     """Non-negative least-squares fit of ``(length, end, seconds)`` samples (relative error).

@@ -10,8 +10,8 @@ starts when the rank is free and its inputs exist:
   gradients relayed from the later chunk);
 * ``W(s, u)`` after ``I(s, u)``.
 
-Seq1F1B's lists come from :mod:`pipelining_seq.schedule_ir`; torch's schedules are
-built for real on probe stages (through :mod:`pipelining_seq._compat`) and read back.
+Every schedule's lists come from :mod:`pipelining_seq.registry` (torch's are read back
+from their own IR there).
 Durations come from a :class:`CostModel`: equal-cost units (backward twice forward),
 the FLOP model of :mod:`pipelining_seq.flops` for a preset model, or measured
 per-chunk times.
@@ -28,10 +28,10 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from .. import placement, schedule_ir, schedule_ir_multi
-from ..flops import FlopModel, balanced_partition_for
-from ..models.gpt import GPTConfig
-from ..partition import uniform_partition
+from .. import registry
+from ..models.gpt import GPTConfig, flop_model
+from ..partition import resolve_partition
+from ..registry import Action
 from . import torch_schedules
 
 __all__ = [
@@ -53,9 +53,10 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-SEQ1F1B, SEQ1F1B_I, SEQ1F1B_ZB = "Seq1F1B", "InterleavedSeq1F1B", "Seq1F1BZeroBubble"
-SEQ_SCHEDULES = tuple(n for n in placement.SCHEDULE_NAMES if placement.resolve_schedule(n).seq_chunks)
+SEQ_SCHEDULES = tuple(s.name for s in registry.SCHEDULES if s.seq_chunks)
 """Schedules that take sequence chunks (``--chunks``)."""
+SEQ1F1B = SEQ_SCHEDULES[0]
+"""The reference schedule of the comparisons."""
 
 
 def _paper_model(layers: int, hidden: int, heads: int) -> GPTConfig:
@@ -75,14 +76,8 @@ MODEL_PRESETS: dict[str, GPTConfig] = {
 
 
 # ----------------------------------------------------------------------------- plans
-@dataclass(frozen=True)
-class Op:
-    """One compute action: ``kind`` of unit ``unit`` on pipeline stage ``stage``."""
-
-    rank: int
-    stage: int
-    kind: str
-    unit: int
+Op = Action
+"""One compute action (:class:`pipelining_seq.registry.Action`): ``kind`` of ``unit`` on ``stage``."""
 
 
 @dataclass
@@ -106,46 +101,26 @@ def schedule_names() -> list[str]:
 
 
 def build_schedule_ops(name: str, *, pp: int, microbatches: int, chunks: int = 1, stages_per_rank: int = 2) -> ScheduleOps:
-    """The action lists of schedule ``name`` (``Seq1F1B`` or a torch schedule)."""
+    """The action lists of schedule ``name`` (any capitalisation), from the registry."""
     if pp < 1 or microbatches < 1 or chunks < 1:
         raise ValueError(f"pp={pp}, microbatches={microbatches}, chunks={chunks}: all must be >= 1")
+    info = _schedule(name)
+    v = info.fixed_stages_per_rank or stages_per_rank
+    # Seq1F1B's order is also played with fewer units than ranks (its closed form holds
+    # there), although ScheduleSeq1F1B refuses to run it.
+    orders = info.orders(pp=pp, n_microbatches=microbatches, n_seq_chunks=chunks, stages_per_rank=v,
+                         check=info.name != SEQ1F1B)
+    return ScheduleOps(info.name, pp, pp * v, microbatches, chunks, orders)
+
+
+def _schedule(name: str) -> registry.ScheduleInfo:
     try:
-        name = placement.resolve_schedule(name).name  # any capitalisation
+        info = registry.resolve_schedule(name)  # any capitalisation
     except ValueError:
-        raise ValueError(f"--schedule {name!r}: choose from {', '.join(schedule_names())}") from None
-    if name in (SEQ1F1B, "1F1B"):
-        # Schedule1F1B runs exactly Seq1F1B's order with k=1. Its own IR
-        # (_get_pipeline_order) is off by one on the last rank in torch 2.13 (F1..F8
-        # instead of F0..F7), so it is not read back.
-        if name == "1F1B" and chunks != 1:
-            raise ValueError(f"schedule 1F1B has no sequence chunks; got chunks={chunks}")
-        if name == "1F1B" and microbatches < pp:
-            raise ValueError(f"1F1B needs microbatches ({microbatches}) >= pp ({pp}): raise --microbatches")
-        ops = {
-            r: [Op(r, r, kind, u) for kind, u in schedule_ir.compute_order(pp, r, microbatches, chunks)]
-            for r in range(pp)
-        }
-        return ScheduleOps(name, pp, pp, microbatches, chunks, ops)
-    if name in (SEQ1F1B_I, SEQ1F1B_ZB):
-        # The orders the schedules themselves run (ScheduleInterleavedSeq1F1B,
-        # ScheduleSeq1F1BZeroBubble), with the same acceptance rules.
-        if microbatches * chunks < pp:
-            raise ValueError(f"{name} needs microbatches * chunks ({microbatches * chunks}) >= pp ({pp})")
-        if name == SEQ1F1B_I:
-            orders = schedule_ir_multi.interleaved_orders(pp, stages_per_rank, microbatches, chunks)
-        else:
-            orders = schedule_ir_multi.zero_bubble_orders(pp, microbatches, chunks)
-        ops = {r: [Op(r, s, kind, u) for kind, s, u in acts] for r, acts in orders.items()}
-        num_stages = pp * (stages_per_rank if name == SEQ1F1B_I else 1)
-        return ScheduleOps(name, pp, num_stages, microbatches, chunks, ops)
-    if name not in torch_schedules.torch_schedule_names():
+        info = None
+    if info is None or info.name not in schedule_names():
         raise ValueError(f"--schedule {name!r}: choose from {', '.join(schedule_names())}")
-    if chunks != 1:
-        raise ValueError(f"schedule {name} has no sequence chunks; got chunks={chunks}")
-    actions = torch_schedules.torch_schedule_actions(name, pp, microbatches, stages_per_rank=stages_per_rank)
-    ops = {r: [Op(r, s, kind, mb) for s, kind, mb in acts] for r, acts in actions.items()}
-    num_stages = 1 + max(op.stage for acts in ops.values() for op in acts)
-    return ScheduleOps(name, pp, num_stages, microbatches, 1, ops)
+    return info
 
 
 # ------------------------------------------------------------------------ cost models
@@ -207,7 +182,7 @@ def flop_costs(plan: ScheduleOps, model: GPTConfig, lengths: Sequence[int], *, b
     S = plan.num_stages
     if model.n_layers < S:
         raise ValueError(f"{model.n_layers} layers cannot fill {S} stages: lower --pp or --stages-per-rank")
-    fwd = [[c / 1e9 for c in row] for row in FlopModel.from_gpt(model).stage_costs(list(lengths), S)]
+    fwd = [[c / 1e9 for c in row] for row in flop_model(model).stage_costs(list(lengths), S)]
     bwd = [[c * bwd_ratio for c in row] for row in fwd]
     v = plan.stages_per_rank
     act = [[s / sum(lengths) / v for s in lengths] for _ in range(S)]
@@ -345,6 +320,10 @@ def simulate(plan: ScheduleOps, cost: CostModel, *, comm: float = 0.0, recv_late
     return SimResult(plan, cost, timeline, makespan, busy, live_units, live_act)
 
 
+_CLOSED_FORM = (SEQ1F1B, "1F1B", "GPipe")
+"""Schedules whose equal-cost bubble is :func:`closed_form_bubble`."""
+
+
 def closed_form_bubble(pp: int, microbatches: int, chunks: int = 1) -> float:
     """Equal-cost bubble of 1F1B (``chunks=1``) and Seq1F1B: ``(p-1)/(mk+p-1)``."""
     return (pp - 1) / (microbatches * chunks + pp - 1)
@@ -402,6 +381,8 @@ def draw_timeline(results: Sequence[SimResult], path: str, *, title: str | None 
 
 # ------------------------------------------------------------------------ paper check
 # §5.3 of the reference: 7B on 32 A100s, TFLOPS per GPU (TP/PP split not stated).
+PAPER_BASELINES = ("1F1B", "Interleaved1F1B")
+"""The paper's baselines, in its table's order."""
 PAPER_7B = {
     (32768, 8): {"1F1B": 99.67, "Interleaved1F1B": 109.55, "Seq1F1B": 110.62},
     (32768, 16): {"1F1B": 114.45, "Interleaved1F1B": 116.46, "Seq1F1B": 115.34},
@@ -417,23 +398,23 @@ def paper_comparison(*, pps: Sequence[int] = (4, 8), chunks: int = 4, bwd_ratio:
     rows = []
     for (seq, m), measured in PAPER_7B.items():
         for pp in pps:
-            lengths = balanced_partition_for(model, seq, chunks, multiple_of=8)
+            lengths = resolve_partition("balanced", seq, chunks, flop_model=flop_model(model), multiple_of=8)
             seq_plan = build_schedule_ops(SEQ1F1B, pp=pp, microbatches=m, chunks=chunks)
             seq_res = simulate(seq_plan, flop_costs(seq_plan, model, lengths, bwd_ratio=bwd_ratio), comm=comm,
                                recv_latency=recv_latency)
             times = {}
-            for name in ("1F1B", "Interleaved1F1B"):
+            for name in PAPER_BASELINES:
                 plan = build_schedule_ops(name, pp=pp, microbatches=m)
                 times[name] = simulate(plan, flop_costs(plan, model, [seq], bwd_ratio=bwd_ratio), comm=comm,
                                        recv_latency=recv_latency)
             rows.append(dict(
                 seq_len=seq, microbatches=m, pp=pp, chunks=chunks, lengths=lengths,
-                bubble_1f1b=times["1F1B"].bubble, bubble_i1f1b=times["Interleaved1F1B"].bubble,
+                bubble_1f1b=times[PAPER_BASELINES[0]].bubble, bubble_i1f1b=times[PAPER_BASELINES[1]].bubble,
                 bubble_seq=seq_res.bubble,
-                sim_vs_1f1b=times["1F1B"].makespan / seq_res.makespan,
-                sim_vs_i1f1b=times["Interleaved1F1B"].makespan / seq_res.makespan,
-                paper_vs_1f1b=measured["Seq1F1B"] / measured["1F1B"],
-                paper_vs_i1f1b=measured["Seq1F1B"] / measured["Interleaved1F1B"],
+                sim_vs_1f1b=times[PAPER_BASELINES[0]].makespan / seq_res.makespan,
+                sim_vs_i1f1b=times[PAPER_BASELINES[1]].makespan / seq_res.makespan,
+                paper_vs_1f1b=measured[SEQ1F1B] / measured[PAPER_BASELINES[0]],
+                paper_vs_i1f1b=measured[SEQ1F1B] / measured[PAPER_BASELINES[1]],
             ))
     return rows
 
@@ -467,10 +448,11 @@ def add_arguments(parser: argparse.ArgumentParser, *, command: str) -> None:
 
 def _lengths_for(args: argparse.Namespace, part: str, seq_len: int) -> list[int]:
     k = args.chunks
-    if part == "uniform":
-        return uniform_partition(seq_len, k) if seq_len % k == 0 else [1] * k
-    if part == "balanced":
-        return balanced_partition_for(MODEL_PRESETS[args.model], seq_len, k, multiple_of=8)
+    if part == "uniform" and seq_len % k:
+        return [1] * k  # equal-cost units: the lengths only weight the activation count
+    if part in ("uniform", "balanced"):
+        fm = flop_model(MODEL_PRESETS[args.model]) if args.model else None
+        return resolve_partition(part, seq_len, k, flop_model=fm, multiple_of=8)
     try:
         lengths = [int(x) for x in part.split(",")]
     except ValueError:
@@ -556,10 +538,11 @@ def main(args: argparse.Namespace) -> int:
             raise SystemExit("--partition calibrated needs --times (a 'bench partition' JSON with calibrated chunks)")
         if part == "balanced" and not (args.model or args.times):
             raise SystemExit("--partition balanced needs --model (the FLOP model it balances) or --times")
-    names = schedule_names() if args.schedule == "all" else [s.strip() for s in args.schedule.split(",") if s.strip()]
-    for n in names:
-        if n not in schedule_names():
-            raise SystemExit(f"--schedule {n!r}: choose from {', '.join(schedule_names())} or 'all'")
+    names = schedule_names() if args.schedule.lower() == "all" else [s.strip() for s in args.schedule.split(",") if s.strip()]
+    try:
+        names = [_schedule(n).name for n in names]  # canonical spelling, any capitalisation
+    except ValueError as e:
+        raise SystemExit(f"{e} or 'all'") from None
     times = None
     if args.times:
         with open(args.times) as f:
@@ -591,7 +574,7 @@ def main(args: argparse.Namespace) -> int:
     for res in results:
         p = res.plan
         closed = closed_form_bubble(p.num_ranks, p.n_microbatches, p.n_chunks) if (
-            p.name in (SEQ1F1B, "1F1B", "GPipe") and res.cost.source == "equal") else math.nan
+            p.name in _CLOSED_FORM and res.cost.source == "equal") else math.nan
         print(f"{res.name:<22} {p.n_chunks:>2} {res.makespan:>10.4g} {res.bubble:>7.3f} {closed:>11.3f} "
               f"{res.makespan / ref.makespan:>12.3f} {str(res.peak_live_units):<24} "
               f"{[round(a, 3) for a in res.peak_activation]}")

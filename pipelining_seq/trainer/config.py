@@ -154,7 +154,7 @@ class Seq1F1BConfig:
     """Sequence chunking of Seq1F1B (ignored by the other schedules)."""
 
     num_seq_chunks: int = 4
-    """k: chunks each micro-batch is cut into along the sequence."""
+    """k: chunks each micro-batch is cut into along the sequence (the schedules' and ChunkingConfig's n_seq_chunks)."""
     partition: Any = "uniform"
     """uniform (equal chunks; seq_len divisible by k), balanced (equal modelled FLOPs, the paper's computation-wise partition) or an explicit list of k chunk lengths summing to seq_len."""
     multiple_of: int = 1

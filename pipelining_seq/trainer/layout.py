@@ -2,24 +2,24 @@
 
 The training loop, validation, checkpoints, the launcher and the planner all ask these
 functions instead of re-deriving a setting from the raw fields: the schedule (resolved by
-:mod:`pipelining_seq.placement`), the world size, micro-batches, which rank holds which
+:mod:`pipelining_seq.registry`), the world size, micro-batches, which rank holds which
 stage, the stage layout a checkpoint must match, and the Seq1F1B chunk lengths.
 """
 
 from __future__ import annotations
 
-import functools
 import os
 from typing import Any
 
-from .. import placement
-from ..flops import balanced_partition_for
-from ..models.gpt import stage_layer_ranges
-from ..partition import SeqPartition, resolve_partition
+from .. import registry
+from ..chunking import ChunkingConfig
+from ..models.gpt import flop_model, stage_layer_ranges
+from ..partition import SeqPartition
 from .config import ConfigError, JobConfig
 
 __all__ = [
     "chunk_lengths",
+    "chunking",
     "n_microbatches",
     "pipeline_layout",
     "resolve_path",
@@ -31,10 +31,10 @@ __all__ = [
 ]
 
 
-def schedule_info(cfg: JobConfig) -> placement.ScheduleInfo:
+def schedule_info(cfg: JobConfig) -> registry.ScheduleInfo:
     """The recipe's schedule (any capitalisation); ConfigError naming the knob if unknown."""
     try:
-        return placement.resolve_schedule(cfg.parallelism.pipeline_parallel_schedule)
+        return registry.resolve_schedule(cfg.parallelism.pipeline_parallel_schedule)
     except ValueError as e:
         raise ConfigError(f"parallelism.pipeline_parallel_schedule: {e}") from None
 
@@ -54,14 +54,14 @@ def stages_per_rank(cfg: JobConfig) -> int:
     """Stages each pipeline rank holds (the recipe's value or the schedule's default)."""
     info = schedule_info(cfg)
     try:
-        return placement.stages_per_rank(info, cfg.parallelism.pipeline_parallel_stages_per_rank)
+        return registry.stages_per_rank(info, cfg.parallelism.pipeline_parallel_stages_per_rank)
     except ValueError as e:
         raise ConfigError(f"parallelism.pipeline_parallel_stages_per_rank: {e}") from None
 
 
 def stage_ranks(cfg: JobConfig) -> list[int]:
     """Pipeline rank (within the pp group) holding each stage."""
-    return placement.stage_ranks(
+    return registry.stage_ranks(
         schedule_info(cfg), pp=cfg.parallelism.pipeline_parallel_degree, stages_per_rank=stages_per_rank(cfg)
     )
 
@@ -78,13 +78,22 @@ def pipeline_layout(cfg: JobConfig) -> dict[str, Any]:
     }
 
 
+def chunking(cfg: JobConfig) -> ChunkingConfig:
+    """The recipe's ``seq1f1b`` section as the schedules' :class:`~pipelining_seq.ChunkingConfig`
+    (``num_seq_chunks`` is its ``n_seq_chunks``; ``balanced`` over the recipe's model)."""
+    s = cfg.seq1f1b
+    part = s.partition if isinstance(s.partition, str) else list(s.partition)
+    return ChunkingConfig(
+        n_seq_chunks=s.num_seq_chunks, seq_partition=part, multiple_of=s.multiple_of,
+        flop_model=flop_model(cfg.model) if part == "balanced" else None,
+        # Middle stages get no input to read the length from; a static length spares the exchange.
+        seq_len=cfg.training.seq_len if isinstance(part, str) else None,
+    )
+
+
 def seq_partition(cfg: JobConfig) -> SeqPartition:
-    """The ``seq_partition`` argument of the recipe's Seq1F1B schedule: 'uniform', a list,
-    or (``balanced``) a callable ``seq_len -> lengths`` over the recipe's model."""
-    s, g = cfg.seq1f1b, cfg.model
-    if isinstance(s.partition, str) and s.partition == "balanced":
-        return functools.partial(balanced_partition_for, g, n_chunks=s.num_seq_chunks, multiple_of=s.multiple_of)
-    return s.partition if isinstance(s.partition, str) else list(s.partition)
+    """The ``seq_partition`` of the recipe's Seq1F1B schedule: 'uniform', 'balanced' or a list."""
+    return chunking(cfg).seq_partition
 
 
 def chunk_lengths(cfg: JobConfig) -> list[int]:
@@ -92,7 +101,7 @@ def chunk_lengths(cfg: JobConfig) -> list[int]:
     seq = cfg.training.seq_len
     if not schedule_info(cfg).seq_chunks:
         return [seq]
-    return resolve_partition(seq_partition(cfg), seq, cfg.seq1f1b.num_seq_chunks)
+    return chunking(cfg).lengths(seq)
 
 
 def resolve_path(cfg: JobConfig, path: str) -> str:

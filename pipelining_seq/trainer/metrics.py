@@ -6,7 +6,7 @@
 * :class:`StageMemory` is the peak memory of one pipeline rank during a step: the CUDA
   allocator's high-water mark on GPU; on CPU, where no allocator keeps one, the live
   bytes of tensors saved for backward plus the Seq1F1B K/V cache
-  (:class:`pipelining_seq.memory.ActivationMemoryMeter`), i.e. exactly what the schedule
+  (:class:`pipelining_seq.tools.memory.ActivationMemoryMeter`), i.e. exactly what the schedule
   keeps alive between forward and backward. Parameters, gradients and optimizer state
   are not in the CPU figure (they do not depend on the schedule).
 * :class:`MetricLogger` prints the progress line and writes TensorBoard scalars, on the
@@ -28,9 +28,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..flops import FlopModel
-from ..memory import ActivationMemoryMeter
-from ..models.gpt import GPTConfig
+from ..models.gpt import GPTConfig, flop_model
+from ..tools.memory import ActivationMemoryMeter
 
 __all__ = [
     "MetricLogger",
@@ -62,7 +61,7 @@ def model_flops_per_token(cfg: GPTConfig, *, seq_len: int) -> float:
     the projections (GQA-aware), the MLP (GELU or SwiGLU) and causal attention at
     ``seq_len/2`` keys on average.
     """
-    return FlopModel.from_gpt(cfg).training_flops_per_token(seq_len)
+    return flop_model(cfg).training_flops_per_token(seq_len)
 
 
 def device_peak_tflops(device: torch.device, configured: float | None) -> float | None:

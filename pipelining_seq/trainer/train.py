@@ -32,9 +32,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.pipelining import PipelineStage
 
-from .. import agreement, p2p, placement
+from .. import agreement, p2p
 from ..agreement import AgreementError
 from ..models.gpt import (
     GPT,
@@ -44,12 +43,11 @@ from ..models.gpt import (
     split_stage,
     stage_layer_ranges,
 )
-from ..stage import SequencePipelineStage
 from . import checkpoint as ckpt
 from . import liveness, lock, nonfinite, resume
 from .config import ConfigError, JobConfig, load_config, to_dict
 from .data import DOCUMENT_SEPARATOR, TokenBatches, load_tokens
-from .layout import chunk_lengths, n_microbatches, resolve_path, schedule_info, seq_partition, stage_ranks
+from .layout import chunk_lengths, chunking, n_microbatches, resolve_path, schedule_info, stage_ranks
 from .metrics import MetricLogger, StageMemory, build_profiler, device_peak_tflops, model_flops_per_token
 from .optim import build_optimizer, clip_grad_norm_
 from .validation import validate_config
@@ -199,27 +197,13 @@ class Trainer:
         )
 
     def _build_schedule(self) -> tuple[list, Any]:
-        cfg, info, m = self.cfg, schedule_info(self.cfg), n_microbatches(self.cfg)
-        cls = placement.schedule_class(info)
-        if info.seq_chunks:
-            stages = [
-                SequencePipelineStage(part, s, self.num_stages, self.device, group=self.pp_group)
-                for part, s in zip(self.parts, self.stage_ids)
-            ]
-            partition = seq_partition(cfg)
-            schedule = cls(
-                stages if info.multi_stage else stages[0], m, cross_entropy_loss,
-                n_seq_chunks=cfg.seq1f1b.num_seq_chunks, seq_partition=partition, scale_grads=True,
-                # Middle stages get no input to read the length from; a static length spares the exchange.
-                seq_len=cfg.training.seq_len if callable(partition) or partition == "uniform" else None,
-            )
-            return stages, schedule
-        stages = [
-            PipelineStage(part, s, self.num_stages, self.device, group=self.pp_group)
-            for part, s in zip(self.parts, self.stage_ids)
-        ]
-        first = stages if info.multi_stage else stages[0]
-        return stages, cls(first, n_microbatches=m, loss_fn=cross_entropy_loss, scale_grads=True)
+        cfg, info = self.cfg, schedule_info(self.cfg)
+        schedule, stages = info.build(
+            self.parts, self.stage_ids, self.num_stages, self.device, group=self.pp_group,
+            n_microbatches=n_microbatches(cfg), loss_fn=cross_entropy_loss,
+            chunking=chunking(cfg) if info.seq_chunks else None,
+        )
+        return stages, schedule
 
     def _resume(self, load_path: str | None) -> int:
         if load_path is None:
@@ -499,7 +483,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {e}", file=sys.stderr)
         return 2
     if world == 1 and "MASTER_ADDR" not in os.environ:  # plain `python -m`, no torchrun
-        from ..testing import free_port
+        from ..tools.testing import free_port
 
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1")
     backend = "nccl" if _device(cfg).type == "cuda" else "gloo"

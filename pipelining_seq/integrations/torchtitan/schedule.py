@@ -18,7 +18,7 @@ three schedules plug in as:
   it inside torchtitan, delegating every other name to torch's lookup.
 
 Names resolve case-insensitively through the package's schedule table
-(:func:`pipelining_seq.placement.resolve_schedule`). This module imports nothing from
+(:func:`pipelining_seq.registry.resolve_schedule`). This module imports nothing from
 torchtitan.
 """
 
@@ -33,7 +33,7 @@ from torch.distributed.pipelining.schedules import PipelineScheduleSingle
 from torch.distributed.pipelining.schedules import get_schedule_class as _torch_get_schedule_class
 
 from ...partition import SeqPartition
-from ...placement import SCHEDULE_NAMES, resolve_schedule, schedule_class
+from ...registry import SCHEDULE_NAMES, resolve_schedule, schedule_class
 
 __all__ = [
     "SCHEDULE_NAME",

@@ -21,7 +21,7 @@ from typing import Any
 import torch.distributed as dist
 
 from ... import _compat
-from ...testing import run_ranks
+from ..testing import run_ranks
 from .common import (
     SEQ_SCHEDULES,
     BenchModel,

@@ -15,28 +15,27 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch.distributed.pipelining import PipelineStage
 
-from ...flops import balanced_partition_for
+from ... import registry
+from ...chunking import ChunkingConfig
 from ...models import GPT, GPTConfig, cross_entropy_loss, split_stage
-from ...partition import uniform_partition
-from ...schedules import ScheduleSeq1F1B
-from ...schedules_interleaved import ScheduleInterleavedSeq1F1B
-from ...schedules_zero_bubble import ScheduleSeq1F1BZeroBubble
-from ...stage import SequencePipelineStage
-from .. import torch_schedules
-from ..simulate import MODEL_PRESETS
+from ...models.gpt import flop_model
+from ...partition import resolve_partition, uniform_partition
+from ..simulate import MODEL_PRESETS, SEQ_SCHEDULES
 
 __all__ = [
     "SEQ_SCHEDULES",
     "BenchModel",
+    "TORCH_SCHEDULES",
     "add_model_arguments",
+    "add_run_arguments",
     "build_schedule",
     "env_info",
     "make_batch",
     "make_model",
     "out_dir",
     "partition_lengths",
+    "parse_schedules",
     "model_from_args",
     "print_table",
     "run_step",
@@ -45,8 +44,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-SEQ_SCHEDULES = ("Seq1F1B", "InterleavedSeq1F1B", "Seq1F1BZeroBubble")
-"""Schedules of this package (they take sequence chunks)."""
 
 
 def _cpu_bench_gpt() -> GPTConfig:
@@ -96,54 +93,75 @@ def make_batch(cfg: BenchModel, batch: int, seed: int = 1) -> tuple[torch.Tensor
 
 # ------------------------------------------------------------------------- partitions
 def partition_lengths(name: str, cfg: BenchModel, n_chunks: int, calibrated: dict | None = None) -> list[int]:
-    """Chunk lengths for ``uniform``, ``balanced`` (FLOP model) or ``calibrated``."""
-    if name == "uniform":
-        return uniform_partition(cfg.seq_len, n_chunks)
-    if name == "balanced":
-        return balanced_partition_for(cfg.model, cfg.seq_len, n_chunks, multiple_of=min(8, cfg.seq_len // n_chunks))
-    if name == "calibrated":
-        if calibrated is None or n_chunks not in calibrated:
-            raise ValueError(f"no calibrated partition for k={n_chunks}")
-        return list(calibrated[n_chunks])
-    raise ValueError(f"partition {name!r}: use uniform, balanced or calibrated")
+    """Chunk lengths for ``uniform``, ``balanced`` (FLOP model) or ``calibrated`` (``{k: lengths}``)."""
+    if name not in ("uniform", "balanced", "calibrated"):
+        raise ValueError(f"partition {name!r}: use uniform, balanced or calibrated")
+    return resolve_partition(name, cfg.seq_len, n_chunks, flop_model=flop_model(cfg.model), calibrated=calibrated,
+                             multiple_of=min(8, cfg.seq_len // n_chunks))
 
 
 # ------------------------------------------------------------------------- schedules
+TORCH_SCHEDULES = ("1F1B", "GPipe", "Interleaved1F1B", "ZBVZeroBubble")
+"""torch's schedules the multi-rank benchmarks compare by default."""
+
+
+def add_run_arguments(parser: argparse.ArgumentParser, *, ranks: int, microbatches: str, chunks: str) -> None:
+    """``--ranks``, ``--microbatches``, ``--chunks``, ``--schedules`` and ``--seq-schedules``."""
+    parser.add_argument("--ranks", type=int, default=ranks, help=f"pipeline ranks (default {ranks})")
+    parser.add_argument("--microbatches", default=microbatches, help=f"comma-separated m values (default {microbatches})")
+    parser.add_argument("--chunks", default=chunks, help=f"comma-separated Seq1F1B k values (default {chunks})")
+    parser.add_argument("--schedules", default=",".join(TORCH_SCHEDULES),
+                        help=f"torch schedules to compare (default {','.join(TORCH_SCHEDULES)})")
+    parser.add_argument("--seq-schedules", default=SEQ_SCHEDULES[0],
+                        help="this package's schedules to run per k and partition, among "
+                             f"{','.join(SEQ_SCHEDULES)} (default {SEQ_SCHEDULES[0]})")
+
+
+def parse_schedules(text: str, flag: str, *, seq_chunks: bool) -> list[str]:
+    """Canonical names of a comma-separated ``--flag`` list (any capitalisation); SystemExit naming the choices."""
+    choices = [s.name for s in registry.SCHEDULES if s.seq_chunks == seq_chunks]
+    names = []
+    for n in (s.strip() for s in text.split(",")):
+        if not n:
+            continue
+        try:
+            info = registry.resolve_schedule(n)
+        except ValueError:
+            info = None
+        if info is None or info.name not in choices:
+            raise SystemExit(f"{flag}: unknown {n!r}; choose among {', '.join(choices)}")
+        names.append(info.name)
+    return names
+
+
 def build_schedule(name: str, model: GPT, rank: int, world: int, *, m: int, k: int = 1,
                    lengths: Sequence[int] | None = None, seq_len: int | None = None,
                    stages_per_rank: int = 2, early_recv: bool | None = None,
                    weight_grad_store: bool = True) -> tuple[Any, list]:
-    """A schedule of ``name`` for this rank and the stages it drives.
+    """A schedule of ``name`` for this rank and the stages it drives (:meth:`registry.ScheduleInfo.build`).
 
-    ``Seq1F1B`` uses a :class:`SequencePipelineStage`; torch's schedules get plain
-    ``PipelineStage``\\ s, cut into ``world * stages_per_rank`` stages for the
-    multi-stage ones (V placement for ZBV).
+    The Seq1F1B schedules use :class:`SequencePipelineStage`\\ s; torch's schedules get plain
+    ``PipelineStage``\\ s. Stages are placed as the registry places them (V placement for ZBV).
     """
+    info = registry.resolve_schedule(name)
+    v = info.fixed_stages_per_rank or stages_per_rank
+    ids = info.rank_stages(pp=world, rank=rank, stages_per_rank=v)
+    total = world * v
+    modules = [split_stage(model, s, total) for s in ids]
     device = torch.device("cpu")
-    if name == "Seq1F1B":
-        stage = SequencePipelineStage(split_stage(model, rank, world), rank, world, device)
-        part = list(lengths) if lengths is not None else ("uniform" if seq_len is None else uniform_partition(seq_len, k))
+    options: dict[str, Any] = {}
+    chunking = None
+    if info.seq_chunks:
         # With explicit lengths the chunking is static: no per-step length exchange.
-        sched = ScheduleSeq1F1B(stage, m, cross_entropy_loss, n_seq_chunks=k, seq_partition=part, early_recv=early_recv)
-        return sched, [stage]
-    if name in ("InterleavedSeq1F1B", "Seq1F1BZeroBubble"):
-        v = stages_per_rank if name == "InterleavedSeq1F1B" else 1
-        ids = list(range(rank, world * v, world))
-        stages = [SequencePipelineStage(split_stage(model, s, world * v), s, world * v, device) for s in ids]
         part = list(lengths) if lengths is not None else ("uniform" if seq_len is None else uniform_partition(seq_len, k))
-        if v > 1:
-            return ScheduleInterleavedSeq1F1B(stages, m, cross_entropy_loss, n_seq_chunks=k, seq_partition=part,
-                                              early_recv=early_recv), stages
-        return ScheduleSeq1F1BZeroBubble(stages, m, cross_entropy_loss, n_seq_chunks=k, seq_partition=part,
-                                         early_recv=early_recv, weight_grad_store=weight_grad_store), stages
-    cls = torch_schedules.torch_schedule_class(name)
-    if issubclass(cls, torch.distributed.pipelining.schedules.PipelineScheduleSingle):
-        stage = PipelineStage(split_stage(model, rank, world), rank, world, device)
-        return cls(stage, m, cross_entropy_loss, scale_grads=True), [stage]
-    ids = torch_schedules.torch_schedule_stages(name, world, rank, stages_per_rank)
-    total = world * len(ids)
-    stages = [PipelineStage(split_stage(model, s, total), s, total, device) for s in ids]
-    return cls(stages, m, cross_entropy_loss, scale_grads=True), stages
+        chunking = ChunkingConfig(n_seq_chunks=k, seq_partition=part)
+        if early_recv is not None:
+            options["early_recv"] = early_recv
+        if info.name == "Seq1F1BZeroBubble":
+            options["weight_grad_store"] = weight_grad_store
+    sched, stages = info.build(modules, ids, total, device, n_microbatches=m, loss_fn=cross_entropy_loss,
+                               chunking=chunking, **options)
+    return sched, stages
 
 
 def run_step(sched: Any, stages: list, x: torch.Tensor, y: torch.Tensor) -> None:

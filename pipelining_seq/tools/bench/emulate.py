@@ -38,14 +38,14 @@ import torch.distributed as dist
 from torch import nn
 
 from ...context import current_chunk
-from ...flops import FlopModel, balanced_partition_for
+from ...models.gpt import balanced_partition_for, flop_model
 from ...partition import uniform_partition
-from ...placement import resolve_schedule
+from ...registry import resolve_schedule
 from ...schedules import ScheduleSeq1F1B
 from ...schedules_interleaved import ScheduleInterleavedSeq1F1B
 from ...schedules_zero_bubble import ScheduleSeq1F1BZeroBubble
 from ...stage import SequencePipelineStage
-from ...testing import run_ranks
+from ..testing import run_ranks
 from .. import simulate as sim
 from .. import torch_schedules
 from .breakdown import StepTimers, load_average
@@ -83,7 +83,7 @@ def plan_costs(name: str, ranks: int, m: int, k: int, partition: str) -> tuple[s
     lengths = _lengths(partition, ranks, k) if seq else [SEQ_LEN]
     cost = sim.flop_costs(plan, model, lengths)
     # One micro-batch's forward through one of P stages = STAGE_FWD_S, for every schedule.
-    scale = STAGE_FWD_S / (FlopModel.from_gpt(model).stage_costs([SEQ_LEN], ranks)[0][0] / 1e9)
+    scale = STAGE_FWD_S / (flop_model(model).stage_costs([SEQ_LEN], ranks)[0][0] / 1e9)
     cost.fwd = [[t * scale for t in row] for row in cost.fwd]
     cost.bwd = [[t * scale for t in row] for row in cost.bwd]
     return plan, cost

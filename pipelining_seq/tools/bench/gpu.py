@@ -35,12 +35,11 @@ from torch import nn
 from ... import schedule_ir
 from ...attention import ChunkedCausalAttention, flash_attn_available
 from ...context import ChunkContext, KVCache, chunk_context
-from ...flops import balanced_partition_for
-from ...memory import ActivationMemoryMeter
-from ...models.gpt import Block, GPTConfig
-from ...partition import uniform_partition
+from ...models.gpt import Block, GPTConfig, flop_model
+from ...partition import PARTITION_NAMES, resolve_partition, uniform_partition
 from .. import simulate
-from ..calibration import default_samples, fit_chunk_cost, linear_fit_partition, time_chunk, time_chunks
+from ..calibration import default_samples, fit_chunk_cost, time_chunk, time_chunks
+from ..memory import ActivationMemoryMeter
 from .common import env_info, out_dir, print_table, write_results
 from .memory import expected_peak
 
@@ -174,12 +173,10 @@ def section_chunk_times(cfg: GpuCheckConfig, device: torch.device) -> dict:
                for s, e in default_samples(cfg.seq_len, multiple_of=64 if cfg.seq_len >= 4096 else 8)]
     cost = fit_chunk_cost(samples, diagonal=True)
     mult = 64 if cfg.seq_len >= 4096 else 8
-    partitions = {
-        "full": [cfg.seq_len],
-        "uniform": uniform_partition(cfg.seq_len, cfg.chunks),
-        "balanced": balanced_partition_for(cfg.model, cfg.seq_len, cfg.chunks, multiple_of=mult),
-        "calibrated": linear_fit_partition(cfg.seq_len, cfg.chunks, cost, multiple_of=mult),
-    }
+    partitions = {"full": [cfg.seq_len]}
+    for name in PARTITION_NAMES:  # resolved in one place, partition.resolve_partition
+        partitions[name] = resolve_partition(name, cfg.seq_len, cfg.chunks, flop_model=flop_model(cfg.model),
+                                             calibrated=cost, multiple_of=mult)
     calib_s = time.perf_counter() - t0
     entries, rows = {}, []
     for name, lengths in partitions.items():
@@ -245,8 +242,8 @@ def section_stage_memory(cfg: GpuCheckConfig, device: torch.device) -> list[dict
     runs = {
         "1F1B": (schedule_ir.compute_order(p, 0, m, 1), [S]),
         "Seq1F1B uniform": (schedule_ir.compute_order(p, 0, m, k), uniform_partition(S, k)),
-        "Seq1F1B balanced": (schedule_ir.compute_order(p, 0, m, k), balanced_partition_for(
-            replace(cfg.model, n_layers=cfg.mem_layers), S, k, multiple_of=mult)),
+        "Seq1F1B balanced": (schedule_ir.compute_order(p, 0, m, k), resolve_partition(
+            "balanced", S, k, flop_model=flop_model(replace(cfg.model, n_layers=cfg.mem_layers)), multiple_of=mult)),
     }
     rows = []
     for name, (ops, lengths) in runs.items():
@@ -254,11 +251,11 @@ def section_stage_memory(cfg: GpuCheckConfig, device: torch.device) -> list[dict
         rows.append(dict(schedule=name, lengths=lengths, peak_gib=peak / GIB,
                          peak_live_units=schedule_ir.peak_live_units(ops)))
     ref = rows[0]["peak_gib"]
-    base_units = expected_peak([(0, kind, u) for kind, u in runs["1F1B"][0]], {0: (1.0, 0.0)}, [S])
+    base_units = expected_peak([(kind, 0, u) for kind, u in runs["1F1B"][0]], {0: (1.0, 0.0)}, [S])
     for r, (ops, lengths) in zip(rows, runs.values()):
         r["vs_1F1B"] = r["peak_gib"] / ref if ref else math.nan
         # Live tokens at the peak over 1F1B's, K/V-gradient relay left out: (p+k-1)/(kp) when uniform.
-        r["ideal_vs_1F1B"] = expected_peak([(0, kind, u) for kind, u in ops], {0: (1.0, 0.0)}, lengths) / base_units
+        r["ideal_vs_1F1B"] = expected_peak([(kind, 0, u) for kind, u in ops], {0: (1.0, 0.0)}, lengths) / base_units
     del stack
     return rows
 

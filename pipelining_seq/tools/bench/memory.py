@@ -1,7 +1,7 @@
 """``bench memory``: peak activation memory per rank, measured and expected.
 
 Each of ``--ranks`` CPU ranks runs every schedule (same model, same batch) for one
-warm-up step, then one step inside :class:`~pipelining_seq.memory.ActivationMemoryMeter`
+warm-up step, then one step inside :class:`~pipelining_seq.tools.memory.ActivationMemoryMeter`
 (live bytes of tensors saved for backward plus the K/V cache, each storage counted
 once). Ranks holding two stages (Interleaved1F1B, ZBV) are measured as a whole.
 
@@ -21,39 +21,24 @@ from dataclasses import asdict, replace
 
 import torch
 
-from ... import schedule_ir
-from ...memory import ActivationMemoryMeter
+from ... import registry
 from ...models import GPTConfig, cross_entropy_loss, split_stage
-from ...testing import run_ranks
-from .. import torch_schedules
-from .common import (
-    SEQ_SCHEDULES,
-    BenchModel,
-    add_model_arguments,
-    build_schedule,
-    env_info,
-    make_batch,
-    make_model,
-    model_from_args,
-    out_dir,
-    partition_lengths,
-    print_table,
-    run_step,
-    write_results,
-)
+from ..memory import ActivationMemoryMeter
+from ..testing import run_ranks
+from . import common
 
 __all__ = ["add_arguments", "expected_peak", "main", "memory_worker"]
 
 logger = logging.getLogger(__name__)
 
-TORCH_SCHEDULES = ("1F1B", "GPipe", "Interleaved1F1B", "ZBVZeroBubble")
+TORCH_SCHEDULES = common.TORCH_SCHEDULES
 MIB = 2**20
 
 
-def _stage_activation(cfg: BenchModel, stage_index: int, num_stages: int) -> tuple[int, int]:
+def _stage_activation(cfg: common.BenchModel, stage_index: int, num_stages: int) -> tuple[int, int]:
     """(saved bytes, K/V bytes) of one micro-batch through one stage, measured alone."""
-    part = split_stage(make_model(cfg), stage_index, num_stages)
-    x, y = make_batch(cfg, 1)
+    part = split_stage(common.make_model(cfg), stage_index, num_stages)
+    x, y = common.make_batch(cfg, 1)
     inp = x if stage_index == 0 else torch.randn(1, cfg.seq_len, cfg.model.dim, requires_grad=True)
     meter = ActivationMemoryMeter(modules=[part])
     with meter:
@@ -64,15 +49,15 @@ def _stage_activation(cfg: BenchModel, stage_index: int, num_stages: int) -> tup
     return meter.peak_bytes, kv
 
 
-def expected_peak(ops: list[tuple[int, str, int]], stage_bytes: dict[int, tuple[int, int]],
+def expected_peak(ops: list[registry.Action], stage_bytes: dict[int, tuple[int, int]],
                   lengths: list[int]) -> float:
-    """Peak bytes of a rank's ``(stage, kind, unit)`` list (see module docs)."""
+    """Peak bytes of a rank's actions (see module docs)."""
     k = len(lengths)
     seq = sum(lengths)
     offsets = [sum(lengths[:j]) for j in range(k)]
     live = peak = 0.0
     relay: dict[tuple[int, int], float] = {}
-    for stage, kind, unit in ops:
+    for kind, stage, unit in ops:
         act, kv = stage_bytes[stage]
         n, j = divmod(unit, k)
         share = act * lengths[j] / seq
@@ -97,35 +82,30 @@ class _MergedKV:
         return {(i, mb): layers for i, c in enumerate(self._caches) for mb, layers in c._mbs.items()}
 
 
-def memory_worker(rank: int, world: int, cfg: BenchModel, configs: list[dict]) -> list[dict]:
+def memory_worker(rank: int, world: int, cfg: common.BenchModel, configs: list[dict]) -> list[dict]:
     out = []
     for c in configs:
         m = c["m"]
-        x, y = make_batch(cfg, m)
+        x, y = common.make_batch(cfg, m)
         mcfg = replace(cfg, model=replace(cfg.model, attn_backend=c.get("backend", cfg.model.attn_backend)))
-        sched, stages = build_schedule(c["schedule"], make_model(mcfg), rank, world, m=m, k=c["k"],
-                                       lengths=c.get("lengths"), seq_len=cfg.seq_len,
-                                       weight_grad_store=c.get("weight_grad_store", True))
-        run_step(sched, stages, x, y)  # warm-up: metadata inference and p2p set-up
+        sched, stages = common.build_schedule(c["schedule"], common.make_model(mcfg), rank, world, m=m, k=c["k"],
+                                              lengths=c.get("lengths"), seq_len=cfg.seq_len,
+                                              weight_grad_store=c.get("weight_grad_store", True))
+        common.run_step(sched, stages, x, y)  # warm-up: metadata inference and p2p set-up
         caches = [s.kv_cache for s in stages if hasattr(s, "kv_cache")]
         stores = [s.weight_grad_store for s in stages if getattr(s, "weight_grad_store", None) is not None]
         meter = ActivationMemoryMeter(modules=[s.submod for s in stages],
                                       kv_cache=caches[0] if len(caches) == 1 else _MergedKV(caches) if caches else None,
                                       weight_grads=stores)
         with meter:
-            run_step(sched, stages, x, y)
+            common.run_step(sched, stages, x, y)
         num_stages = stages[0].num_stages
         stage_bytes = {s.stage_index: _stage_activation(mcfg, s.stage_index, num_stages) for s in stages}
-        if c["schedule"] == "Seq1F1B":
-            ops = [(rank, kind, u) for kind, u in schedule_ir.compute_order(world, rank, m, c["k"])]
-            lengths = list(c["lengths"])
-        elif c["schedule"] in SEQ_SCHEDULES:  # the schedule's own action list
-            ops = [(s, kind, u) for kind, s, u in sched.compute_orders[rank]]
-            lengths = list(c["lengths"])
-        else:
-            ops = torch_schedules.torch_schedule_actions(c["schedule"], world, m)[rank] if c["schedule"] != "1F1B" else [
-                (rank, kind, u) for kind, u in schedule_ir.compute_order(world, rank, m, 1)]
-            lengths = [cfg.seq_len]
+        # The schedule's own action list, from the registry.
+        info = registry.resolve_schedule(c["schedule"])
+        ops = info.orders(pp=world, n_microbatches=m, n_seq_chunks=c["k"] if info.seq_chunks else 1,
+                          stages_per_rank=len(stages))[rank]
+        lengths = list(c["lengths"]) if info.seq_chunks else [cfg.seq_len]
         out.append(dict(
             c, rank=rank, peak_mib=meter.peak_bytes / MIB, saved_mib=meter.peak_saved_bytes / MIB,
             kv_mib=meter.peak_kv_bytes / MIB,
@@ -137,16 +117,9 @@ def memory_worker(rank: int, world: int, cfg: BenchModel, configs: list[dict]) -
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = __doc__.splitlines()[0].replace("``", "")
-    add_model_arguments(parser, BenchModel(model=GPTConfig(n_layers=8, dim=64, n_heads=4, vocab_size=256), seq_len=512))
-    parser.add_argument("--ranks", type=int, default=4, help="pipeline ranks (default 4)")
-    parser.add_argument("--microbatches", default="4,8", help="comma-separated m values (default 4,8)")
-    parser.add_argument("--chunks", default="2,4,8", help="comma-separated Seq1F1B k values (default 2,4,8)")
+    common.add_model_arguments(parser, common.BenchModel(model=GPTConfig(n_layers=8, dim=64, n_heads=4, vocab_size=256), seq_len=512))
+    common.add_run_arguments(parser, ranks=4, microbatches="4,8", chunks="2,4,8")
     parser.add_argument("--partitions", default="uniform,balanced", help="Seq1F1B partitions (default uniform,balanced)")
-    parser.add_argument("--schedules", default=",".join(TORCH_SCHEDULES),
-                        help=f"torch schedules (default {','.join(TORCH_SCHEDULES)})")
-    parser.add_argument("--seq-schedules", default="Seq1F1B",
-                        help="this package's schedules to run per k and partition, among "
-                             f"{','.join(SEQ_SCHEDULES)} (default Seq1F1B)")
     parser.add_argument("--backends", default=None,
                         help="extra Seq1F1B attention backends to compare, e.g. sdpa (the concatenating design)")
     parser.add_argument("--timeout", type=float, default=900, help="process-group timeout, seconds")
@@ -210,15 +183,12 @@ def _summary(rows: list[dict], world: int) -> list[dict]:
 
 
 def main(args: argparse.Namespace) -> int:
-    cfg = model_from_args(args)
+    cfg = common.model_from_args(args)
     ms = [int(v) for v in args.microbatches.split(",")]
     ks = [int(v) for v in args.chunks.split(",")]
     parts = [p for p in args.partitions.split(",") if p]
-    torch_names = [s for s in args.schedules.split(",") if s]
-    seq_names = [s for s in args.seq_schedules.split(",") if s]
-    for n in seq_names:
-        if n not in SEQ_SCHEDULES:
-            raise SystemExit(f"--seq-schedules: unknown {n!r}; choose among {', '.join(SEQ_SCHEDULES)}")
+    torch_names = common.parse_schedules(args.schedules, "--schedules", seq_chunks=False)
+    seq_names = common.parse_schedules(args.seq_schedules, "--seq-schedules", seq_chunks=True)
     if "1F1B" not in torch_names:
         torch_names.insert(0, "1F1B")  # the ratios' reference
     if cfg.model.n_layers < 2 * args.ranks:
@@ -231,17 +201,17 @@ def main(args: argparse.Namespace) -> int:
             for p in parts:
                 for b in backends:
                     configs.append(dict(schedule="Seq1F1B", m=m, k=k, partition=p, backend=b,
-                                        lengths=partition_lengths(p, cfg, k)))
-                configs += [dict(schedule=n, m=m, k=k, partition=p, lengths=partition_lengths(p, cfg, k))
+                                        lengths=common.partition_lengths(p, cfg, k)))
+                configs += [dict(schedule=n, m=m, k=k, partition=p, lengths=common.partition_lengths(p, cfg, k))
                             for n in seq_names if n != "Seq1F1B"]
-    meta = dict(env=env_info(), model=asdict(cfg), ranks=args.ranks)
+    meta = dict(env=common.env_info(), model=asdict(cfg), ranks=args.ranks)
     per_rank = run_ranks(memory_worker, args.ranks, cfg, configs, timeout_s=args.timeout)
     rows = [r for rank_rows in per_rank for r in rank_rows]
     summary = _summary(rows, args.ranks)
     cols = ["schedule", "m", "k", "partition", "backend", "peak_mib", "expected_mib", "rank0_vs_1F1B",
             "rank0_expected_vs_1F1B", "max_vs_1F1B_max"]
-    print_table(summary, cols, formats={c: ".3f" for c in cols[-3:]})
-    jpath, _ = write_results(out_dir(args), "memory", summary, meta, per_rank=rows)
+    common.print_table(summary, cols, formats={c: ".3f" for c in cols[-3:]})
+    jpath, _ = common.write_results(common.out_dir(args), "memory", summary, meta, per_rank=rows)
     print(f"wrote {jpath}")
     if args.png:
         draw_memory(summary, args.png)

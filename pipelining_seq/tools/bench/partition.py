@@ -18,21 +18,10 @@ from dataclasses import asdict
 
 import torch
 
-from ...flops import FlopModel
 from ...models import cross_entropy_loss
+from ...models.gpt import flop_model as gpt_flop_model
 from ..calibration import default_samples, fit_chunk_cost, linear_fit_partition, time_chunk, time_chunks
-from .common import (
-    BenchModel,
-    add_model_arguments,
-    env_info,
-    make_batch,
-    make_model,
-    model_from_args,
-    out_dir,
-    partition_lengths,
-    print_table,
-    write_results,
-)
+from . import common
 
 __all__ = ["add_arguments", "main", "run"]
 
@@ -41,7 +30,7 @@ logger = logging.getLogger(__name__)
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = __doc__.splitlines()[0].replace("``", "")
-    add_model_arguments(parser, BenchModel())
+    common.add_model_arguments(parser, common.BenchModel())
     parser.add_argument("--chunks", default="4", help="comma-separated k values (default 4)")
     parser.add_argument("--partitions", default="uniform,balanced,calibrated",
                         help="comma-separated among uniform, balanced, calibrated")
@@ -54,11 +43,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
 
 
-def calibrate(cfg: BenchModel, ks: list[int], *, repeats: int, diagonal: bool, multiple_of: int = 8,
+def calibrate(cfg: common.BenchModel, ks: list[int], *, repeats: int, diagonal: bool, multiple_of: int = 8,
               device: str = "cpu", model=None) -> dict:
     """Profile chunk costs, fit, and return the fitted partitions for every k."""
-    model = model or make_model(cfg).to(device)
-    x, y = (t.to(device) for t in make_batch(cfg, 1))
+    model = model or common.make_model(cfg).to(device)
+    x, y = (t.to(device) for t in common.make_batch(cfg, 1))
     samples = [
         (s, end, time_chunk(model, x, length=s, end=end, loss_fn=cross_entropy_loss, target=y, repeats=repeats))
         for s, end in default_samples(cfg.seq_len, multiple_of=multiple_of)
@@ -72,17 +61,17 @@ def calibrate(cfg: BenchModel, ks: list[int], *, repeats: int, diagonal: bool, m
     )
 
 
-def run(cfg: BenchModel, *, ks: list[int], partitions: list[str], repeats: int, warmup: int,
+def run(cfg: common.BenchModel, *, ks: list[int], partitions: list[str], repeats: int, warmup: int,
         calib_repeats: int, diagonal: bool) -> tuple[list[dict], dict, dict]:
-    model = make_model(cfg)
-    x, y = make_batch(cfg, 1)
+    model = common.make_model(cfg)
+    x, y = common.make_batch(cfg, 1)
     calib = None
     if "calibrated" in partitions:
         calib = calibrate(cfg, ks, repeats=calib_repeats, diagonal=diagonal, model=model)
     configs = [("full", 1, [cfg.seq_len])]
     for k in ks:
         for name in partitions:
-            configs.append((name, k, partition_lengths(name, cfg, k, calib["lengths"] if calib else None)))
+            configs.append((name, k, common.partition_lengths(name, cfg, k, calib["lengths"] if calib else None)))
     fwd: dict[int, list] = {i: [] for i in range(len(configs))}
     bwd: dict[int, list] = {i: [] for i in range(len(configs))}
     for rep in range(warmup + repeats):
@@ -92,7 +81,7 @@ def run(cfg: BenchModel, *, ks: list[int], partitions: list[str], repeats: int, 
                 fwd[i].append(f)
                 bwd[i].append(b)
     rows, entries = [], {}
-    flop_model = FlopModel.from_gpt(cfg.model)
+    flop_model = gpt_flop_model(cfg.model)
     for i, (name, k, lengths) in enumerate(configs):
         f = [statistics.median(r[j] for r in fwd[i]) for j in range(k)]
         b = [statistics.median(r[j] for r in bwd[i]) for j in range(k)]
@@ -111,7 +100,7 @@ def run(cfg: BenchModel, *, ks: list[int], partitions: list[str], repeats: int, 
 
 def main(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
-    cfg = model_from_args(args)
+    cfg = common.model_from_args(args)
     ks = [int(k) for k in args.chunks.split(",")]
     partitions = [p.strip() for p in args.partitions.split(",") if p.strip()]
     for p in partitions:
@@ -120,16 +109,16 @@ def main(args: argparse.Namespace) -> int:
     for k in ks:
         if cfg.seq_len % k:
             raise SystemExit(f"--seq-len {cfg.seq_len} is not divisible by k={k} (uniform chunks): change --chunks")
-    meta = dict(env=env_info(), model=asdict(cfg), threads=args.threads, repeats=args.repeats, fit=args.fit)
+    meta = dict(env=common.env_info(), model=asdict(cfg), threads=args.threads, repeats=args.repeats, fit=args.fit)
     rows, entries, calib = run(cfg, ks=ks, partitions=partitions, repeats=args.repeats, warmup=args.warmup,
                                calib_repeats=args.calib_repeats, diagonal=args.fit == "diagonal")
     if calib:
         print(f"calibration ({args.fit} form): {calib['coefficients']}, max fit error {calib['max_fit_error']:.1%}")
-    print_table(rows, ["partition", "k", "lengths", "chunk_ms", "total_ms", "max_over_mean", "flop_max_over_mean"],
+    common.print_table(rows, ["partition", "k", "lengths", "chunk_ms", "total_ms", "max_over_mean", "flop_max_over_mean"],
                 formats={"total_ms": ".1f", "max_over_mean": ".3f", "flop_max_over_mean": ".3f"})
     meta["calibration"] = calib
-    path = out_dir(args)
-    jpath, _ = write_results(path, "partition", rows, meta, partitions=entries, scope="model")
+    path = common.out_dir(args)
+    jpath, _ = common.write_results(path, "partition", rows, meta, partitions=entries, scope="model")
     # simulate --times reads the top-level "partitions" mapping.
     print(f"wrote {jpath} (use with: pipelining-seq simulate --times {jpath} --chunks {ks[0]} "
           f"--partition calibrated)")

@@ -19,43 +19,29 @@ from dataclasses import asdict
 import torch
 import torch.distributed as dist
 
-from ...testing import run_ranks
 from .. import torch_schedules
-from .common import (
-    SEQ_SCHEDULES,
-    BenchModel,
-    add_model_arguments,
-    build_schedule,
-    env_info,
-    make_batch,
-    make_model,
-    model_from_args,
-    out_dir,
-    partition_lengths,
-    print_table,
-    run_step,
-    write_results,
-)
+from ..testing import run_ranks
+from . import common
 from .partition import calibrate
 
 __all__ = ["add_arguments", "main", "time_worker"]
 
 logger = logging.getLogger(__name__)
 
-TORCH_SCHEDULES = ("1F1B", "GPipe", "Interleaved1F1B", "ZBVZeroBubble")
+TORCH_SCHEDULES = common.TORCH_SCHEDULES
 
 
-def time_worker(rank: int, world: int, cfg: BenchModel, groups: list[list[dict]], warmup: int,
+def time_worker(rank: int, world: int, cfg: common.BenchModel, groups: list[list[dict]], warmup: int,
                 repeats: int) -> list[dict]:
     """Per group (one micro-batch count), build every schedule, then time them interleaved."""
     out = []
     for group in groups:
         m = group[0]["m"]
-        x, y = make_batch(cfg, m)
+        x, y = common.make_batch(cfg, m)
         built = []
         for c in group:
             try:
-                sched, stages = build_schedule(c["schedule"], make_model(cfg), rank, world, m=m, k=c["k"],
+                sched, stages = common.build_schedule(c["schedule"], common.make_model(cfg), rank, world, m=m, k=c["k"],
                                                lengths=c.get("lengths"), seq_len=cfg.seq_len,
                                                early_recv=c.get("early_recv"))
                 built.append((c, sched, stages, None))
@@ -70,7 +56,7 @@ def time_worker(rank: int, world: int, cfg: BenchModel, groups: list[list[dict]]
                 dist.barrier()
                 t0 = time.perf_counter()
                 try:
-                    run_step(sched, stages, x, y)
+                    common.run_step(sched, stages, x, y)
                 except Exception as exc:  # noqa: BLE001 - reported per schedule, like a build error
                     errors[i] = f"{type(exc).__name__}: {exc}"
                     raise
@@ -97,7 +83,7 @@ def _ratio_rows(results: list[dict], ms: list[int], ks: list[int], partitions: l
                 for name in dict.fromkeys([*TORCH_SCHEDULES, *(n for n, *_ in med if n in torch_names)]):
                     t = med.get((name, m, 1, None))
                     row[f"{name}/Seq1F1B"] = (t / seq) if (t and seq) else None
-                for name in SEQ_SCHEDULES[1:]:
+                for name in common.SEQ_SCHEDULES[1:]:
                     t = med.get((name, m, k, part))
                     if t:
                         row[f"{name}/Seq1F1B"] = (t / seq) if seq else None
@@ -110,18 +96,11 @@ def _ratio_rows(results: list[dict], ms: list[int], ks: list[int], partitions: l
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = __doc__.splitlines()[0].replace("``", "")
-    add_model_arguments(parser, BenchModel())
-    parser.add_argument("--ranks", type=int, default=2, help="pipeline ranks (default 2)")
-    parser.add_argument("--microbatches", default="1,2,4", help="comma-separated m values (default 1,2,4)")
-    parser.add_argument("--chunks", default="1,2,4,8", help="comma-separated Seq1F1B k values (default 1,2,4,8)")
-    parser.add_argument("--schedules", default=",".join(TORCH_SCHEDULES),
-                        help=f"torch schedules to compare (default {','.join(TORCH_SCHEDULES)})")
+    common.add_model_arguments(parser, common.BenchModel())
+    common.add_run_arguments(parser, ranks=2, microbatches="1,2,4", chunks="1,2,4,8")
     parser.add_argument("--partition", default="calibrated",
                         help="comma-separated Seq1F1B chunk lengths among uniform, balanced, calibrated (measured on "
                              "one process first); one Seq1F1B run per partition and k > 1 (default calibrated)")
-    parser.add_argument("--seq-schedules", default="Seq1F1B",
-                        help="this package's schedules to run per k and partition, among "
-                             f"{','.join(SEQ_SCHEDULES)} (default Seq1F1B)")
     parser.add_argument("--early-recv", choices=["auto", "on", "off"], default="auto",
                         help="ScheduleSeq1F1B(early_recv=...): post each forward receive one unit ahead "
                              "(auto: on for gloo, the schedule's default)")
@@ -131,14 +110,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    cfg = model_from_args(args)
+    cfg = common.model_from_args(args)
     ms = [int(v) for v in args.microbatches.split(",")]
     ks = [int(v) for v in args.chunks.split(",")]
-    torch_names = [s.strip() for s in args.schedules.split(",") if s.strip()]
-    seq_names = [s.strip() for s in args.seq_schedules.split(",") if s.strip()]
-    for n in seq_names:
-        if n not in SEQ_SCHEDULES:
-            raise SystemExit(f"--seq-schedules: unknown {n!r}; choose among {', '.join(SEQ_SCHEDULES)}")
+    torch_names = common.parse_schedules(args.schedules, "--schedules", seq_chunks=False)
+    seq_names = common.parse_schedules(args.seq_schedules, "--seq-schedules", seq_chunks=True)
     for k in ks:
         if cfg.seq_len % k:
             raise SystemExit(f"--seq-len {cfg.seq_len} is not divisible by k={k}: change --chunks or --seq-len")
@@ -148,7 +124,7 @@ def main(args: argparse.Namespace) -> int:
     for p in partitions:
         if p not in ("uniform", "balanced", "calibrated"):
             raise SystemExit(f"--partition: unknown {p!r}; use uniform, balanced, calibrated")
-    meta = dict(env=env_info(), model=asdict(cfg), ranks=args.ranks, threads_per_rank=1,
+    meta = dict(env=common.env_info(), model=asdict(cfg), ranks=args.ranks, threads_per_rank=1,
                 warmup=args.warmup, repeats=args.repeats, partition=args.partition, early_recv=args.early_recv)
     early = {"auto": None, "on": True, "off": False}[args.early_recv]
     calib = None
@@ -161,26 +137,26 @@ def main(args: argparse.Namespace) -> int:
     for m in ms:
         group = [dict(schedule="Seq1F1B", m=m, k=1, early_recv=early)] if 1 in ks else []
         group += [dict(schedule="Seq1F1B", m=m, k=k, partition=p, early_recv=early,
-                       lengths=partition_lengths(p, cfg, k, calib["lengths"] if calib else None))
+                       lengths=common.partition_lengths(p, cfg, k, calib["lengths"] if calib else None))
                   for k in ks if k > 1 for p in partitions]
         group += [dict(schedule=name, m=m, k=k, partition=p,
-                       lengths=partition_lengths(p, cfg, k, calib["lengths"] if calib else None))
+                       lengths=common.partition_lengths(p, cfg, k, calib["lengths"] if calib else None))
                   for name in seq_names if name != "Seq1F1B" for k in ks if k > 1 for p in partitions]
         group += [dict(schedule=name, m=m, k=1) for name in torch_names]
         groups.append(group)
     per_rank = run_ranks(time_worker, args.ranks, cfg, groups, args.warmup, args.repeats, timeout_s=args.timeout)
     results = per_rank[0]
-    meta["env_after"] = env_info()
+    meta["env_after"] = common.env_info()
     for r in results:
         r["median_s"] = statistics.median(r["times"]) if r["times"] else None
-    print_table(results, ["schedule", "m", "k", "lengths", "median_s"], formats={"median_s": ".4f"})
+    common.print_table(results, ["schedule", "m", "k", "lengths", "median_s"], formats={"median_s": ".4f"})
     for r in results:
         if r["error"]:
             print(f"{r['schedule']} m={r['m']}: {r['error']}")
     rows = _ratio_rows(results, ms, ks, partitions)
     cols = (["m", "k", "partition", "seq1f1b_s"] + [f"{n}/Seq1F1B" for n in torch_names]
             + [f"{n}/Seq1F1B" for n in seq_names if n != "Seq1F1B"] + ["overhead"])
-    print_table(rows, cols, formats={c: ".3f" for c in cols[3:]})
-    jpath, _ = write_results(out_dir(args), "time", rows, meta, runs=results)
+    common.print_table(rows, cols, formats={c: ".3f" for c in cols[3:]})
+    jpath, _ = common.write_results(common.out_dir(args), "time", rows, meta, runs=results)
     print(f"load average before/after: {meta['env']['load_avg']} / {meta['env_after']['load_avg']}; wrote {jpath}")
     return 0

@@ -1,7 +1,7 @@
 """``plan --calibrate``: run one stage here and compare its measured memory with the plan.
 
 The stage is driven through its action list in one process, as the pipeline runtime
-would drive it; on CPU the measure is :class:`~pipelining_seq.memory.ActivationMemoryMeter`
+would drive it; on CPU the measure is :class:`~pipelining_seq.tools.memory.ActivationMemoryMeter`
 (saved tensors + K/V cache), on CUDA ``torch.cuda.max_memory_allocated``.
 """
 
@@ -13,8 +13,7 @@ from collections.abc import Sequence
 import torch
 
 from ... import schedule_ir
-from ...flops import balanced_partition_for
-from ...models.gpt import GPT, GPTConfig
+from ...models.gpt import GPT, GPTConfig, balanced_partition_for
 from .activations import ActivationModel
 from .plan import replay
 
@@ -48,8 +47,8 @@ def calibrate(
     above the parameters, compared with the planner's activations + K/V + transient.
     """
     from ...context import ChunkContext, KVCache, chunk_context
-    from ...memory import ActivationMemoryMeter
     from ...models.gpt import Block
+    from ..memory import ActivationMemoryMeter
 
     dev = torch.device(device)
     k = len(chunk_lengths)

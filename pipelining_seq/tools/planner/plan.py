@@ -5,10 +5,9 @@ parameters are counted per stage after tensor-parallel and FSDP sharding (the sh
 dimensions come from :mod:`pipelining_seq.parallel.tensor_parallel`'s plan). The
 activation bytes of each unit come from :class:`ActivationModel`, a per-token account
 of what autograd saves in this implementation (derived tensor by tensor, checked
-against :class:`~pipelining_seq.memory.ActivationMemoryMeter` on CPU; see
-docs/planner.md). The schedule's own action order
-(:func:`pipelining_seq.schedule_ir.compute_order`) is then replayed to find the moment
-of peak memory on every stage.
+against :class:`~pipelining_seq.tools.memory.ActivationMemoryMeter` on CPU; see
+docs/planner.md). The schedule's own action order (from :mod:`pipelining_seq.registry`)
+is then replayed to find the moment of peak memory on every stage.
 
 State bytes, per parameter held by a rank after TP (``N``) and FSDP over ``d`` ranks,
 with bf16 mixed precision (FSDP2 ``MixedPrecisionPolicy(bf16, reduce fp32)``, or
@@ -29,7 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ... import placement, schedule_ir, schedule_ir_multi
+from ... import registry
 from ...models.gpt import GPT, GPTConfig, stage_layer_ranges
 from ...parallel.mesh import validate_layout
 from ...parallel.tensor_parallel import tp_shard_dim
@@ -52,8 +51,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 GiB = 1 << 30
-SCHEDULES = ("Seq1F1B", "InterleavedSeq1F1B", "Seq1F1BZeroBubble", "1F1B", "GPipe")
-"""Schedules whose memory the planner models (canonical names of :mod:`pipelining_seq.placement`)."""
+SCHEDULES = tuple(s.name for s in registry.SCHEDULES if s.memory_plan)
+"""Schedules whose memory the planner models (canonical names of :mod:`pipelining_seq.registry`)."""
 
 
 def parse_bytes(text: str | int | float) -> int:
@@ -163,26 +162,6 @@ class MemoryPlan:
         return all(s.fits for s in self.stages)
 
 
-def _schedule_ops(schedule: str, p: int, r: int, m: int, k: int, v: int) -> list[tuple[str, int, int]]:
-    """Rank ``r``'s compute actions ``(kind, stage, unit)`` in the schedule's own order."""
-    if schedule == "GPipe":
-        return [("F", r, u) for u in range(m)] + [("B", r, u) for u in range(m)]
-    if schedule == "Seq1F1BZeroBubble":  # F, I (input grad), W (weight grad)
-        return list(schedule_ir_multi.zero_bubble_orders(p, m, k)[r])
-    if schedule == "InterleavedSeq1F1B":
-        return list(schedule_ir_multi.interleaved_orders(p, v, m, k)[r])
-    return [(kind, r, u) for kind, u in schedule_ir.compute_order(p, r, m, k)]
-
-
-def _peak_live_units(ops: list[tuple[str, int, int]]) -> int:
-    """Units forwarded whose backward (B, or W when the backward is split) has not finished."""
-    live = peak = 0
-    for kind, _, _ in ops:
-        live += 1 if kind == "F" else -1 if kind in ("B", "W") else 0
-        peak = max(peak, live)
-    return peak
-
-
 def replay(
     ops, k: int, unit, kv_of, dkv_after, dkv_new, transient_of, *, at_backward: bool = True
 ) -> tuple[int, int, int, str]:
@@ -242,13 +221,13 @@ def plan_memory(
     title: str = "",
 ) -> MemoryPlan:
     """Predict every pipeline rank's peak memory (see the module docstring for the model)."""
-    info = placement.resolve_schedule(schedule)  # any capitalisation
+    info = registry.resolve_schedule(schedule)  # any capitalisation
     schedule = info.name
-    v = placement.stages_per_rank(info, stages_per_rank)
-    if schedule not in SCHEDULES:
+    v = info.stages_per_rank(stages_per_rank)
+    if not info.memory_plan:
         raise ValueError(f"the planner models schedules {SCHEDULES}, not {schedule!r}")
     k = len(chunk_lengths)
-    if not placement.resolve_schedule(schedule).seq_chunks and k != 1:
+    if not info.seq_chunks and k != 1:
         raise ValueError(f"{schedule} runs whole sequences: pass one chunk length, got {list(chunk_lengths)}")
     validate_layout(
         pp=pp, dp_shard=dp_shard, tp=tp, n_layers=model.n_layers, n_heads=model.n_heads,
@@ -298,8 +277,9 @@ def plan_memory(
         grads = 2 * counts[st]["block"] if mixed_precision else 0  # one block's bf16 grads before the fp32 add
         return am.layer_transient(s, b) + extra + grads
 
+    orders = info.orders(pp=pp, n_microbatches=n_microbatches, n_seq_chunks=k, stages_per_rank=v)
     for r in range(pp):
-        held = placement.rank_stages(info, pp=pp, rank=r, stages_per_rank=v)
+        held = info.rank_stages(pp=pp, rank=r, stages_per_rank=v)
         c = {key: sum(counts[st][key] for st in held) for key in ("local", "sharded")}
         if mixed_precision:
             param_b = 4 * c["sharded"] + 2 * c["local"]
@@ -308,12 +288,12 @@ def plan_memory(
             param_b = 4 * c["sharded"] + (4 * c["local"] if dp_shard > 1 else 0)
             grad_b = 4 * c["local"]
         optim_b = 8 * c["sharded"]
-        ops = _schedule_ops(schedule, pp, r, n_microbatches, k, v)
+        ops = orders[r]
         act, kv, transient, tag = replay(ops, k, unit, kv_of, dkv_after, dkv_new, transient_of)
         sp = StagePlan(
             stage=r, layers=[ranges[st] for st in held], params=c["local"], param_bytes=param_b, grad_bytes=grad_b,
             optimizer_bytes=optim_b, unit_bytes=[sum(unit(st, j) for st in held) for j in range(k)],
-            unit_kv_bytes=[sum(kv_of(st, j) for st in held) for j in range(k)], peak_live_units=_peak_live_units(ops),
+            unit_kv_bytes=[sum(kv_of(st, j) for st in held) for j in range(k)], peak_live_units=registry.peak_live_units(ops),
             activation_bytes=act, kv_bytes=kv, transient_bytes=transient, peak_action=tag,
         )
         sp.total_bytes = param_b + grad_b + optim_b + act + kv + transient + reserve_bytes
@@ -356,7 +336,7 @@ def _g(n: int) -> str:
 def format_plan(plan: MemoryPlan) -> str:
     """The table ``pipelining-seq plan`` prints (GiB)."""
     k = len(plan.chunk_lengths)
-    seq = placement.resolve_schedule(plan.schedule).seq_chunks
+    seq = registry.resolve_schedule(plan.schedule).seq_chunks
     sched = f"{plan.schedule} k={k} chunks {plan.chunk_lengths}" if seq else plan.schedule
     lines = [
         plan.title,

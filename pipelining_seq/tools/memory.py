@@ -18,8 +18,8 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from . import _compat
-from .context import KVCache
+from .. import _compat
+from ..context import KVCache
 
 __all__ = ["ActivationMemoryMeter"]
 
