@@ -9,9 +9,9 @@ import torch
 from torch import nn
 
 from pipelining_seq.models import GPT, GPTConfig
-from pipelining_seq.tools.testing import run_ranks
 from pipelining_seq.tools.bench.common import BenchModel
 from pipelining_seq.tools.bench.memory import memory_worker
+from pipelining_seq.tools.testing import run_ranks
 from pipelining_seq.weight_grad import WeightGradStore
 
 

@@ -45,9 +45,9 @@ from ...schedules import ScheduleSeq1F1B
 from ...schedules_interleaved import ScheduleInterleavedSeq1F1B
 from ...schedules_zero_bubble import ScheduleSeq1F1BZeroBubble
 from ...stage import SequencePipelineStage
-from ..testing import run_ranks
 from .. import simulate as sim
 from .. import torch_schedules
+from ..testing import run_ranks
 from .breakdown import StepTimers, load_average
 from .common import SEQ_SCHEDULES, print_table
 
