@@ -1,6 +1,7 @@
 """Seq1F1B (sequence-level 1F1B pipeline scheduling) for torch.distributed.pipelining."""
 
 from .attention import ChunkedCausalAttention
+from .chunk_check import ChunkingReport, check_chunking
 from .context import ChunkContext, ContractError, KVCache, chunk_positions, current_chunk
 from .partition import balanced_partition, chunk_cost, uniform_partition
 from .schedules import ScheduleSeq1F1B
@@ -11,6 +12,7 @@ from .stage import SequencePipelineStage
 __all__ = [
     "ChunkContext",
     "ChunkedCausalAttention",
+    "ChunkingReport",
     "ContractError",
     "KVCache",
     "ScheduleInterleavedSeq1F1B",
@@ -19,6 +21,7 @@ __all__ = [
     "SequencePipelineStage",
     "balanced_partition",
     "chunk_cost",
+    "check_chunking",
     "chunk_positions",
     "current_chunk",
     "uniform_partition",

@@ -40,7 +40,7 @@ import torch.distributed as dist
 from torch.distributed.pipelining.schedules import PipelineScheduleSingle
 from torch.profiler import record_function
 
-from . import _compat, agreement, p2p, schedule_ir
+from . import _compat, agreement, chunk_check, p2p, schedule_ir
 from .partition import SeqPartition
 from .seq_units import SeqChunkedSchedule, SeqUnits
 from .stage import SequencePipelineStage
@@ -78,6 +78,11 @@ class ScheduleSeq1F1B(SeqChunkedSchedule, PipelineScheduleSingle):
             milliseconds on gloo. Default: on for gloo process groups, off otherwise
             (NCCL enqueues receives on its stream in order, where posting early buys
             nothing).
+        verify_chunking: on the first training step and the first eval, check that the
+            stage's chunked forwards of micro-batch 0 give the outputs of one
+            whole-sequence forward of the same inputs, and raise ``ContractError`` on
+            every rank before the step returns if not (:mod:`pipelining_seq.chunk_check`).
+            One extra no-grad forward of one micro-batch per stage, once; nothing later.
     """
 
     def __init__(
@@ -97,12 +102,14 @@ class ScheduleSeq1F1B(SeqChunkedSchedule, PipelineScheduleSingle):
         args_chunk_spec: Any = None,
         kwargs_chunk_spec: Any = None,
         output_merge_spec: Any = None,
+        verify_chunking: bool = True,
     ) -> None:
         self._units = SeqUnits(
             owner="ScheduleSeq1F1B", n_microbatches=n_microbatches, n_seq_chunks=n_seq_chunks,
             seq_partition=seq_partition, seq_dim=seq_dim, seq_len=seq_len,
             loss_reduction=loss_reduction, scale_grads=scale_grads, ignore_index=ignore_index,
         )
+        chunk_check.setup("ScheduleSeq1F1B", [stage], n_seq_chunks=n_seq_chunks, enabled=verify_chunking)
         p = stage.num_stages
         if n_microbatches * n_seq_chunks < p:
             raise ValueError(
@@ -179,11 +186,13 @@ class ScheduleSeq1F1B(SeqChunkedSchedule, PipelineScheduleSingle):
         )
 
         p2p.note(stage=self._stage.stage_index, n_seq_chunks=self._units.n_seq_chunks)  # for timeout messages
-        agreement.check_schedule(self, stage=self._stage, units=self._units)  # once per kind: one small collective
+        agreement.check_schedule(self, stage=self._stage, units=self._units,  # once per kind: one small collective
+                                 keyword_inputs=kwarg_mbs[0] if kwarg_mbs else {})
         self._stage.has_backward = self._has_backward
         self._stage.clear_runtime_states()
         arg_units, kwarg_units, target_units = self._prepare_units(arg_mbs, kwarg_mbs, target_mbs, seq_len)
         self._step_microbatches(arg_units, kwarg_units, target_units, losses, return_outputs, loss_kwargs)
+        chunk_check.verify(self, [self._stage])  # first step and first eval only
         if self._stage.is_last and return_outputs:
             return self._merge_outputs(self._merge_chunks(self._stage.output_chunks))
         return None

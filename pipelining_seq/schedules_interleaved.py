@@ -33,8 +33,8 @@ class ScheduleInterleavedSeq1F1B(SeqRuntimeSchedule):
             ``n_seq_chunks=1``).
         n_microbatches: micro-batches per step, split along dim 0.
         loss_fn: ``loss_fn(output, target)``, called per unit on the last stage.
-        n_seq_chunks, seq_partition, seq_dim, scale_grads, seq_len, loss_reduction, ignore_index:
-            as in :class:`pipelining_seq.ScheduleSeq1F1B`.
+        n_seq_chunks, seq_partition, seq_dim, scale_grads, seq_len, loss_reduction, ignore_index,
+            verify_chunking: as in :class:`pipelining_seq.ScheduleSeq1F1B`.
 
     ``n_microbatches`` must be at most, or a multiple of, ``ceil(p / n_seq_chunks)``
     (p when k = 1, as torch's interleaved rounds), and ``n_microbatches * n_seq_chunks``
@@ -59,6 +59,7 @@ class ScheduleInterleavedSeq1F1B(SeqRuntimeSchedule):
         args_chunk_spec: Any = None,
         kwargs_chunk_spec: Any = None,
         output_merge_spec: Any = None,
+        verify_chunking: bool = True,
     ) -> None:
         if not isinstance(stages, (list, tuple)):
             raise TypeError(
@@ -68,7 +69,7 @@ class ScheduleInterleavedSeq1F1B(SeqRuntimeSchedule):
             stages, n_microbatches, loss_fn, n_seq_chunks=n_seq_chunks, seq_partition=seq_partition,
             seq_dim=seq_dim, scale_grads=scale_grads, seq_len=seq_len, loss_reduction=loss_reduction, ignore_index=ignore_index,
             args_chunk_spec=args_chunk_spec, kwargs_chunk_spec=kwargs_chunk_spec,
-            output_merge_spec=output_merge_spec,
+            output_merge_spec=output_merge_spec, verify_chunking=verify_chunking,
         )
 
     def _check_stages(self, stages: list, n_microbatches: int, n_seq_chunks: int) -> None:

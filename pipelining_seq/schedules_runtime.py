@@ -19,7 +19,7 @@ from typing import Any, Literal
 import torch
 import torch.distributed as dist
 
-from . import _compat, agreement, schedule_ir_multi
+from . import _compat, agreement, chunk_check, schedule_ir_multi
 from .partition import SeqPartition
 from .seq_units import SeqChunkedSchedule, SeqUnits
 from .stage import SequencePipelineStage
@@ -50,6 +50,7 @@ class SeqRuntimeSchedule(SeqChunkedSchedule, _compat.PipelineScheduleRuntime):
         args_chunk_spec: Any = None,
         kwargs_chunk_spec: Any = None,
         output_merge_spec: Any = None,
+        verify_chunking: bool = True,
     ) -> None:
         self._units = SeqUnits(
             owner=self.name, n_microbatches=n_microbatches, n_seq_chunks=n_seq_chunks,
@@ -57,6 +58,7 @@ class SeqRuntimeSchedule(SeqChunkedSchedule, _compat.PipelineScheduleRuntime):
             loss_reduction=loss_reduction, scale_grads=scale_grads, ignore_index=ignore_index,
         )
         stages = list(stages)
+        chunk_check.setup(self.name, stages, n_seq_chunks=n_seq_chunks, enabled=verify_chunking)
         self._check_stages(stages, n_microbatches, n_seq_chunks)
         super().__init__(
             stages=stages,
@@ -168,7 +170,8 @@ class SeqRuntimeSchedule(SeqChunkedSchedule, _compat.PipelineScheduleRuntime):
         if self._has_backward and not torch.is_grad_enabled():
             raise RuntimeError("step() requires gradients to be enabled; call eval() for forward-only runs")
         units = self._units
-        agreement.check_schedule(self, stage=self._stages[0], units=units)  # once per kind: one small collective
+        agreement.check_schedule(self, stage=self._stages[0], units=units,  # once per kind: one small collective
+                                 keyword_inputs=kwargs)
         arg_mbs, kwarg_mbs, target_mbs, seq_len = units.split_step(
             args, kwargs, target, self._args_chunk_spec, self._kwargs_chunk_spec
         )
@@ -193,6 +196,7 @@ class SeqRuntimeSchedule(SeqChunkedSchedule, _compat.PipelineScheduleRuntime):
                     _compat.runtime_step_microbatches(self, arg_units, kwarg_units, target_units, losses, return_outputs, loss_kwargs)
             finally:
                 self.pipeline_order_with_comms = self._train_order_with_comms
+        chunk_check.verify(self, self._stages)  # first step and first eval only
         for stage in self._stages:
             if stage.is_last and return_outputs:
                 return self._merge_outputs(units.merge_chunks(stage.output_chunks))

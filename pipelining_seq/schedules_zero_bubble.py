@@ -34,7 +34,8 @@ class ScheduleSeq1F1BZeroBubble(SeqRuntimeSchedule):
         stage: this rank's :class:`SequencePipelineStage` (or a one-element list), stage
             index equal to the rank.
         n_microbatches, loss_fn, n_seq_chunks, seq_partition, seq_dim, scale_grads,
-            seq_len, loss_reduction, ignore_index: as in :class:`pipelining_seq.ScheduleSeq1F1B`.
+            seq_len, loss_reduction, ignore_index, verify_chunking: as in
+            :class:`pipelining_seq.ScheduleSeq1F1B`.
 
     ``n_microbatches * n_seq_chunks`` must be at least the number of ranks.
     """
@@ -57,6 +58,7 @@ class ScheduleSeq1F1BZeroBubble(SeqRuntimeSchedule):
         args_chunk_spec: Any = None,
         kwargs_chunk_spec: Any = None,
         output_merge_spec: Any = None,
+        verify_chunking: bool = True,
     ) -> None:
         stages = list(stage) if isinstance(stage, (list, tuple)) else [stage]
         if len(stages) != 1:
@@ -69,7 +71,7 @@ class ScheduleSeq1F1BZeroBubble(SeqRuntimeSchedule):
             stages, n_microbatches, loss_fn, n_seq_chunks=n_seq_chunks, seq_partition=seq_partition,
             seq_dim=seq_dim, scale_grads=scale_grads, seq_len=seq_len, loss_reduction=loss_reduction, ignore_index=ignore_index,
             args_chunk_spec=args_chunk_spec, kwargs_chunk_spec=kwargs_chunk_spec,
-            output_merge_spec=output_merge_spec,
+            output_merge_spec=output_merge_spec, verify_chunking=verify_chunking,
         )
         for s in stages:
             if isinstance(s, SequencePipelineStage):
