@@ -758,7 +758,7 @@ def verify(schedule: Any, stages: Sequence[Any]) -> None:
         dict(stage=int(r[1]), ok=r[0] == 0, max_diff=r[2], tol=r[3], seconds=r[4]) for r in table
     ]
     if all(r[0] == 0 for r in table):
-        logger.info("%s", summary_line(schedule))
+        logger.debug("%s", summary_line(schedule))
         return
     if dist.is_initialized() and dist.get_world_size(stage.group) > 1:
         everyone: list[Any] = [None] * dist.get_world_size(stage.group)

@@ -33,7 +33,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.pipelining import PipelineStage
 
-from .. import agreement, p2p, placement
+from .. import agreement, chunk_check, p2p, placement
 from ..agreement import AgreementError
 from ..models.gpt import (
     GPT,
@@ -212,6 +212,7 @@ class Trainer:
             schedule = cls(
                 stages if info.multi_stage else stages[0], m, cross_entropy_loss,
                 n_seq_chunks=cfg.seq1f1b.num_seq_chunks, seq_partition=partition, scale_grads=True,
+                verify_chunking=cfg.seq1f1b.verify_chunking,
                 # Middle stages get no input to read the length from; a static length spares the exchange.
                 seq_len=cfg.training.seq_len if callable(partition) or partition == "uniform" else None,
             )
@@ -277,6 +278,11 @@ class Trainer:
                 # full-vocabulary output until the end of the step.
                 return_outputs=False, **documents,
             )
+        checked = chunk_check.summary_line(self.schedule)
+        if checked is not None:  # the first step's chunk-exactness check: its one-time cost
+            self.schedule.chunk_check_results = None
+            if self.rank == 0:
+                logger.info("%s", checked)
         return losses
 
     def optimizer_step(self, *, update: bool) -> float:
