@@ -34,9 +34,10 @@ a chunk attending only to itself, or keys rotated at the wrong positions, move o
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -326,6 +327,28 @@ def _mismatch_message(report: ChunkingReport, *, what: str, hint: str) -> str:
     )
 
 
+# ------------------------------------------------------------- no side effects
+@contextlib.contextmanager
+def _unchanged(module: nn.Module, device: torch.device | str | None = None) -> Iterator[None]:
+    """Run extra forwards without a trace: buffers (BatchNorm statistics, MoE token counts
+    that feed a load-balancing update) and the random number generators are restored."""
+    saved = [
+        (m, name, buf, buf.detach().clone())
+        for m in module.modules() for name, buf in m.named_buffers(recurse=False) if buf is not None
+    ]
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    devices = [dev] if dev.type not in ("cpu", "meta") else []
+    with torch.random.fork_rng(devices=devices, device_type=dev.type if devices else "cuda"):
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for m, name, buf, value in saved:
+                    if getattr(m, name, None) is not buf:
+                        setattr(m, name, buf)
+                    buf.copy_(value)
+
+
 # ------------------------------------------------------------------- recording
 def _is_compiled(m: nn.Module) -> bool:
     return _compat.is_compiled_module(m)
@@ -454,10 +477,11 @@ def _compare_module(
 
     rec = _Recorder(module)
     try:
-        chunk_outs = _run_chunks(module, unit_args, unit_kwargs, lengths, where=where, before=rec.begin)
-        rec.begin(record_order=True)
-        with torch.no_grad():
-            whole_out = module(*whole_args, **whole_kwargs)
+        with _unchanged(module, _device_of(module)):
+            chunk_outs = _run_chunks(module, unit_args, unit_kwargs, lengths, where=where, before=rec.begin)
+            rec.begin(record_order=True)
+            with torch.no_grad():
+                whole_out = module(*whole_args, **whole_kwargs)
     finally:
         rec.remove()
     diffs, not_compared = _module_diffs(rec, lengths, prefer, rtol_for)
@@ -547,6 +571,12 @@ def check_chunking(
             hint="Fix the model, then run check_chunking again; print(report) lists every submodule's difference.",
         ))
     return report
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    for t in (*module.parameters(), *module.buffers()):
+        return t.device
+    return torch.device("cpu")
 
 
 def _device_type(module: nn.Module, args: tuple, kwargs: dict) -> str:
@@ -639,7 +669,7 @@ class StageCheck:
         device_type = torch.device(stage.device).type
         t0 = time.perf_counter()
         args, kwargs = self._whole_inputs()
-        with torch.no_grad():
+        with torch.no_grad(), _unchanged(stage.submod, stage.device):
             whole = stage.submod(*args, **kwargs)
         extra = _context_dtypes(stage.submod, device_type)
         got = _compare_tree(self._outputs, whole, self.lengths, self.seq_dim)

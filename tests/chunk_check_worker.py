@@ -44,15 +44,20 @@ def check_worker(rank: int, world: int, cfg: dict) -> dict:
     """The steps/evals of ``cfg["calls"]``; returns the error each rank raised (None if
     none), the stage modules' forward calls per step, and the check's results."""
     parts, stages, sched = build(rank, world, cfg)
-    calls = [0]
-    for p in parts:
-        p.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    calls, whole = [0], [0]
     x, y = batch()
+
+    def count(module, args):
+        calls[0] += 1
+        whole[0] += args[0].shape[1] == x.shape[1]  # a whole sequence: the check's forward
+
+    for p in parts:
+        p.register_forward_pre_hook(count)
     docs = torch.zeros_like(x)
     docs[:, 7:] = 1
-    out: dict = dict(error=None, kind=None, calls=[], results=None)
+    out: dict = dict(error=None, kind=None, calls=[], whole_calls=[], results=None)
     for call in cfg.get("calls", ["step"]):  # "step" or "eval", in order
-        calls[0] = 0
+        calls[0] = whole[0] = 0
         kw = {"document_ids": docs} if cfg.get("docs") == "all" or (cfg.get("docs") == "first" and rank == 0) else {}
         run = sched.eval if call == "eval" else sched.step
         try:
@@ -66,6 +71,7 @@ def check_worker(rank: int, world: int, cfg: dict) -> dict:
             out.update(error=str(e), kind=type(e).__name__, failed_at=call)
             break
         out["calls"].append(calls[0])
+        out["whole_calls"].append(whole[0])
     out["results"] = getattr(sched, "chunk_check_results", None)
     out["leftover"] = sum(len(s.kv_cache) for s in stages)
     return out

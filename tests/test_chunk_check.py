@@ -36,18 +36,20 @@ def test_signature_is_the_documented_one():
 
 
 # ------------------------------------------------------------- no false alarms
-GPT_CASES = [
-    dict(),
-    dict(v_head_dim=12),  # MLA-style value heads
-    dict(activation_checkpoint=True),
-    dict(mlp="gelu", n_kv_heads=None, attn_backend="sdpa"),
+GPT_CASES = [  # (dtype, model): every dtype on the GQA/SwiGLU model, the variants in one dtype each
+    (torch.float64, dict()),
+    (torch.float32, dict()),
+    (torch.bfloat16, dict()),
+    (torch.bfloat16, dict(v_head_dim=12)),  # MLA-style value heads
+    (torch.float32, dict(activation_checkpoint=True)),
+    (torch.float32, dict(mlp="gelu", n_kv_heads=None, attn_backend="sdpa")),
 ]
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("over", GPT_CASES, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()) or "gqa-swiglu")
+@pytest.mark.parametrize("dtype,over", GPT_CASES,
+                         ids=lambda c: str(c) if isinstance(c, torch.dtype) else "-".join(f"{k}={v}" for k, v in c.items()))
 def test_reference_gpt_passes(dtype, over):
-    model = make_model(**over).to(dtype)
+    model = make_model(n_layers=2, **over).to(dtype)
     x = tokens(2, 24)
     ids = torch.zeros_like(x)
     ids[0, 5:] = 1
@@ -59,7 +61,7 @@ def test_reference_gpt_passes(dtype, over):
         assert report.output.rtol == rtol
         # Every block's submodules were compared (hooks reach them), all within tolerance.
         names = {d.name for d in report.modules}
-        assert {"layers.0.attention.attn", "layers.3.feed_forward", "output"} <= names
+        assert {"layers.0.attention.attn", "layers.1.feed_forward", "output"} <= names
         assert all(d.ok for d in report.modules)
         assert report.lengths == ([8, 8, 8] if partition == "uniform" else [10, 8, 6])
 
@@ -77,7 +79,7 @@ def test_a_later_stage_and_bf16_autocast_pass():
 
 @pytest.mark.slow
 def test_compiled_blocks_pass_and_are_not_looked_into():
-    model = make_model()
+    model = make_model(n_layers=2)
     model.compile_blocks()
     report = check_chunking(model, tokens(2, 16), n_seq_chunks=2)
     assert report.ok
@@ -138,6 +140,36 @@ def test_dropout_in_training_mode_is_caught():
     with pytest.raises(ContractError, match="first differing submodule: drop .*dropout or other randomness"):
         check_chunking(WithDropout().double().train(), tokens(), n_seq_chunks=2)
     assert check_chunking(WithDropout().double().eval(), tokens(), n_seq_chunks=2).ok
+
+
+class Counting(TinyLM):
+    """Counts the tokens it sees in a buffer, as MoE load balancing or BatchNorm do."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("tokens_seen", torch.zeros((), dtype=torch.float64))
+
+    def forward(self, h, document_ids=None):
+        self.tokens_seen += h.shape[0] * h.shape[1]
+        return super().forward(h, document_ids) + 0 * torch.rand(())
+
+
+@pytest.mark.usefixtures("world_of_one")
+def test_the_extra_forwards_leave_buffers_and_random_state_alone():
+    model = Counting().double()
+    state = torch.random.get_rng_state()
+    check_chunking(model, tokens(), n_seq_chunks=4)
+    assert model.tokens_seen.item() == 0 and torch.equal(torch.random.get_rng_state(), state)
+    x, y = tokens(4, 16), tokens(4, 16, seed=2)
+    seen = []
+    for verify in (True, False):
+        model = Counting().double()
+        sched = ScheduleSeq1F1B(SequencePipelineStage(model, 0, 1, torch.device("cpu")), 2, ce, n_seq_chunks=4,
+                                verify_chunking=verify)
+        torch.manual_seed(5)
+        sched.step(x, target=y)
+        seen.append((model.tokens_seen.item(), torch.rand(()).item()))
+    assert seen[0] == seen[1]
 
 
 def test_tolerances_by_precision():
@@ -256,7 +288,6 @@ MISTAKES = [
     dict(schedule="1F1B", attn="eager"),
     dict(schedule="ZB", positions="arange"),
     dict(schedule="I", attn="eager"),
-    dict(schedule="1F1B", positions="arange", calls=["eval"]),
 ]
 
 
@@ -267,8 +298,7 @@ def test_every_rank_raises_the_same_error(cfg):
     errors = {r["error"] for r in results}
     assert len(errors) == 1 and None not in errors, errors
     msg = errors.pop()
-    kind = "eval" if cfg.get("calls") == ["eval"] else "training step"
-    assert f"stage 0 (first {kind})" in msg and "first differing submodule: blocks.0.attention.attn" in msg
+    assert "stage 0 (first training step)" in msg and "first differing submodule: blocks.0.attention.attn" in msg
     assert all(r["kind"] == "ContractError" and r["leftover"] == 0 for r in results)
     stages = {row["stage"]: row["ok"] for row in results[0]["results"]}
     assert not any(stages.values()) and len(stages) == (4 if cfg["schedule"] == "I" else 2)
@@ -277,12 +307,11 @@ def test_every_rank_raises_the_same_error(cfg):
 @pytest.mark.slow
 @pytest.mark.parametrize("schedule", ["1F1B", "I", "ZB"])
 def test_contract_kept_passes_once_then_costs_nothing(schedule):
-    cfg = dict(schedule=schedule, calls=["step", "step", "eval", "eval"], docs="all")
-    on, off = run_ranks(check_worker, 2, cfg), run_ranks(check_worker, 2, dict(cfg, verify=False))
-    per_rank = 2 if schedule == "I" else 1  # stages per rank: one whole forward each
-    for r, base in zip(on, off):
-        assert r["error"] is None and base["results"] is None
-        assert [a - b for a, b in zip(r["calls"], base["calls"])] == [per_rank, 0, per_rank, 0]
+    results = run_ranks(check_worker, 2, dict(schedule=schedule, calls=["step", "step", "eval", "eval"], docs="all"))
+    per_rank = 2 if schedule == "I" else 1  # stages per rank: one whole-sequence forward each
+    for r in results:
+        assert r["error"] is None
+        assert r["whole_calls"] == [per_rank, 0, per_rank, 0]
         assert all(row["ok"] and row["max_diff"] <= row["tol"] for row in r["results"])
 
 
