@@ -788,7 +788,9 @@ def verify(schedule: Any, stages: Sequence[Any]) -> None:
         dict(stage=int(r[1]), ok=r[0] == 0, max_diff=r[2], tol=r[3], seconds=r[4]) for r in table
     ]
     if all(r[0] == 0 for r in table):
-        logger.debug("%s", summary_line(schedule))
+        # Once per pipeline (its first rank): the trainer's and torchtitan's logs show it.
+        if not dist.is_initialized() or dist.get_rank(stage.group) == 0:
+            logger.info("%s", summary_line(schedule))
         return
     if dist.is_initialized() and dist.get_world_size(stage.group) > 1:
         everyone: list[Any] = [None] * dist.get_world_size(stage.group)

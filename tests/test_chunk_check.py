@@ -237,6 +237,21 @@ def test_first_eval_is_checked_and_later_steps_cost_nothing():
     assert getattr(one, "chunk_check_results", None) is None
 
 
+@pytest.mark.usefixtures("world_of_one")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_reference_gpt_passes_in_the_schedule(dtype):
+    # Documents, activation checkpointing and uneven chunks, as the shipped recipes run.
+    model = make_model(n_layers=2, activation_checkpoint=True).to(dtype)
+    x, y = tokens(4, 24), tokens(4, 24, seed=2)
+    ids = torch.zeros_like(x)
+    ids[:, 9:] = 1
+    sched = ScheduleSeq1F1B(SequencePipelineStage(model, 0, 1, torch.device("cpu")), 2, ce, n_seq_chunks=3,
+                            seq_partition=[10, 8, 6])
+    sched.step(x, target=y, document_ids=ids)
+    (row,) = sched.chunk_check_results
+    assert row["ok"] and row["max_diff"] <= row["tol"]
+
+
 class SharedAttention(nn.Module):
     """Two layers calling ONE ChunkedCausalAttention instance."""
 

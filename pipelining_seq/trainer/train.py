@@ -33,7 +33,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.pipelining import PipelineStage
 
-from .. import agreement, chunk_check, p2p, placement
+from .. import agreement, p2p, placement
 from ..agreement import AgreementError
 from ..models.gpt import (
     GPT,
@@ -278,11 +278,6 @@ class Trainer:
                 # full-vocabulary output until the end of the step.
                 return_outputs=False, **documents,
             )
-        checked = chunk_check.summary_line(self.schedule)
-        if checked is not None:  # the first step's chunk-exactness check: its one-time cost
-            self.schedule.chunk_check_results = None
-            if self.rank == 0:
-                logger.info("%s", checked)
         return losses
 
     def optimizer_step(self, *, update: bool) -> float:
