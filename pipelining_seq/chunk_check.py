@@ -44,6 +44,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 
 from . import _compat
 from .attention import ChunkedCausalAttention
@@ -347,6 +348,12 @@ def _unchanged(module: nn.Module, device: torch.device | str | None = None) -> I
                     if getattr(m, name, None) is not buf:
                         setattr(m, name, buf)
                     buf.copy_(value)
+            # FSDP2 leaves a module unsharded after a forward when reshard_after_forward is
+            # off: its parameters would then be the unsharded ones, without the step's
+            # gradients, until the next reshard. Put the sharded ones back.
+            for m in module.modules():
+                if isinstance(m, FSDPModule):
+                    m.reshard()
 
 
 # ------------------------------------------------------------------- recording
