@@ -1,6 +1,7 @@
 """Seq1F1B (sequence-level 1F1B pipeline scheduling) for torch.distributed.pipelining."""
 
 from .attention import ChunkedCausalAttention
+from .chunk_check import ChunkingReport, check_chunking
 from .chunking import ChunkingConfig
 from .context import ChunkContext, ContractError, KVCache, chunk_positions, current_chunk
 from .partition import balanced_partition, chunk_cost, uniform_partition
@@ -13,6 +14,7 @@ __all__ = [
     "ChunkContext",
     "ChunkedCausalAttention",
     "ChunkingConfig",
+    "ChunkingReport",
     "ContractError",
     "KVCache",
     "ScheduleInterleavedSeq1F1B",
@@ -21,6 +23,7 @@ __all__ = [
     "SequencePipelineStage",
     "balanced_partition",
     "chunk_cost",
+    "check_chunking",
     "chunk_positions",
     "current_chunk",
     "uniform_partition",

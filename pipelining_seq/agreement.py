@@ -26,7 +26,9 @@ import torch.distributed as dist
 
 from . import p2p
 
-__all__ = ["AgreementError", "check", "check_schedule", "describe_partition", "first_difference"]
+__all__ = [
+    "AgreementError", "check", "check_schedule", "describe_partition", "first_difference", "keyword_input_names",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -101,13 +103,38 @@ def check(fields: dict[str, Any], *, group: Any = None, what: str, device: torch
     sides = "; ".join(f"{value} on rank(s) {ranks}" for value, ranks in groups.items())
     raise AgreementError(
         f"{what}: ranks disagree on {key}: {sides} (ranks of one group in the process group's numbering); "
-        "every rank must be given the same settings"
+        + _HINTS.get(key, "every rank must be given the same settings")
     )
 
 
-def check_schedule(schedule: Any, *, stage: Any, units: Any) -> None:
+_HINTS = {
+    "step_keyword_inputs": (
+        "pass the same keyword inputs (document_ids=..., ...) to step() on every stage: each stage's "
+        "attention needs them, and a stage without document_ids would attend across documents"
+    ),
+}
+
+
+_PRE_SPLIT = ("arg_mbs", "kwarg_mbs", "target_mbs")
+
+
+def keyword_input_names(kwargs: Any) -> list[str]:
+    """Names of the keyword inputs a ``step`` call gives the stage (``document_ids``, ...):
+    the whole-batch keywords, or the keys of torchtitan's pre-split ``kwarg_mbs``; a
+    keyword given as None counts as absent."""
+    kwargs = dict(kwargs or {})
+    mbs = kwargs.get("kwarg_mbs")
+    if mbs:
+        kwargs = dict(mbs[0] or {})
+    return sorted(k for k, v in kwargs.items() if k not in _PRE_SPLIT and v is not None)
+
+
+def check_schedule(schedule: Any, *, stage: Any, units: Any, keyword_inputs: Any = None) -> None:
     """A sequence-chunked schedule's check on its first ``step`` and first ``eval`` (over
-    ``stage``'s group); ``units`` is the schedule's :class:`~pipelining_seq.seq_units.SeqUnits`."""
+    ``stage``'s group); ``units`` is the schedule's :class:`~pipelining_seq.seq_units.SeqUnits`,
+    ``keyword_inputs`` the step's keyword inputs (a dict, see :func:`keyword_input_names`):
+    a stage given ``document_ids`` while another is not would mask attention on one
+    stage and not on the next, and train on wrong losses."""
     kind = "step" if schedule._has_backward else "eval"
     done = schedule.__dict__.setdefault("_agreed_kinds", set())
     if kind in done:
@@ -123,6 +150,8 @@ def check_schedule(schedule: Any, *, stage: Any, units: Any) -> None:
         "seq_dim": units.seq_dim,
         "loss_reduction": units.loss_reduction,
         "scale_grads": bool(schedule.scale_grads),
+        "verify_chunking": getattr(stage, "_chunk_check", None) is not None,
+        "step_keyword_inputs": keyword_input_names(keyword_inputs),
     }
     name = type(schedule).__name__
     check(fields, group=stage.group, what=f"{name}.{kind} (stage {stage.stage_index})", device=stage.device)

@@ -102,6 +102,16 @@ def _refusal_in(e: BaseException | None) -> str | None:
     return None
 
 
+def _contract_error_in(e: BaseException | None) -> ContractError | None:
+    """The first ContractError instance in ``e``'s chain (torch wraps forward errors)."""
+    seen = 0
+    while e is not None and seen < 8:
+        if isinstance(e, ContractError):
+            return e
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return None
+
+
 def _names_contract_error(e: BaseException | None) -> bool:
     seen = 0
     while e is not None and seen < 8:
@@ -122,8 +132,12 @@ def chunked_unit(*, n_chunks: int, where: str) -> Iterator[None]:
             yield
     except Exception as e:
         # Eager flex attention runs through torch.compile, which reports the refusal
-        # inside its own error type; give the caller the refusal.
+        # inside its own error type; give the caller the refusal. A ContractError raised
+        # by the model's own contract checks (ChunkedCausalAttention shared by several
+        # layers, ...) keeps its message: the stage unwraps it from torch's RuntimeError.
         refused = None if isinstance(e, ContractError) else _refusal_in(e)
+        if refused is None and _contract_error_in(e) is not None:
+            raise
         if refused is None and not isinstance(e, ContractError) and _names_contract_error(e):
             # torch < 2.13 drops the message when it re-raises from a compiled region.
             refused = (

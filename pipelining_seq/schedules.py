@@ -40,7 +40,7 @@ import torch.distributed as dist
 from torch.distributed.pipelining.schedules import PipelineScheduleSingle
 from torch.profiler import record_function
 
-from . import _compat, p2p, registry, schedule_ir
+from . import _compat, chunk_check, p2p, registry, schedule_ir
 from .chunking import ChunkingConfig
 from .partition import SeqPartition
 from .seq_units import SeqChunkedSchedule
@@ -82,6 +82,11 @@ class ScheduleSeq1F1B(SeqChunkedSchedule, PipelineScheduleSingle):
         chunking: the chunking settings as one
             :class:`~pipelining_seq.ChunkingConfig` instead of the keywords
             ``n_seq_chunks`` ... ``ignore_index`` (pass one or the other).
+        verify_chunking: on the first training step and the first eval, check that the
+            stage's chunked forwards of micro-batch 0 give the outputs of one
+            whole-sequence forward of the same inputs, and raise ``ContractError`` on
+            every rank before the step returns if not (:mod:`pipelining_seq.chunk_check`).
+            One extra no-grad forward of one micro-batch per stage, once; nothing later.
     """
 
     def __init__(
@@ -102,6 +107,7 @@ class ScheduleSeq1F1B(SeqChunkedSchedule, PipelineScheduleSingle):
         kwargs_chunk_spec: Any = None,
         output_merge_spec: Any = None,
         chunking: ChunkingConfig | None = None,
+        verify_chunking: bool = True,
     ) -> None:
         units = self._init_units(
             "ScheduleSeq1F1B", n_microbatches, chunking, scale_grads, n_seq_chunks=n_seq_chunks,
@@ -111,6 +117,7 @@ class ScheduleSeq1F1B(SeqChunkedSchedule, PipelineScheduleSingle):
         n_seq_chunks = units.n_seq_chunks
         registry.check_admissible("Seq1F1B", pp=stage.num_stages, n_microbatches=n_microbatches,
                                   n_seq_chunks=n_seq_chunks, owner="ScheduleSeq1F1B")
+        chunk_check.setup("ScheduleSeq1F1B", [stage], n_seq_chunks=n_seq_chunks, enabled=verify_chunking)
         if n_seq_chunks > 1 and not isinstance(stage, SequencePipelineStage):
             raise TypeError(
                 f"ScheduleSeq1F1B(n_seq_chunks={n_seq_chunks}) needs a SequencePipelineStage "

@@ -30,7 +30,7 @@ class ScheduleInterleavedSeq1F1B(SeqRuntimeSchedule):
         n_microbatches: micro-batches per step, split along dim 0.
         loss_fn: ``loss_fn(output, target)``, called per unit on the last stage.
         n_seq_chunks, seq_partition, seq_dim, scale_grads, seq_len, loss_reduction, ignore_index,
-            chunking: as in :class:`pipelining_seq.ScheduleSeq1F1B`.
+            chunking, verify_chunking: as in :class:`pipelining_seq.ScheduleSeq1F1B`.
         early_recv: post each receive as early as the action list allows
             (:mod:`pipelining_seq.recv_order`); default on for gloo, off otherwise.
 

@@ -35,7 +35,7 @@ class ScheduleSeq1F1BZeroBubble(SeqRuntimeSchedule):
             index equal to the rank.
         n_microbatches, loss_fn: as in :class:`pipelining_seq.ScheduleSeq1F1B`.
         options: the keywords of :class:`pipelining_seq.ScheduleSeq1F1B` (``n_seq_chunks``,
-            ..., ``ignore_index``, or ``chunking=``), and torch's ``scale_grads`` and chunk specs.
+            ..., ``ignore_index``, or ``chunking=``; ``verify_chunking``), and torch's ``scale_grads`` and chunk specs.
         early_recv: post each receive as early as the action list allows
             (:mod:`pipelining_seq.recv_order`); default on for gloo, off otherwise.
         weight_grad_store: run I and W with the stage's weight-gradient store

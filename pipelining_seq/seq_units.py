@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.pipelining.microbatch import split_args_kwargs_into_chunks
 
-from . import agreement, p2p
+from . import agreement, chunk_check, p2p
 from .attention import check_document_ids
 from .chunking import ChunkingConfig
 from .losses import chunk_loss_weights, weight_chunk_loss
@@ -349,7 +349,8 @@ class SeqChunkedSchedule:
         units.check_targets(is_last=any(stage.is_last for stage in stages), loss_fn=self._loss_fn,
                             has_backward=self._has_backward, target_mbs=target_mbs, losses=losses)
         p2p.note(stage=stages[0].stage_index, n_seq_chunks=units.n_seq_chunks)  # for timeout messages
-        agreement.check_schedule(self, stage=stages[0], units=units)  # once per kind: one small collective
+        agreement.check_schedule(self, stage=stages[0], units=units,  # once per kind: one small collective
+                                 keyword_inputs=kwarg_mbs[0] if kwarg_mbs else {})
         for stage in stages:
             stage.has_backward = self._has_backward
             stage.clear_runtime_states()
@@ -381,6 +382,7 @@ class SeqChunkedSchedule:
         """
         arg_units, kwarg_units, target_units = self._prepare_step(args, kwargs, target, losses)
         self._run_units(arg_units, kwarg_units, target_units, losses, return_outputs, loss_kwargs)
+        chunk_check.verify(self, self._seq_stages())  # first step and first eval only
         return self._merged_outputs(return_outputs)
 
     def _run_units(self, arg_units: list, kwarg_units: list, target_units: list | None, losses: list | None,

@@ -27,7 +27,7 @@ import torch
 from torch.distributed.pipelining import PipelineStage
 
 from . import _compat
-from .context import ChunkContext, ContractError, KVCache, chunk_context
+from .context import ChunkContext, ContractError, KVCache, chunk_context, current_chunk
 from .guard import chunked_unit
 from .weight_grad import WeightGradStore, unsupported_reason
 
@@ -62,6 +62,8 @@ class SequencePipelineStage(PipelineStage):
         self._guarded_lengths: set[int] = set()
         self._compiled = False
         self._wgrad_store: WeightGradStore | None = None
+        # The chunk-exactness check's recorder (pipelining_seq.chunk_check), set by the schedule.
+        self._chunk_check: Any = None
 
     # ------------------------------------------------------------------ configuration
     def configure_seq_chunks(self, *, n_microbatches: int, chunk_lengths: Sequence[int]) -> None:
@@ -71,6 +73,8 @@ class SequencePipelineStage(PipelineStage):
         self._offsets = [sum(self._lengths[:j]) for j in range(self._n_chunks)]
         self._n_microbatches = n_microbatches
         self._compiled = _compat.has_compiled_module(self.submod)
+        if self._chunk_check is not None:
+            self._chunk_check.arm(kind="step" if self.has_backward else "eval", lengths=self._lengths)
 
     def use_weight_grad_store(self, enabled: bool = True) -> bool:
         """Split backwards (I, W) with a weight-gradient store (:mod:`pipelining_seq.weight_grad`).
@@ -174,6 +178,15 @@ class SequencePipelineStage(PipelineStage):
             return 1
         self._guarded_lengths.add(ctx.length)
         return ctx.n_chunks
+
+    def forward_maybe_with_nosync(self, *args: Any, **kwargs: Any) -> Any:
+        # torch's forward_one_chunk calls this with the unit's composite inputs; the
+        # chunk-exactness check records micro-batch 0's here on its first step and eval.
+        check = self._chunk_check
+        if check is None or not check.wants(current_chunk()):
+            return super().forward_maybe_with_nosync(*args, **kwargs)
+        return check.record(lambda: super(SequencePipelineStage, self).forward_maybe_with_nosync(*args, **kwargs),
+                            args, kwargs)
 
     def forward_one_chunk(
         self,

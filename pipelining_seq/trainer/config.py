@@ -159,6 +159,8 @@ class Seq1F1BConfig:
     """uniform (equal chunks; seq_len divisible by k), balanced (equal modelled FLOPs, the paper's computation-wise partition) or an explicit list of k chunk lengths summing to seq_len."""
     multiple_of: int = 1
     """Round balanced chunk lengths to a multiple of this (e.g. the tp degree, or 8/64/128 for GPU kernels)."""
+    verify_chunking: bool = True
+    """On the first step, check on every stage that micro-batch 0 run in chunks gives the outputs of one whole-sequence forward (one extra no-grad forward, once); a model that breaks the chunk contract is refused before any update."""
 
 
 @dataclass(kw_only=True)

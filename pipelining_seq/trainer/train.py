@@ -198,10 +198,11 @@ class Trainer:
 
     def _build_schedule(self) -> tuple[list, Any]:
         cfg, info = self.cfg, schedule_info(self.cfg)
+        options = {"verify_chunking": cfg.seq1f1b.verify_chunking} if info.seq_chunks else {}
         schedule, stages = info.build(
             self.parts, self.stage_ids, self.num_stages, self.device, group=self.pp_group,
             n_microbatches=n_microbatches(cfg), loss_fn=cross_entropy_loss,
-            chunking=chunking(cfg) if info.seq_chunks else None,
+            chunking=chunking(cfg) if info.seq_chunks else None, **options,
         )
         return stages, schedule
 
