@@ -2,7 +2,7 @@
 
 Usage (one process per rank, under torchrun)::
 
-    torchrun --nproc-per-node 2 tests/torchtitan_cpu.py -m pipelining_seq.integrations.torchtitan <args>
+    torchrun --nproc-per-node 2 tests/workers/torchtitan_cpu.py -m pipelining_seq.integrations.torchtitan <args>
 
 torchtitan 0.3 assumes an accelerator: it takes ``_get_available_device_type() or "cuda"``
 as its device, asks the device module for a name, memory figures and the current device

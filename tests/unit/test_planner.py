@@ -21,7 +21,7 @@ from pipelining_seq.tools.planner import (
     stage_param_counts,
 )
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 GiB = 1 << 30
 G30B = GPTConfig(vocab_size=50304, n_layers=64, dim=6144, n_heads=64, ffn_dim=4 * 6144, mlp="gelu")
 

@@ -9,7 +9,6 @@ import subprocess
 
 import pytest
 import torch
-from train_workers import DEFAULT_RECIPE, ROOT, tiny_config
 
 from pipelining_seq import cli
 from pipelining_seq.models import GPTConfig
@@ -18,6 +17,7 @@ from pipelining_seq.trainer.config import ConfigError, JobConfig, field_docs, lo
 from pipelining_seq.trainer.data import ByteTokenizer, TokenBatches, inspect_dataset, load_tokens, write_token_file
 from pipelining_seq.trainer.metrics import model_flops_per_token
 from pipelining_seq.trainer.validation import validate_config
+from tests.workers.train_workers import DEFAULT_RECIPE, ROOT, tiny_config
 
 RECIPES = sorted(glob.glob(os.path.join(ROOT, "recipes", "*.yaml")))
 
@@ -107,7 +107,7 @@ def test_bad_config_fails_before_any_process_and_names_the_knob(case, monkeypatc
 
 
 def test_checkpoint_folder_of_another_model_is_refused(tmp_path):
-    from test_checkpoint import _save, _stages
+    from tests.distributed.test_checkpoint import _save, _stages
 
     cfg = tiny_config(str(tmp_path), "checkpoint.enable=true")
     _save(cfg, 2, _stages(cfg))

@@ -20,11 +20,11 @@ import sys
 import time
 
 import pytest
-from fault_helpers import Launched, alive, complete_checkpoints, descendants, kill, run_cmd
-from train_workers import DEFAULT_RECIPE, ROOT
 
 from pipelining_seq.trainer import checkpoint as ckpt
 from pipelining_seq.trainer import export
+from tests.workers.fault_helpers import Launched, alive, complete_checkpoints, descendants, kill, run_cmd
+from tests.workers.train_workers import DEFAULT_RECIPE, ROOT
 
 pytestmark = pytest.mark.faults  # process-level cases are also marked slow
 
@@ -148,7 +148,7 @@ def _namespace_tmpfs_ok() -> bool:
 def test_full_disk_refused_up_front_or_failing_save_keeps_earlier_checkpoints(tmp_path):
     mnt = tmp_path / "disk"
     mnt.mkdir()
-    check = (f"{sys.executable} -c \"from fault_helpers import complete_checkpoints; "
+    check = (f"{sys.executable} -c \"from tests.workers.fault_helpers import complete_checkpoints; "
              f"print('COMPLETE', complete_checkpoints('{mnt}/run'))\"")
     # 64 KiB: refused before any process starts. 4 MiB: one checkpoint fits, the second not.
     small = " ".join(run_cmd(f"{mnt}/small", "checkpoint.enable=true"))
@@ -170,8 +170,8 @@ def test_full_disk_refused_up_front_or_failing_save_keeps_earlier_checkpoints(tm
 
 # ------------------------------------------------------------------------ in-process
 def _saved(tmp_path, *steps, extra=()):
-    from test_checkpoint import _save, _stages
-    from train_workers import tiny_config
+    from tests.distributed.test_checkpoint import _save, _stages
+    from tests.workers.train_workers import tiny_config
 
     cfg = tiny_config(str(tmp_path), "checkpoint.enable=true", *extra)
     stages = _stages(cfg)
@@ -192,10 +192,9 @@ def _edit(path, **changes):
 
 
 def test_edited_manifests_and_mixed_shards_are_refused(tmp_path):
-    from train_workers import tiny_config
-
     from pipelining_seq.trainer.config import ConfigError
     from pipelining_seq.trainer.validation import validate_config
+    from tests.workers.train_workers import tiny_config
 
     cfg, _, (p3, p6) = _saved(tmp_path, 3, 6)
     for change, words in (({"step": 100}, "says step 100"), ({"step": 2}, "says step 2"), ({"files": None}, "lacks")):
@@ -228,7 +227,8 @@ def test_export_onto_its_own_checkpoint_is_refused_and_nothing_is_lost(tmp_path)
 
 def test_nonfinite_state_is_never_saved_and_pruning_keeps_the_newest(tmp_path):
     import torch
-    from test_checkpoint import _save
+
+    from tests.distributed.test_checkpoint import _save
 
     cfg, stages, (p1, p2) = _saved(tmp_path, 1, 2, extra=("checkpoint.keep_latest_k=1",))
     with torch.no_grad():
@@ -240,11 +240,10 @@ def test_nonfinite_state_is_never_saved_and_pruning_keeps_the_newest(tmp_path):
 
 
 def test_resume_with_a_changed_lr_is_refused_or_applied(tmp_path):
-    from test_checkpoint import _stages
-    from train_workers import tiny_config
-
     from pipelining_seq.trainer.config import ConfigError
     from pipelining_seq.trainer.validation import validate_config
+    from tests.distributed.test_checkpoint import _stages
+    from tests.workers.train_workers import tiny_config
 
     _, _, (path,) = _saved(tmp_path, 3)
     with pytest.raises(ConfigError, match=r"optimizer\.lr: checkpoint 0\.003, recipe 0\.01.*resume_changes=apply"):
@@ -268,8 +267,8 @@ def test_checkpoint_at_training_steps_says_nothing_to_do(tmp_path):
 
 
 def test_rollback_starts_a_new_timeline_that_latest_and_pruning_respect(tmp_path):
-    from test_checkpoint import _save
-    from train_workers import tiny_config
+    from tests.distributed.test_checkpoint import _save
+    from tests.workers.train_workers import tiny_config
 
     cfg, stages, _ = _saved(tmp_path, 3, 6, 9, extra=("checkpoint.keep_latest_k=0",))
     folder = str(tmp_path / "checkpoint")
@@ -341,9 +340,8 @@ def test_cli_refusals_without_processes(tmp_path):
 )
 @pytest.mark.slow
 def test_ranks_that_disagree_are_stopped_before_any_unit_runs(per_rank, call, key):
-    from fault_helpers import mismatch_worker
-
     from pipelining_seq.testing import run_ranks
+    from tests.workers.fault_helpers import mismatch_worker
 
     t = time.monotonic()
     out = run_ranks(mismatch_worker, 2, per_rank, call, timeout_s=60)
@@ -357,9 +355,8 @@ def test_ranks_that_disagree_are_stopped_before_any_unit_runs(per_rank, call, ke
 
 @pytest.mark.slow
 def test_trainer_ranks_with_different_recipes_are_stopped_naming_the_field(tmp_path):
-    from fault_helpers import recipe_mismatch_worker
-
     from pipelining_seq.testing import run_ranks
+    from tests.workers.fault_helpers import recipe_mismatch_worker
 
     per_rank = [["model.n_layers=4"], ["model.n_layers=2"]]
     out = run_ranks(recipe_mismatch_worker, 2, per_rank, str(tmp_path), timeout_s=60)
@@ -372,7 +369,8 @@ def test_simulated_enospc_during_a_save_keeps_earlier_checkpoints(tmp_path, monk
     import errno
 
     import torch.distributed.checkpoint as dcp
-    from test_checkpoint import _save
+
+    from tests.distributed.test_checkpoint import _save
 
     cfg, stages, (p3,) = _saved(tmp_path, 3, extra=("checkpoint.keep_latest_k=1",))
 

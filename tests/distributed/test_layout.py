@@ -15,7 +15,7 @@ from pipelining_seq.cli import main as cli_main
 from pipelining_seq.trainer import layout
 from pipelining_seq.trainer.config import ConfigError, load_config
 
-RECIPES = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "pipelining_seq", "recipes", "**", "*.yaml"),
+RECIPES = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "..", "pipelining_seq", "recipes", "**", "*.yaml"),
                         recursive=True))
 
 
@@ -64,7 +64,7 @@ def test_unknown_schedule_names_its_knob():
 @pytest.mark.slow
 def test_regular_install_lists_and_runs_recipes_from_an_empty_folder(tmp_path):
     """A non-editable ``pip install .`` into a fresh venv: recipes ship with the package."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     py = venv / "bin" / "python"
@@ -108,7 +108,7 @@ def _imports(path: str, package: str) -> set[str]:
 
 
 def test_core_imports_nothing_from_trainer_or_tools():
-    root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "pipelining_seq")
+    root = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "pipelining_seq")
     offenders = []
     for dirpath, _, files in os.walk(root):
         rel = os.path.relpath(dirpath, root)

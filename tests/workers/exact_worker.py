@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from parity_worker import VOCAB, make_model, partition_for
 from torch import nn
 
 from pipelining_seq import ScheduleSeq1F1B, SequencePipelineStage
 from pipelining_seq.models import split_stage
+from tests.workers.parity_worker import VOCAB, make_model, partition_for
 
 
 class ExplicitMaskAttention(nn.Module):

@@ -36,7 +36,7 @@ EXACT = [c["name"] for c in LAYOUTS_4 + LAYOUTS_8 if "pp" in c and not c.get("mi
 
 @pytest.fixture(scope="module")
 def results() -> dict[str, list[dict]]:
-    from parallel_worker import layout_worker
+    from tests.workers.parallel_worker import layout_worker
 
     out: dict[str, list[dict]] = {}
     for world, layouts in ((4, LAYOUTS_4), (8, LAYOUTS_8)):
@@ -76,7 +76,7 @@ def test_fsdp_all_gathers_once_per_step(results, name):
 def test_planner_counts_the_real_shards(results, name):
     # The planner's per-rank parameter count (ceil-sharded, as rank 0 of each dimension
     # holds) equals what parallelize_stage actually left on that rank.
-    from parallel_worker import MODEL
+    from tests.workers.parallel_worker import MODEL
 
     layout = next(c for c in LAYOUTS_4 + LAYOUTS_8 if c["name"] == name)
     cfg = GPTConfig(**{**MODEL, **layout.get("model", {})})

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import torch
-from parity_worker import ce_loss, drive, make_batch, make_model, max_diffs, partition_for, reference
 
 from pipelining_seq import ScheduleInterleavedSeq1F1B, ScheduleSeq1F1BZeroBubble, SequencePipelineStage
 from pipelining_seq.models import split_stage
+from tests.workers.parity_worker import ce_loss, drive, make_batch, make_model, max_diffs, partition_for, reference
 
 
 def _record(stage, log: list) -> None:

@@ -3,12 +3,12 @@ refused before any communication. Multi-rank parity is in test_parity_multi.py."
 
 import pytest
 import torch
-from parity_multi_worker import _record
-from parity_worker import ce_loss, make_batch, make_model, reference
 from torch.distributed.pipelining import PipelineStage
 
 from pipelining_seq import ScheduleInterleavedSeq1F1B, ScheduleSeq1F1BZeroBubble, SequencePipelineStage, _compat
 from pipelining_seq.models import split_stage
+from tests.workers.parity_multi_worker import _record
+from tests.workers.parity_worker import ce_loss, make_batch, make_model, reference
 
 pytestmark = pytest.mark.usefixtures("world_of_one")
 

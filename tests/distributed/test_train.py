@@ -11,10 +11,10 @@ import sys
 
 import pytest
 import torch
-from train_workers import DEFAULT_RECIPE, ROOT, reference_run, schedules_worker, tiny_config
 
 from pipelining_seq.testing import run_ranks
 from pipelining_seq.trainer.optim import clip_grad_norm_, lr_factor
+from tests.workers.train_workers import DEFAULT_RECIPE, ROOT, reference_run, schedules_worker, tiny_config
 
 
 def test_lr_factor_warmup_then_cosine_to_floor():

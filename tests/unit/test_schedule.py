@@ -4,10 +4,10 @@ and the negative control for backward order. Multi-rank parity is in test_parity
 import pytest
 import torch
 import torch.nn.functional as F
-from parity_worker import ce_loss, make_batch, make_model, reference
 from torch.distributed.pipelining import PipelineStage
 
 from pipelining_seq import ScheduleSeq1F1B, SequencePipelineStage, schedule_ir
+from tests.workers.parity_worker import ce_loss, make_batch, make_model, reference
 
 pytestmark = pytest.mark.usefixtures("world_of_one")
 

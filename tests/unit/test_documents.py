@@ -3,10 +3,10 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from test_attention import chunked_run as _plain_chunked_run
 
 from pipelining_seq import ChunkContext, ChunkedCausalAttention, ContractError, KVCache, attention, blockwise
 from pipelining_seq.context import chunk_context
+from tests.unit.test_attention import chunked_run as _plain_chunked_run
 
 
 def chunked_run(attn, q, k, v, g, lengths, ids=None):

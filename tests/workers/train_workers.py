@@ -13,7 +13,7 @@ from pipelining_seq.trainer.data import DOCUMENT_SEPARATOR, TokenBatches, load_t
 from pipelining_seq.trainer.layout import n_microbatches
 from pipelining_seq.trainer.optim import build_optimizer, clip_grad_norm_
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEFAULT_RECIPE = os.path.join(ROOT, "recipes", "gpt_tiny_cpu.yaml")
 
 # The default recipe, shrunk so a step takes milliseconds.

@@ -2,9 +2,9 @@
 and the runtime executes exactly the compute order of the schedule's IR."""
 
 import pytest
-from parity_multi_worker import multi_parity_worker
 
 from pipelining_seq.testing import run_ranks
+from tests.workers.parity_multi_worker import multi_parity_worker
 
 TOL = 1e-10
 

@@ -5,14 +5,14 @@ and the guard that refuses attention bypassing ChunkedCausalAttention."""
 import pytest
 import torch
 import torch.nn.functional as F
-from exact_worker import exact_worker, run_config
-from parity_worker import ce_loss, make_batch, make_model
 from torch import nn
 
 from pipelining_seq import ContractError, ScheduleSeq1F1B, SequencePipelineStage
 from pipelining_seq.losses import chunk_loss_weights
 from pipelining_seq.models import GPT, GPTConfig, document_ids_from_tokens
 from pipelining_seq.testing import run_ranks
+from tests.workers.exact_worker import exact_worker, run_config
+from tests.workers.parity_worker import ce_loss, make_batch, make_model
 
 TOL = 1e-10
 
@@ -229,7 +229,7 @@ def test_compiled_blocks(world):
 
 @pytest.mark.slow
 def test_document_masking_recipe_trains_on_two_cpu_ranks(tmp_path):
-    from train_workers import DOCUMENTS_RECIPE, documents_worker, reference_run, tiny_config
+    from tests.workers.train_workers import DOCUMENTS_RECIPE, documents_worker, reference_run, tiny_config
 
     runs = {"seq1f1b": [], "1f1b": ["parallelism.pipeline_parallel_schedule=1F1B"]}
     records = run_ranks(documents_worker, 2, runs, str(tmp_path), timeout_s=300)
@@ -258,10 +258,9 @@ def test_packed_builtin_corpus():
 
 
 def test_document_masking_recipe_validation():
-    from train_workers import DOCUMENTS_RECIPE
-
     from pipelining_seq.trainer.config import ConfigError, load_config
     from pipelining_seq.trainer.validation import validate_config
+    from tests.workers.train_workers import DOCUMENTS_RECIPE
 
     cfg = load_config(DOCUMENTS_RECIPE)
     assert cfg.training.document_masking and not cfg.model.compile

@@ -10,9 +10,8 @@ import subprocess
 import sys
 import time
 
-from train_workers import DEFAULT_RECIPE, ROOT, TINY
-
 from pipelining_seq.trainer import checkpoint as ckpt
+from tests.workers.train_workers import DEFAULT_RECIPE, ROOT, TINY
 
 FAST = [*TINY, "metrics.log_freq=1", "comm.timeout_s=20"]
 
@@ -139,11 +138,11 @@ def mismatch_worker(rank: int, world: int, per_rank: list[dict], call: str) -> s
     """Build a ScheduleSeq1F1B with this rank's settings and run ``call`` (step/eval) once;
     return the error message (or "ok")."""
     import torch
-    from parity_worker import ce_loss, make_batch, make_model
 
     from pipelining_seq import ScheduleSeq1F1B, SequencePipelineStage
     from pipelining_seq.agreement import AgreementError
     from pipelining_seq.models import split_stage
+    from tests.workers.parity_worker import ce_loss, make_batch, make_model
 
     mine = per_rank[rank]
     part = split_stage(make_model(), rank, world)
@@ -166,10 +165,9 @@ def mismatch_worker(rank: int, world: int, per_rank: list[dict], call: str) -> s
 
 def recipe_mismatch_worker(rank: int, world: int, per_rank: list[list[str]], dump: str) -> str:
     """train() with this rank's overrides; the agreement error, or "ok"."""
-    from train_workers import tiny_config
-
     from pipelining_seq.agreement import AgreementError
     from pipelining_seq.trainer.train import train
+    from tests.workers.train_workers import tiny_config
 
     try:
         train(tiny_config(dump, *per_rank[rank]))

@@ -7,7 +7,7 @@ import pytest
 
 from pipelining_seq.tools import api_doc
 
-API_MD = Path(__file__).resolve().parent.parent / "docs" / "api.md"
+API_MD = Path(__file__).resolve().parents[2] / "docs" / "api.md"
 
 
 def test_api_md_is_up_to_date():

@@ -12,7 +12,6 @@ import torch
 
 pytest.importorskip("torchtitan", reason="torchtitan is not installed in this interpreter")
 
-import titan_configs  # noqa: E402
 from torchtitan.components.loss import ChunkedLossWrapper, CrossEntropyLoss  # noqa: E402
 from torchtitan.models.common.attention import BaseAttention, ScaledDotProductAttention  # noqa: E402
 from torchtitan.protocols.module import Module  # noqa: E402
@@ -25,6 +24,7 @@ from pipelining_seq.integrations.torchtitan.attention import (  # noqa: E402
     UnsupportedAttentionError,
 )
 from pipelining_seq.integrations.torchtitan.partition import model_flop_sizes  # noqa: E402
+from tests.workers import titan_configs  # noqa: E402
 
 pytestmark = pytest.mark.torchtitan
 

@@ -5,9 +5,9 @@ process start-up cost (a few seconds per group) out of the suite's time.
 """
 
 import pytest
-from parity_worker import parity_worker
 
 from pipelining_seq.testing import run_ranks
+from tests.workers.parity_worker import parity_worker
 
 TOL = 1e-10
 

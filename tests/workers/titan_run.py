@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
+REPO = HERE.parents[1]
 CORPUS = REPO / "pipelining_seq" / "corpus" / "python_reference.txt"
 BOS, EOS = "<|begin_of_text|>", "<|end_of_text|>"
 
@@ -108,7 +108,7 @@ def loss_table(root: Path, base: str, others: list[str]) -> str:
     return "\n".join(lines)
 
 
-if __name__ == "__main__":  # python tests/titan_run.py <pytest tmp dir>/titan0
+if __name__ == "__main__":  # python -m tests.workers.titan_run <pytest tmp dir>/titan0
     d = Path(sys.argv[1])
     print(loss_table(d, "llama3_1f1b", ["llama3_k2_uniform", "llama3_k4_uniform", "llama3_k2_balanced",
                                         "llama3_k4_balanced", "llama3_section", "llama3_k2_resume"]))

@@ -8,10 +8,10 @@ import os
 import pytest
 import torch
 from safetensors.torch import load_file
-from train_workers import schedules_worker
 
 from pipelining_seq.testing import run_ranks
 from pipelining_seq.trainer import checkpoint as ckpt
+from tests.workers.train_workers import schedules_worker
 
 pytestmark = pytest.mark.slow
 

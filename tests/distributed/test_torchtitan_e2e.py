@@ -1,7 +1,7 @@
 """torchtitan's own Trainer with Seq1F1B, end to end: 2 gloo CPU ranks, PP=2, fp32.
 
 Every run goes through ``python -m pipelining_seq.integrations.torchtitan`` (launched by
-``tests/torchtitan_cpu.py``, whose CPU shims stay in tests/). Per-step training and
+``tests/workers/torchtitan_cpu.py``, whose CPU shims stay in tests/). Per-step training and
 validation losses of Seq1F1B must equal torchtitan's ``Schedule1F1B`` to 1e-5.
 Baselines use torchtitan's ``ScaledDotProductAttention`` (flex attention has no backward on
 CPU); Seq1F1B converts it to the package's attention. Needs torchtitan (``.venv-tt``):
@@ -18,9 +18,8 @@ import pytest
 
 pytest.importorskip("torchtitan", reason="torchtitan is not installed in this interpreter")
 
-from titan_run import base_args, make_assets, run  # noqa: E402
-
 from pipelining_seq.integrations.torchtitan.attention import SUPPORTS_DOCUMENT_IDS  # noqa: E402
+from tests.workers.titan_run import base_args, make_assets, run  # noqa: E402
 
 pytestmark = [pytest.mark.torchtitan, pytest.mark.slow]
 

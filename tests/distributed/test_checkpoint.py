@@ -10,7 +10,6 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file
-from train_workers import DEFAULT_RECIPE, ROOT, TINY, tiny_config
 
 from pipelining_seq.models import GPT, init_weights, split_stage
 from pipelining_seq.trainer import checkpoint as ckpt
@@ -19,6 +18,7 @@ from pipelining_seq.trainer.config import ConfigError
 from pipelining_seq.trainer.optim import build_optimizer, lr_factor
 from pipelining_seq.trainer.train import KILL_ENV
 from pipelining_seq.trainer.validation import validate_config
+from tests.workers.train_workers import DEFAULT_RECIPE, ROOT, TINY, tiny_config
 
 
 def _stages(cfg, seed_grads: int | None = 0):
@@ -187,9 +187,8 @@ def test_kill_then_resume_matches_the_uninterrupted_run_bit_for_bit(tmp_path):
 
 @pytest.mark.slow
 def test_async_save_writes_the_same_checkpoints_as_a_blocking_save(tmp_path):
-    from train_workers import schedules_worker
-
     from pipelining_seq.testing import run_ranks
+    from tests.workers.train_workers import schedules_worker
 
     common = ["training.steps=6", "checkpoint.enable=true", "checkpoint.interval=3", "checkpoint.keep_latest_k=0"]
     runs = {

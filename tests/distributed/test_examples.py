@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 # Runs a code block on 2 gloo ranks with ``rank`` and ``world`` defined; prints the last rank's losses.
 _HARNESS = """\
