@@ -8,8 +8,9 @@ from pipelining_seq import ChunkContext, ChunkedCausalAttention, ContractError, 
 from pipelining_seq.context import chunk_context
 
 
-def chunked_run(attn, q, k, v, g, lengths, order=None):
-    """Forward chunks in order, backward in ``order`` (default reverse); return out and grads."""
+def chunked_run(attn, q, k, v, g, lengths, order=None, *, ids=None):
+    """Forward chunks in order (each with its slice of the document ``ids``, if given), backward
+    in ``order`` (default reverse); return out, grads and the K/V cache."""
     cache = KVCache()
     offs = [sum(lengths[:j]) for j in range(len(lengths))]
     outs, leaves = [], []
@@ -17,7 +18,7 @@ def chunked_run(attn, q, k, v, g, lengths, order=None):
         sl = slice(offs[j], offs[j] + n)
         qj, kj, vj = (t[:, :, sl].detach().requires_grad_() for t in (q, k, v))
         with chunk_context(ChunkContext(0, j, len(lengths), offs[j], n, cache)):
-            outs.append(attn(qj, kj, vj))
+            outs.append(attn(qj, kj, vj) if ids is None else attn(qj, kj, vj, document_ids=ids[:, sl]))
         leaves.append((qj, kj, vj))
     for j in order or reversed(range(len(lengths))):
         outs[j].backward(g[:, :, offs[j]:offs[j] + lengths[j]])

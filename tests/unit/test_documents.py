@@ -10,22 +10,8 @@ from tests.unit.test_attention import chunked_run as _plain_chunked_run
 
 
 def chunked_run(attn, q, k, v, g, lengths, ids=None):
-    """Like test_attention.chunked_run, passing each chunk its document ids."""
-    if ids is None:
-        return _plain_chunked_run(attn, q, k, v, g, lengths)
-    cache = KVCache()
-    offs = [sum(lengths[:j]) for j in range(len(lengths))]
-    outs, leaves = [], []
-    for j, n in enumerate(lengths):
-        sl = slice(offs[j], offs[j] + n)
-        qj, kj, vj = (t[:, :, sl].detach().requires_grad_() for t in (q, k, v))
-        with chunk_context(ChunkContext(0, j, len(lengths), offs[j], n, cache)):
-            outs.append(attn(qj, kj, vj, document_ids=ids[:, sl]))
-        leaves.append((qj, kj, vj))
-    for j in reversed(range(len(lengths))):
-        outs[j].backward(g[:, :, offs[j]:offs[j] + lengths[j]])
-    out = torch.cat([o.detach() for o in outs], 2)
-    return out, [torch.cat([lv[i].grad for lv in leaves], 2) for i in range(3)], cache
+    """test_attention.chunked_run, passing each chunk its document ids."""
+    return _plain_chunked_run(attn, q, k, v, g, lengths, ids=ids)
 
 
 def ids_from_lengths(*rows):

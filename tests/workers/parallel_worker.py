@@ -17,6 +17,7 @@ from pipelining_seq.context import ChunkContext, KVCache, chunk_context
 from pipelining_seq.models import GPT, GPTConfig, split_stage
 from pipelining_seq.parallel import apply_fsdp, build_mesh, parallelize_stage
 from pipelining_seq.tools.planner import ActivationModel
+from tests.workers.parity_worker import make_batch  # same VOCAB (64) and seed
 
 VOCAB = 64
 MODEL = dict(vocab_size=VOCAB, n_layers=4, dim=32, n_heads=4, n_kv_heads=2, mlp="swiglu")
@@ -26,13 +27,6 @@ LR, WD = 1e-2, 0.1
 def make_model(dtype: torch.dtype, **over) -> GPT:
     torch.manual_seed(0)
     return GPT(GPTConfig(**{**MODEL, **over})).to(dtype)
-
-
-def make_batch(batch: int, seq: int):
-    g = torch.Generator().manual_seed(1)
-    x = torch.randint(0, VOCAB, (batch, seq), generator=g)
-    y = torch.randint(0, VOCAB, (batch, seq), generator=g)
-    return x, y
 
 
 def ce_loss(logits, target):
