@@ -2,7 +2,6 @@
 Seq1F1B's same-stage dependencies, the official order where it is valid, memory bounds."""
 
 import contextlib
-import copy
 import io
 
 import pytest
@@ -12,10 +11,15 @@ from pipelining_seq import _compat, schedule_ir, schedule_ir_multi
 MK = [(m, k) for m in range(1, 9) for k in range(1, 9)]
 
 
+def _fresh(actions):
+    """New per-rank lists for torch's helpers to edit; the actions are immutable tuples (no deep copy)."""
+    return {r: list(ops) for r, ops in actions.items()}
+
+
 def _torch_checks(actions, p, n_stages, n_units):
     stage_to_rank = lambda s: s % p  # noqa: E731 - loop placement
-    _compat.validate_schedule(copy.deepcopy(actions), p, n_stages, n_units)
-    with_comms = _compat.add_send_recv(copy.deepcopy(actions), stage_to_rank=stage_to_rank, num_stages=n_stages)
+    _compat.validate_schedule(_fresh(actions), p, n_stages, n_units)
+    with_comms = _compat.add_send_recv(_fresh(actions), stage_to_rank=stage_to_rank, num_stages=n_stages)
     with contextlib.redirect_stdout(io.StringIO()):
         _compat.simulate_comms_compute(with_comms, stage_to_rank, n_stages)
 
