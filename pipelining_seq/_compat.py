@@ -11,7 +11,7 @@ use, each declared once:
   declared hook (the override would silently stop applying) or if the subclass overrides
   a private torch method that is not declared here;
 * private state the subclasses read (:data:`READ_STATE`), checked by
-  ``tests/test_compat.py`` on real instances.
+  ``tests/unit/test_compat.py`` on real instances.
 
 A torch upgrade therefore breaks in this module, loudly, and nowhere else.
 """

@@ -1,14 +1,13 @@
 import os
-import sys
 
 import pytest
 import torch.distributed as dist
 
-# Spawned ranks import test workers from this folder.
-sys.path.insert(0, os.path.dirname(__file__))
-os.environ["PYTHONPATH"] = os.pathsep.join(
-    p for p in (os.path.dirname(__file__), os.environ.get("PYTHONPATH")) if p
-)
+# Workers are imported as ``tests.workers.<module>``: pytest puts the repository root on
+# sys.path (``pythonpath`` in pyproject.toml) and torch.multiprocessing's spawned ranks inherit
+# it; children started by torchrun or a subprocess find it through PYTHONPATH.
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)
 
 
 @pytest.fixture(scope="session")

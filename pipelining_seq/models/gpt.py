@@ -212,7 +212,8 @@ class GPT(nn.Module):
         self.layers = nn.ModuleDict({str(i): Block(cfg) for i in range(cfg.n_layers)})
         self.norm: nn.RMSNorm | None = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.output: nn.Linear | None = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
-        self.reset_parameters()
+        if not any(p.is_meta for p in self.parameters()):  # meta tensors hold no values to set
+            self.reset_parameters()
 
     def reset_parameters(self, std: float = 0.02) -> None:
         """Initialise from the global RNG (:func:`init_weights` seeds per parameter name)."""

@@ -1,6 +1,6 @@
 """Write docs/api.md: every public name of the package with its signature and first doc line.
 
-Run ``python -m pipelining_seq.tools.api_doc > docs/api.md``; ``tests/test_api_doc.py``
+Run ``python -m pipelining_seq.tools.api_doc > docs/api.md``; ``tests/unit/test_api_doc.py``
 fails when the committed page differs from what this prints, so the page follows the code.
 
 What counts as public: ``__all__`` of :data:`MODULES` and of every subpackage of
@@ -34,7 +34,7 @@ _HEADER = """\
 # API reference
 
 Generated from the code by `python -m pipelining_seq.tools.api_doc > docs/api.md`; do not edit by hand
-(`tests/test_api_doc.py` fails when this page is out of date). Every name below is in its module's
+(`tests/unit/test_api_doc.py` fails when this page is out of date). Every name below is in its module's
 `__all__`; classes list the public methods they define themselves. How the pieces fit:
 [design](design.md); a runnable example: [examples/seq1f1b_minimal.py](../examples/seq1f1b_minimal.py).
 """

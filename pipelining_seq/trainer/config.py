@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import copy
 import dataclasses
 import functools
 import inspect
@@ -333,12 +334,18 @@ def _merge(base: Any, other: Any, where: str) -> Any:
         raise ConfigError(f"{where}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
 
 
-def load_config(path: str | None, overrides: Sequence[str] = ()) -> JobConfig:
-    """Schema defaults, then the YAML at ``path`` (if any), then ``key=value`` overrides."""
+@functools.cache
+def _schema() -> Any:
     cfg = OmegaConf.structured(JobConfig)
     # From the class, not an instance: GPTConfig() would fill its derived fields (ffn_dim,
     # n_kv_heads) from the default dim before the recipe's dim is merged in.
     cfg.model = OmegaConf.structured(GPTConfig)
+    return cfg
+
+
+def load_config(path: str | None, overrides: Sequence[str] = ()) -> JobConfig:
+    """Schema defaults, then the YAML at ``path`` (if any), then ``key=value`` overrides."""
+    cfg = copy.deepcopy(_schema())  # a copy: building the schema is a third of a load
     if path is not None:
         try:
             data = OmegaConf.load(path)

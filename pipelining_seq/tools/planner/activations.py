@@ -4,7 +4,7 @@
 for backward per token of a Seq1F1B unit (per transformer layer, plus the first and
 last stage's extras), the K/V cache, and the stage's own I/O buffers. It was derived
 from the saved tensors of the reference GPT and checks out byte for byte against
-:class:`~pipelining_seq.tools.memory.ActivationMemoryMeter` on CPU (``tests/test_planner.py``)
+:class:`~pipelining_seq.tools.memory.ActivationMemoryMeter` on CPU (``tests/unit/test_planner.py``)
 and within a few percent of ``torch.cuda.max_memory_allocated`` on a GPU
 (``pipelining-seq plan --calibrate --device cuda``; docs/planner.md).
 """

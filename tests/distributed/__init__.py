@@ -1,0 +1,1 @@
+"""Tests that launch ranks: torch.multiprocessing spawn, torchrun, or a training subprocess."""

@@ -1,0 +1,1 @@
+"""Rank workers, launchers and shared helpers of the tests, importable by spawned processes."""
