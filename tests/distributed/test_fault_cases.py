@@ -23,7 +23,7 @@ pytestmark = pytest.mark.faults
 
 
 def _saved(tmp_path, *steps, extra=()):
-    from test_checkpoint import _save, _stages
+    from tests.distributed.test_checkpoint import _save, _stages
 
     cfg = tiny_config(str(tmp_path), "checkpoint.enable=true", *extra)
     stages = _stages(cfg)

@@ -7,10 +7,10 @@ documents; chunked runs must equal the whole sequence on every backend (float64)
 import pytest
 import torch
 import torch.nn.functional as F
-from test_attention import make_qkv
 
 from pipelining_seq import ChunkContext, ChunkedCausalAttention, KVCache, attention, blockwise
 from pipelining_seq.context import chunk_context
+from tests.unit.test_attention import make_qkv
 
 TOL = 1e-12
 

@@ -200,8 +200,7 @@ def async_nonfinite_worker(rank: int, world: int, dump: str) -> str:
 
 def unshared_storage_worker(rank: int, world: int, base: str) -> str:
     """Each rank saves into a folder of its own, as two nodes without shared storage would."""
-    from test_checkpoint import _stages
-
+    from tests.distributed.test_checkpoint import _stages
     from tests.workers.train_workers import tiny_config
 
     cfg = tiny_config(os.path.join(base, "checkpoint"), "checkpoint.enable=true",
