@@ -759,7 +759,7 @@ def setup(owner: str, stages: Sequence[Any], *, n_seq_chunks: int, enabled: bool
 
     for s in stages:
         if isinstance(s, SequencePipelineStage):
-            s._chunk_check = StageCheck(s, seq_dim=s.activation_seq_dim) if enabled and n_seq_chunks > 1 else None
+            s._chunk_check = StageCheck(s, seq_dim=getattr(s, "activation_seq_dim", 1)) if enabled and n_seq_chunks > 1 else None
 
 
 def verify(schedule: Any, stages: Sequence[Any]) -> None:

@@ -28,7 +28,7 @@ def test_bench_emulate_refuses_bad_input():
     with pytest.raises(SystemExit, match="choose from"):
         cli_main(["bench", "emulate", "--ranks", "2", "--microbatches", "2", "--chunks", "2",
                   "--schedules", "Seq1F1B,NoSuchSchedule"])
-    with pytest.raises(SystemExit, match="1F1B needs microbatches"):
+    with pytest.raises(SystemExit, match="1F1B needs n_microbatches"):
         cli_main(["bench", "emulate", "--ranks", "4", "--microbatches", "2", "--chunks", "2",
                   "--schedules", "1F1B"])
 

@@ -40,6 +40,12 @@ class Seq1F1BConfig:
     attention_backend: Literal["auto", "blockwise", "sdpa", "flash"] = "auto"
     """``ChunkedCausalAttention`` backend of the adapter."""
 
+    verify_chunking: bool = True
+    """On the first training step and the first validation, check on every stage that its chunked
+    forwards of one micro-batch equal one whole-sequence forward, and stop with an error naming
+    the first differing submodule if not (:mod:`pipelining_seq.chunk_check`).
+    ``--seq1f1b.no-verify-chunking`` turns it off."""
+
 
 def parse_partition(partition: str) -> str | list[int]:
     """``"uniform"``/``"balanced"``, or the chunk lengths of ``"6144,5120,..."``."""

@@ -325,7 +325,7 @@ def enable(config: Any, **overrides: Any) -> Any:
             _probe_compile(section.attention_backend, _attention.uses_document_masking(spec.model))
         cls = seq1f1b_schedule_class(
             schedule=schedule, n_seq_chunks=section.n_seq_chunks, seq_partition=lengths,
-            seq_len=config.training.seq_len,
+            seq_len=config.training.seq_len, verify_chunking=section.verify_chunking,
         )
         sp = par.enable_sequence_parallel and par.tensor_parallel_degree > 1
         new_fns["pipelining_fn"] = _wrap_pipelining(
