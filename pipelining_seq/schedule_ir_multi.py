@@ -11,10 +11,12 @@ As in the official code, virtual stages switch every G units and rank r runs
 ``(v-1)*G + 2*(p-r-1) + (k-1)`` warm-up forwards. The official code fixes G = p
 and takes the chunk from a global counter, which is only right when k divides p.
 Here G is ``g*k`` units, whole micro-batches: ``g = ceil(p/k)`` micro-batches per
-group (``g*k = p`` when k divides p, i.e. exactly the official order), grown like
-torch's interleaved rounds when m is a larger multiple. Whole micro-batches per group
-keep each group's LIFO backwards inside the forwards already run (the reason the
-official order breaks for k not dividing p). Orders that still cannot run (few units)
+group (``g*k = p`` when k divides p: then the official order whenever m is a multiple
+of p above p; at m = p the official code runs every forward first), grown like torch's
+interleaved rounds when m is a larger multiple. Whole micro-batches per group keep each
+group's LIFO backwards inside the forwards already run; with k not dividing p the
+official loop runs forwards on the wrong chunks, silently
+(``tests/unit/test_official_interleaved.py``). Orders that still cannot run (few units)
 are refused by :func:`check_deadlock_free`.
 
 Seq1F1B-ZB (ZB-H1 over units), one stage per rank: Seq1F1B's warm-up
