@@ -40,7 +40,7 @@ import torch.distributed as dist
 from torch.distributed.pipelining.schedules import PipelineScheduleSingle
 from torch.profiler import record_function
 
-from . import _compat, chunk_check, p2p, registry, schedule_ir
+from . import _compat, p2p, registry, schedule_ir, stage_check
 from .chunking import ChunkingConfig
 from .partition import SeqPartition
 from .seq_units import SeqChunkedSchedule
@@ -117,7 +117,7 @@ class ScheduleSeq1F1B(SeqChunkedSchedule, PipelineScheduleSingle):
         n_seq_chunks = units.n_seq_chunks
         registry.check_admissible("Seq1F1B", pp=stage.num_stages, n_microbatches=n_microbatches,
                                   n_seq_chunks=n_seq_chunks, owner="ScheduleSeq1F1B")
-        chunk_check.setup("ScheduleSeq1F1B", [stage], n_seq_chunks=n_seq_chunks, enabled=verify_chunking)
+        stage_check.setup("ScheduleSeq1F1B", [stage], n_seq_chunks=n_seq_chunks, enabled=verify_chunking)
         if n_seq_chunks > 1 and not isinstance(stage, SequencePipelineStage):
             raise TypeError(
                 f"ScheduleSeq1F1B(n_seq_chunks={n_seq_chunks}) needs a SequencePipelineStage "

@@ -19,7 +19,7 @@ from typing import Any, Literal
 import torch
 import torch.distributed as dist
 
-from . import _compat, chunk_check, recv_order, registry, schedule_ir_multi
+from . import _compat, recv_order, registry, schedule_ir_multi, stage_check
 from .chunking import ChunkingConfig
 from .partition import SeqPartition
 from .seq_units import SeqChunkedSchedule
@@ -65,7 +65,7 @@ class SeqRuntimeSchedule(SeqChunkedSchedule, _compat.PipelineScheduleRuntime):
         )
         n_seq_chunks = units.n_seq_chunks
         stages = self._own_stages(stages)
-        chunk_check.setup(self.name, stages, n_seq_chunks=n_seq_chunks, enabled=verify_chunking)
+        stage_check.setup(self.name, stages, n_seq_chunks=n_seq_chunks, enabled=verify_chunking)
         self._check_stages(stages, n_microbatches, n_seq_chunks)
         super().__init__(
             stages=stages,

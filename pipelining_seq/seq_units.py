@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.pipelining.microbatch import split_args_kwargs_into_chunks
 
-from . import agreement, chunk_check, p2p
+from . import agreement, p2p, stage_check
 from .attention import check_document_ids
 from .chunking import ChunkingConfig
 from .losses import chunk_loss_weights, weight_chunk_loss
@@ -382,7 +382,7 @@ class SeqChunkedSchedule:
         """
         arg_units, kwarg_units, target_units = self._prepare_step(args, kwargs, target, losses)
         self._run_units(arg_units, kwarg_units, target_units, losses, return_outputs, loss_kwargs)
-        chunk_check.verify(self, self._seq_stages())  # first step and first eval only
+        stage_check.verify(self, self._seq_stages())  # first step and first eval only
         return self._merged_outputs(return_outputs)
 
     def _run_units(self, arg_units: list, kwarg_units: list, target_units: list | None, losses: list | None,
