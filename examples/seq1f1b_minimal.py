@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from pipelining_seq import ScheduleSeq1F1B, SequencePipelineStage
+from pipelining_seq import ScheduleSeq1F1B, SequencePipelineStage, p2p
 from pipelining_seq.models import GPT, GPTConfig, cross_entropy_loss, split_stage
 
 WORLD = 2  # pipeline stages, one per process
@@ -90,7 +90,7 @@ def worker(rank: int, world: int, port: int) -> None:
     try:
         pipelined = train_pipelined(rank, world)
     finally:
-        dist.destroy_process_group()
+        p2p.destroy_process_group()  # torch's, then joins gloo's threads before exit
     if rank != world - 1:
         return
     reference = train_single_process()

@@ -22,7 +22,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from pipelining_seq import ScheduleSeq1F1B, SequencePipelineStage
+from pipelining_seq import ScheduleSeq1F1B, SequencePipelineStage, p2p
 from pipelining_seq.integrations.transformers import balanced_seq_partition, split_causal_lm
 
 VOCAB, SEQ, BATCH, MICROBATCHES = 256, 64, 8, 4
@@ -78,7 +78,7 @@ def run(rank: int, world: int, port: int, steps: int, chunks: int) -> None:
         optim.step()
         if rank == world - 1:
             print(f"step {step} loss {torch.stack(losses).mean().item():.4f}", flush=True)
-    dist.destroy_process_group()
+    p2p.destroy_process_group()  # torch's, then joins gloo's threads before exit
 
 
 def main() -> None:

@@ -3,6 +3,8 @@ import os
 import pytest
 import torch.distributed as dist
 
+from pipelining_seq import p2p
+
 # Workers are imported as ``tests.workers.<module>``: pytest puts the repository root on
 # sys.path (``pythonpath`` in pyproject.toml) and torch.multiprocessing's spawned ranks inherit
 # it; children started by torchrun or a subprocess find it through PYTHONPATH.
@@ -22,4 +24,4 @@ def world_of_one():
     os.environ["MASTER_PORT"] = str(free_port())
     dist.init_process_group("gloo", rank=0, world_size=1)
     yield
-    dist.destroy_process_group()
+    p2p.destroy_process_group()

@@ -14,6 +14,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from .. import p2p
+
 __all__ = ["free_port", "run_ranks"]
 
 
@@ -35,7 +37,7 @@ def _worker(rank: int, world: int, port: int, fn: Callable, args: tuple, out_dir
         with open(os.path.join(out_dir, f"{rank}.pkl"), "wb") as f:
             pickle.dump(result, f)
     finally:
-        dist.destroy_process_group()
+        p2p.destroy_process_group()
 
 
 def run_ranks(fn: Callable[..., Any], world: int, *args: Any, timeout_s: float = 120.0) -> list[Any]:

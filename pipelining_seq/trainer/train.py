@@ -511,7 +511,7 @@ def main(argv: list[str] | None = None) -> int:
         code = 1
     finally:
         if code == 0:
-            dist.destroy_process_group()
+            p2p.destroy_process_group()
     if code:
         # A failed rank may leave peers mid-collective; tearing the group down would wait on them.
         logging.shutdown()

@@ -20,6 +20,7 @@ import os, socket, sys
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from pipelining_seq import p2p
 
 
 def worker(rank, world, port):
@@ -30,7 +31,7 @@ def worker(rank, world, port):
     try:
 {body}
     finally:
-        dist.destroy_process_group()
+        p2p.destroy_process_group()
     if rank == world - 1:
         print("LOSSES", [float(x) for x in scope["losses"]])
 

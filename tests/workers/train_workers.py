@@ -76,3 +76,26 @@ def reference_run(cfg: JobConfig, *, use_document_ids: bool = True) -> tuple[lis
         sched.step()
         losses.append(float(torch.stack(step_losses).mean()))
     return losses, norms
+
+
+def exit_threads_worker(rank: int, world: int, port: int, dump_folder: str) -> None:
+    """Train the tiny recipe, end the process group as the trainer does and write how many
+    threads this process had before the group and after it ended."""
+    import json
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from pipelining_seq import p2p
+    from pipelining_seq.trainer.train import train
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    before = len(os.listdir("/proc/self/task"))
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=120))
+    train(tiny_config(dump_folder, "training.steps=2"))
+    during = len(os.listdir("/proc/self/task"))
+    p2p.destroy_process_group()
+    after = len(os.listdir("/proc/self/task"))
+    with open(os.path.join(dump_folder, f"threads{rank}.json"), "w") as f:
+        json.dump({"before": before, "during": during, "after": after}, f)

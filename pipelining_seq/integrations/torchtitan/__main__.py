@@ -15,6 +15,7 @@ Own flags (taken out before torchtitan parses the rest):
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 from typing import Any
@@ -126,6 +127,9 @@ def main(argv: list[str] | None = None) -> None:
         titan_train.main()
     except StartupRefusal as err:
         _refuse(str(err))
+    # torchtitan has destroyed its process groups: join their gloo worker threads before
+    # the interpreter shuts down (why: pipelining_seq.p2p.destroy_process_group).
+    gc.collect()
 
 
 if __name__ == "__main__":
