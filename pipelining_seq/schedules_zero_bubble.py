@@ -58,12 +58,6 @@ class ScheduleSeq1F1BZeroBubble(SeqRuntimeSchedule):
                 # attention after later I passes: keep K/V until the last W.
                 s.kv_cache.keep_until_drop = True
                 s.use_weight_grad_store(weight_grad_store)
-                if s._chunk_check is not None:
-                    # Training steps only: with the eval check on, a gloo rank of this schedule
-                    # intermittently aborts at process exit ("terminate called without an active
-                    # exception"; 3 of 8 trainer runs with a validation pass, 0 of 8 without).
-                    # Until the cause is found, its first eval is not compared.
-                    s._chunk_check.pending.discard("eval")
 
     def _own_stages(self, stage: Any) -> list:
         stages = list(stage) if isinstance(stage, (list, tuple)) else [stage]

@@ -326,8 +326,7 @@ def test_contract_kept_passes_once_then_costs_nothing(schedule):
     per_rank = 2 if schedule == "I" else 1  # stages per rank: one whole-sequence forward each
     for r in results:
         assert r["error"] is None
-        # Seq1F1B-ZB compares its first training step only (see schedules_zero_bubble.py).
-        assert r["whole_calls"] == [per_rank, 0, 0 if schedule == "ZB" else per_rank, 0]
+        assert r["whole_calls"] == [per_rank, 0, per_rank, 0]
         assert all(row["ok"] and row["max_diff"] <= row["tol"] for row in r["results"])
 
 
