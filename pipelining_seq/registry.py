@@ -150,6 +150,14 @@ class ScheduleInfo:
             )
         if self.name == "1F1B" and m < p:
             raise ValueError(f"{who} needs n_microbatches ({m}) >= pipeline ranks ({p}): raise n_microbatches")
+        if self.name == "DualPipeV" and m < p * self.stages_per_rank(stages_per_rank):
+            n = p * self.stages_per_rank(stages_per_rank)
+            raise ValueError(f"{who} needs n_microbatches ({m}) >= pipeline stages ({n}): raise n_microbatches")
+        if self.name in ("Interleaved1F1B", "InterleavedZeroBubble") and m % max(1, m // p):
+            raise ValueError(
+                f"{who} needs n_microbatches ({m}) to be a multiple of its rounds ({m // p} = n_microbatches // "
+                f"{p} pipeline ranks): use a multiple of {p}"
+            )
         if self.name == "InterleavedSeq1F1B":
             from .schedule_ir_multi import interleaved_group_size
 

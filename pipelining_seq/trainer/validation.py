@@ -11,6 +11,7 @@ import importlib.util
 from collections.abc import Sequence
 from typing import Any
 
+from ..registry import check_admissible
 from .config import ConfigError, JobConfig
 from .layout import chunk_lengths, n_microbatches, schedule_info, stages_per_rank
 
@@ -156,33 +157,16 @@ def _check_parallelism(cfg: JobConfig, world_size: int | None) -> list[str]:
         return errors
     nmb = n_microbatches(cfg)
     k = cfg.seq1f1b.num_seq_chunks
-    if info.seq_chunks and info.multi_stage and k >= 1 and nmb * k >= pp:
-        from ..schedule_ir_multi import interleaved_orders
-
-        try:  # the order itself says which (p, v, m, k) it cannot run
-            interleaved_orders(pp, spr, nmb, k)
+    if k >= 1:
+        try:  # the registry holds each schedule's rule; this names the recipe's knobs
+            check_admissible(info, pp=pp, n_microbatches=nmb, n_seq_chunks=k if info.seq_chunks else 1,
+                             stages_per_rank=spr)
         except ValueError as e:
+            chunks = ", n_seq_chunks = seq1f1b.num_seq_chunks" if info.seq_chunks else ""
             errors.append(
-                f"{info.name} with parallelism.pipeline_parallel_degree={pp}, pipeline_parallel_stages_per_rank={spr}, "
-                f"{nmb} micro-batches and seq1f1b.num_seq_chunks={k}: {e}"
+                f"{e} (in the recipe: n_microbatches = training.local_batch_size / "
+                f"parallelism.pipeline_parallel_microbatch_size = {nmb}{chunks})"
             )
-    if info.seq_chunks and k >= 1 and nmb * k < pp:
-        errors.append(
-            f"Seq1F1B needs micro-batches * seq1f1b.num_seq_chunks >= pipeline stages: {nmb} * {k} < {pp}; raise "
-            "training.local_batch_size, lower parallelism.pipeline_parallel_microbatch_size or raise seq1f1b.num_seq_chunks"
-        )
-    if info.name == "1F1B" and nmb < pp:
-        errors.append(
-            f"1F1B needs at least as many micro-batches as stages: {nmb} < {pp}; raise training.local_batch_size or "
-            "lower parallelism.pipeline_parallel_microbatch_size (Seq1F1B only needs micro-batches * chunks >= stages)"
-        )
-    if info.name == "DualPipeV" and nmb < n_stages:
-        errors.append(f"DualPipeV needs at least {n_stages} micro-batches (one per stage), got {nmb}: raise training.local_batch_size")
-    if info.name in ("Interleaved1F1B", "InterleavedZeroBubble") and nmb % max(1, nmb // pp):
-        errors.append(
-            f"{info.name} needs the micro-batch count ({nmb}) to be a multiple of the rounds ({nmb // pp}): use a "
-            f"multiple of parallelism.pipeline_parallel_degree={pp} micro-batches"
-        )
     if tp > 1:
         for knob, val in (("model.n_heads", m.n_heads), ("model.n_kv_heads", m.n_kv_heads), ("model.ffn_dim", m.ffn_dim)):
             if val % tp:
