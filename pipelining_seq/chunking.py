@@ -20,7 +20,11 @@ from typing import Any, Literal
 
 from .partition import PARTITION_NAMES, SeqPartition, resolve_partition
 
-__all__ = ["ChunkingConfig", "chunking_from"]
+__all__ = ["DEFAULT_N_SEQ_CHUNKS", "ChunkingConfig", "chunking_from"]
+
+DEFAULT_N_SEQ_CHUNKS = 4
+"""k of a recipe or torchtitan run that does not say (the trainer's ``seq1f1b.num_seq_chunks``,
+torchtitan's ``--seq1f1b.n_seq_chunks``); the schedules' own ``n_seq_chunks`` has no default."""
 
 
 def _check_positive(**values: Any) -> None:

@@ -27,6 +27,7 @@ from typing import Any
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
+from ..chunking import DEFAULT_N_SEQ_CHUNKS
 from ..models.gpt import GPTConfig, GPTConfigError
 
 __all__ = [
@@ -154,7 +155,7 @@ class ParallelismConfig:
 class Seq1F1BConfig:
     """Sequence chunking of Seq1F1B (ignored by the other schedules)."""
 
-    num_seq_chunks: int = 4
+    num_seq_chunks: int = DEFAULT_N_SEQ_CHUNKS
     """k: chunks each micro-batch is cut into along the sequence (the schedules' and ChunkingConfig's n_seq_chunks)."""
     partition: Any = "uniform"
     """uniform (equal chunks; seq_len divisible by k), balanced (equal modelled FLOPs, the paper's computation-wise partition) or an explicit list of k chunk lengths summing to seq_len."""

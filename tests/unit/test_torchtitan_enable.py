@@ -191,8 +191,8 @@ def test_chunks_that_do_not_fit_refused():
 
 
 def test_partition_against_loss_chunks_and_sequence_parallel():
-    bad(seq_config(partition="100,156"), "--loss.num_chunks 8")
-    config = seq_config(partition="129,127")
+    bad(seq_config(n_seq_chunks=2, partition="100,156"), "--loss.num_chunks 8")
+    config = seq_config(n_seq_chunks=2, partition="129,127")
     config.loss = CrossEntropyLoss.Config()
     config.parallelism.tensor_parallel_degree = 2
     bad(config, "--parallelism.tensor_parallel_degree 2")

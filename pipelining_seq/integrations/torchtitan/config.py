@@ -14,6 +14,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from ...chunking import DEFAULT_N_SEQ_CHUNKS
+
 __all__ = ["Seq1F1BConfig", "check_section", "parse_partition", "with_seq1f1b"]
 
 
@@ -21,7 +23,7 @@ __all__ = ["Seq1F1BConfig", "check_section", "parse_partition", "with_seq1f1b"]
 class Seq1F1BConfig:
     """Seq1F1B settings, used when ``parallelism.pipeline_parallel_schedule`` is ``Seq1F1B``."""
 
-    n_seq_chunks: int = 2
+    n_seq_chunks: int = DEFAULT_N_SEQ_CHUNKS
     """Sequence chunks per micro-batch (k). 1 runs plain 1F1B order."""
 
     partition: str = "uniform"

@@ -1,6 +1,7 @@
 """Chunk lengths for a torchtitan run: model sizes read from its config, one FLOP model.
 
-``--seq1f1b.partition balanced`` calls :func:`pipelining_seq.balanced_partition` with the
+Partition names are resolved by the core's :func:`pipelining_seq.partition.resolve_partition`,
+as for the trainer; ``balanced`` gets a :class:`~pipelining_seq.flops.FlopModel` with the
 sizes of torchtitan's model config: hidden size, heads, KV heads (GQA), query/key and
 value head sizes (MLA), SwiGLU feed-forward width (for MoE layers the active width:
 ``top_k`` routed experts plus the shared ones), vocabulary and layer count.
@@ -14,9 +15,10 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from ... import partition as _partition
+from ...flops import FlopModel
+from ...partition import resolve_partition
 
-__all__ = ["balanced_lengths", "chunk_multiple", "model_flop_sizes", "resolve_lengths"]
+__all__ = ["chunk_multiple", "flop_model", "model_flop_sizes", "resolve_lengths"]
 
 
 def _ffn_width(layer: Any) -> tuple[int, str]:
@@ -35,7 +37,7 @@ def _ffn_width(layer: Any) -> tuple[int, str]:
 
 
 def model_flop_sizes(model_config: Any) -> dict[str, Any]:
-    """Keyword arguments of ``balanced_partition`` read from a torchtitan model config."""
+    """The :class:`~pipelining_seq.flops.FlopModel` fields read from a torchtitan model config."""
     layers = list(model_config.layers)
     if not layers:
         raise ValueError(f"{type(model_config).__qualname__} has no layers to size the balanced partition")
@@ -66,23 +68,19 @@ def chunk_multiple(*, loss_num_chunks: int | None, tp_degree: int, sequence_para
     return m
 
 
-def balanced_lengths(model_config: Any, *, seq_len: int, n_chunks: int, multiple_of: int) -> list[int]:
-    return _partition.balanced_partition(
-        seq_len, n_chunks, multiple_of=multiple_of, **model_flop_sizes(model_config)
-    )
+def flop_model(model_config: Any) -> FlopModel:
+    """The FLOP model of a torchtitan model config (what ``balanced`` balances)."""
+    return FlopModel(**model_flop_sizes(model_config))
 
 
 def resolve_lengths(
     partition: str | list[int], *, model_config: Any, seq_len: int, n_chunks: int, multiple_of: int
 ) -> list[int]:
     """Chunk lengths for ``partition`` (``uniform``, ``balanced`` or explicit lengths)."""
-    if partition == "balanced":
-        if seq_len % multiple_of:
-            raise ValueError(
-                f"--seq1f1b.partition balanced: training.seq_len {seq_len} is not a multiple of "
-                f"{multiple_of} (loss.num_chunks / tensor-parallel degree), so no chunking fits"
-            )
-        return balanced_lengths(model_config, seq_len=seq_len, n_chunks=n_chunks, multiple_of=multiple_of)
-    if partition == "uniform":
-        return _partition.uniform_partition(seq_len, n_chunks)
-    return list(partition)
+    if partition == "balanced" and seq_len % multiple_of:
+        raise ValueError(
+            f"--seq1f1b.partition balanced: training.seq_len {seq_len} is not a multiple of "
+            f"{multiple_of} (loss.num_chunks / tensor-parallel degree), so no chunking fits"
+        )
+    fm = flop_model(model_config) if partition == "balanced" else None
+    return resolve_partition(partition, seq_len, n_chunks, flop_model=fm, multiple_of=multiple_of)
