@@ -330,6 +330,7 @@ def test_contract_kept_passes_once_then_costs_nothing(schedule):
         assert all(row["ok"] and row["max_diff"] <= row["tol"] for row in r["results"])
 
 
+@pytest.mark.slow
 def test_document_ids_on_some_ranks_only_is_refused():
     # It used to train silently on wrong losses (the stage without ids attends across
     # documents); now the first-step agreement names both ranks before any unit runs.

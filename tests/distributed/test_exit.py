@@ -14,7 +14,8 @@ import torch.multiprocessing as mp
 from pipelining_seq.tools.testing import free_port
 from tests.workers.train_workers import exit_threads_worker
 
-pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="counts threads in /proc")
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not sys.platform.startswith("linux"), reason="counts threads in /proc")]
 
 
 def test_no_gloo_thread_outlives_the_process_group(tmp_path):

@@ -68,6 +68,7 @@ def test_export_into_any_checkpoint_folder_is_refused_and_nothing_is_lost(tmp_pa
     ckpt.read_manifest(p2, verify="sha256")
 
 
+@pytest.mark.slow
 def test_export_to_a_folder_a_missing_or_read_only_place_or_from_no_checkpoint(tmp_path):
     _, _, (p3,) = _saved(tmp_path, 3)
     out_dir = tmp_path / "out"
@@ -288,6 +289,7 @@ def test_a_stalled_peer_in_a_script_is_named_by_the_first_steps_agreement():
     assert "p2p.set_timeout" in msg, msg
 
 
+@pytest.mark.slow
 def test_the_public_api_waits_are_bounded_by_default():
     code = ("from pipelining_seq import p2p; print(p2p.context()['timeout_s'], p2p.DEFAULT_TIMEOUT_S)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120).stdout.split()

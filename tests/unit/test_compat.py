@@ -102,15 +102,18 @@ def test_lr_scheduler_step_matches_stepping():
     assert placed.optimizer.param_groups[0]["lr"] == stepped.optimizer.param_groups[0]["lr"]
 
 
-def test_the_core_loads_no_model_and_no_tool():
+def test_the_core_loads_no_model_no_tool_and_no_transformers():
     # The FLOP model takes sizes; the reference GPT maps its config onto it. Importing the
-    # package must not load the reference model, nor the measurement/test helpers.
+    # package must not load the reference model, nor the measurement/test helpers; without
+    # transformers installed the core imports and the adapter refuses (one interpreter: ~3 s).
     import subprocess
     import sys
 
     code = (
-        "import sys, pipelining_seq; "
-        "print(sorted(m for m in sys.modules if m.startswith(('pipelining_seq.models', 'pipelining_seq.tools'))))"
+        "import sys; sys.modules['transformers'] = None\n"
+        "import pipelining_seq, pipelining_seq.schedules, pipelining_seq.integrations\n"
+        "print(sorted(m for m in sys.modules if m.startswith(('pipelining_seq.models', 'pipelining_seq.tools'))))\n"
+        "try:\n    import pipelining_seq.integrations.transformers\nexcept ImportError: print('refused')\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "[]", out
+    assert out.split() == ["[]", "refused"], out
