@@ -343,24 +343,26 @@ def timed_p2p_waits(on_wait: Any) -> Iterator[None]:
     (:func:`pipelining_seq.p2p.wait`). Benchmarks only (step-time breakdown)."""
     import time
 
-    orig_torch, orig_ours = _schedules._wait_batch_p2p, globals()["wait_batch_p2p"]
+    from . import p2p
+
+    orig_torch, orig_ours = _schedules._wait_batch_p2p, p2p._wait_works
 
     def wrap(fn: Any) -> Any:
-        def timed(works: Any) -> Any:
+        def timed(*args: Any) -> Any:
             t0 = time.perf_counter()
             try:
-                return fn(works)
+                return fn(*args)
             finally:
                 on_wait(time.perf_counter() - t0)
         return timed
 
     _schedules._wait_batch_p2p = wrap(orig_torch)
-    globals()["wait_batch_p2p"] = wrap(orig_ours)
+    p2p._wait_works = wrap(orig_ours)
     try:
         yield
     finally:
         _schedules._wait_batch_p2p = orig_torch
-        globals()["wait_batch_p2p"] = orig_ours
+        p2p._wait_works = orig_ours
 
 
 # --------------------------------------------------------------------------------------

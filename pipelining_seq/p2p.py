@@ -101,15 +101,19 @@ def wait(works: list) -> None:
     :class:`PeerError` with stage, peer rank(s), step and unit."""
     if not works:
         return
-    timeout = _CONTEXT.get("timeout_s")
     try:
-        if timeout is None:
-            _compat.wait_batch_p2p(works)
-        else:
-            for work in works:
-                work.wait(timedelta(seconds=timeout))
+        _wait_works(works, _CONTEXT.get("timeout_s"))
     except RuntimeError as e:
         raise _peer_error(works, e) from e
+
+
+def _wait_works(works: list, timeout: float | None) -> None:
+    """The one place this package blocks on p2p works (the step-time breakdown times it)."""
+    if timeout is None:
+        _compat.wait_batch_p2p(works)
+    else:
+        for work in works:
+            work.wait(timedelta(seconds=timeout))
 
 
 def _peer_error(works: list, e: RuntimeError) -> PeerError:

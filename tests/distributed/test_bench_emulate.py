@@ -47,6 +47,7 @@ def test_bench_breakdown_two_ranks(tmp_path, capsys):
         parts = r["F"] + r["B"] + r["I"] + r["W"] + r["wait"] + r["executor"]
         assert parts == pytest.approx(r["step"])
         assert r["F"] > 0
+        assert r["n_wait"] > 0  # every schedule's p2p waits are timed (ours go through p2p.wait)
         if r["schedule"] == "Seq1F1B":
             assert r["B"] > 0 and r["I"] == r["W"] == 0
         else:
