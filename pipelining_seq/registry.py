@@ -150,9 +150,8 @@ class ScheduleInfo:
             )
         if self.name == "1F1B" and m < p:
             raise ValueError(f"{who} needs n_microbatches ({m}) >= pipeline ranks ({p}): raise n_microbatches")
-        if self.name == "DualPipeV" and m < p * self.stages_per_rank(stages_per_rank):
-            n = p * self.stages_per_rank(stages_per_rank)
-            raise ValueError(f"{who} needs n_microbatches ({m}) >= pipeline stages ({n}): raise n_microbatches")
+        if self.name == "DualPipeV" and m < (n_stages := p * self.stages_per_rank(stages_per_rank)):
+            raise ValueError(f"{who} needs n_microbatches ({m}) >= pipeline stages ({n_stages}): raise n_microbatches")
         if self.name in ("Interleaved1F1B", "InterleavedZeroBubble") and m % max(1, m // p):
             raise ValueError(
                 f"{who} needs n_microbatches ({m}) to be a multiple of its rounds ({m // p} = n_microbatches // "
