@@ -69,6 +69,7 @@ __all__ = [
     "dynamo_reset",
     "set_available_device",
     "flash_attention_ops",
+    "efficient_attention_ops",
     "tree_leaves",
     "is_compiled_module",
     "traced_stage_kind",
@@ -108,6 +109,21 @@ def flash_attention_ops(device_type: str) -> tuple[Any, Any]:
     if device_type == "cpu":
         return aten._scaled_dot_product_flash_attention_for_cpu, aten._scaled_dot_product_flash_attention_for_cpu_backward
     return aten._scaled_dot_product_flash_attention, aten._scaled_dot_product_flash_attention_backward
+
+
+def efficient_attention_ops() -> tuple[Any, Any]:
+    """torch's memory-efficient attention kernels (CUDA), which take an additive bias and
+    return the log-sum-exp (pipelining_seq.kernels, masked and float32 tiles). Same schema
+    in torch 2.11 and 2.13:
+
+    ``_scaled_dot_product_efficient_attention(query, key, value, attn_bias, compute_log_sumexp,
+    dropout_p=0., is_causal=False, *, scale=None) -> (output, log_sumexp, philox_seed, philox_offset)``;
+    ``_scaled_dot_product_efficient_attention_backward(grad_out_, query, key, value, attn_bias, out,
+    logsumexp, philox_seed, philox_offset, dropout_p, grad_input_mask, is_causal=False, *, scale=None)
+    -> (grad_query, grad_key, grad_value, grad_attn_bias)``.
+    """
+    aten = torch.ops.aten
+    return aten._scaled_dot_product_efficient_attention, aten._scaled_dot_product_efficient_attention_backward
 
 
 # Attention guard (pipelining_seq.guard): the types of ``torch.ops`` callables, which

@@ -3,20 +3,41 @@
 :class:`pipelining_seq.ChunkedCausalAttention`'s blockwise backend runs one kernel call
 per (query rows, key tile) block and merges the blocks by log-sum-exp; the backward
 replays the same blocks against the merged output. The fused ops are torch's private
-ATen entry points (``_scaled_dot_product_flash_attention*``); a math path covers dtypes
-and devices without one, and blocks with a document mask on CUDA.
+ATen entry points, chosen per block (:func:`_fused_kernel`):
 
-Two things the fused kernels do not do are handled here, exactly:
+* CPU, every dtype: ``_scaled_dot_product_flash_attention_for_cpu`` (a document mask as
+  an additive ``-inf`` mask);
+* CUDA fp16/bf16 without a mask: ``_scaled_dot_product_flash_attention``;
+* CUDA with a mask (fp16, bf16, fp32), and CUDA fp32 without one:
+  ``_scaled_dot_product_efficient_attention`` (torch's memory-efficient kernel), which
+  takes an additive bias and returns the logsumexp, so masked tiles no longer
+  materialise their scores;
+* anything else (CUDA float64, other devices): an exact math path.
+
+Things the fused kernels do not do are handled here, exactly:
 
 * a value head size different from the query/key head size (MLA): the smaller side is
   zero-padded (zero columns of q and k add nothing to the scores, zero columns of v give
-  zero output columns, which are cut off again);
-* a boolean mask (documents): on CPU it is passed to the fused kernel as an additive
-  ``-inf`` mask, and the logsumexp of rows that the mask empties entirely is set to
-  ``-inf`` (the kernel reports 0 for them), so such rows weigh nothing in the merge.
+  zero output columns, which are cut off again); the efficient kernel also gets its
+  head size padded up to 16 bytes, the alignment its CUDA kernels need;
+* rows that a tile's mask empties entirely: the CPU kernel reports logsumexp 0 for them,
+  the efficient kernel NaN; their logsumexp is set to ``-inf`` and their output to 0, so
+  they weigh nothing in the merge (the efficient forward gets a bias of 0 on those rows,
+  so that no NaN is computed at all; its backward gets the true ``-inf`` bias, and the
+  merged logsumexp of every row is finite, since every query attends to itself, so the
+  rows' probabilities ``exp(-inf - lse)`` are exactly 0);
+* the efficient kernel's own layout rules (see :func:`_efficient_forward`).
+
+flash-attn's varlen kernel is not used for masked tiles: its documents are ``cu_seqlens``
+runs of one query and one key range, while a tile's mask is any boolean matrix (documents
+cropped to the tile, a window, the batch rows' different layouts).
 """
 
 from __future__ import annotations
+
+import contextlib
+from collections import Counter
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -81,7 +102,7 @@ def _math_scores(q, k, causal, scale, mask, work):
 
 
 def _math_forward(q, k, v, causal, scale, mask=None):
-    # Reference path for dtypes/devices without a fused kernel (e.g. CUDA float32).
+    # Reference path for dtypes/devices without a fused kernel (e.g. CUDA float64).
     scores = _math_scores(q, k, causal, scale, mask, work_dtype(q.dtype))
     lse = torch.logsumexp(scores, dim=-1)
     # A fully masked row has lse -inf; exp(-inf - 0) keeps its probabilities at 0.
@@ -101,16 +122,113 @@ def _math_backward(dout, q, k, v, out, lse, aux, causal, scale, mask=None):
     return dq, dk, dv
 
 
+def _efficient_bias(mask: torch.Tensor, q: torch.Tensor, k: torch.Tensor, *, forward: bool) -> torch.Tensor:
+    """The efficient kernel's additive bias for a boolean ``mask``: ``[B, H, Lq, Lk]`` of
+    q's dtype, its rows 16-element aligned in memory (as torch's own ``pad_bias`` does:
+    allocate the last dim padded to a multiple of 16, slice back); the head dim (and a
+    broadcast batch) stay stride-0 expands. ``forward``: rows the mask empties get bias 0
+    instead of ``-inf`` (the caller sets their result)."""
+    b, h, lq, lk = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
+    m = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
+    m = m.expand(m.shape[0], m.shape[1], lq, lk)
+    if forward:
+        m = m | ~m.any(-1, keepdim=True)
+    bias = torch.zeros((*m.shape[:3], lk + (-lk) % 16), dtype=q.dtype, device=q.device)[..., :lk]
+    return bias.masked_fill_(~m, float("-inf")).expand(b, h, lq, lk)
+
+
+def _lse_for_merge(lse: torch.Tensor, lq: int) -> torch.Tensor:
+    """The kernel's logsumexp cut to the tile's rows: it pads the query dim (to a multiple
+    of 32 on CUDA, with +inf)."""
+    return lse[..., :lq].contiguous()
+
+
+def _lse_for_kernel(lse: torch.Tensor, length: int) -> torch.Tensor:
+    """The merged logsumexp padded back to the length the forward kernel returned (the
+    backward kernel reads the padded rows); padded with +inf as the kernel pads it."""
+    return F.pad(lse, (0, length - lse.shape[-1]), value=float("inf"))
+
+
+def _out_for_kernel(out: torch.Tensor) -> torch.Tensor:
+    """``out`` laid out as the forward kernel returns it ([B, L, H, D] in memory): the
+    backward kernel takes out's batch and head strides but derives its row stride as
+    ``H * D`` (``o_strideM``)."""
+    return out.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+def _clear_empty_rows(out: torch.Tensor, lse: torch.Tensor, mask: torch.Tensor):
+    """Output 0 and logsumexp ``-inf`` on the rows ``mask`` empties (whatever the kernel
+    computed there), as ``_cpu_forward`` does: they weigh nothing in the merge."""
+    empty = ~mask.any(-1)
+    return out.masked_fill_(empty.unsqueeze(-1), 0.0), lse.masked_fill(empty, float("-inf"))
+
+
+def _efficient_forward(q, k, v, causal, scale, mask):
+    # q, k, v arrive with equal head counts (blockwise expands grouped K/V heads).
+    lq = q.shape[-2]
+    bias = None if mask is None else _efficient_bias(mask, q, k, forward=True)
+    out, lse, seed, offset = _compat.efficient_attention_ops()[0](q, k, v, bias, True, 0.0, causal, scale=scale)
+    aux = (seed, offset, lse.shape[-1])
+    lse = _lse_for_merge(lse, lq)
+    if mask is not None:
+        out, lse = _clear_empty_rows(out, lse, mask)
+    return out, lse, aux
+
+
+def _efficient_backward(dout, q, k, v, out, lse, aux, causal, scale, mask):
+    seed, offset, lse_len = aux
+    bias = None if mask is None else _efficient_bias(mask, q, k, forward=False)
+    dq, dk, dv, _ = _compat.efficient_attention_ops()[1](
+        dout, q, k, v, bias, _out_for_kernel(out), _lse_for_kernel(lse, lse_len), seed, offset, 0.0,
+        [True, True, True, False], causal, scale=scale,
+    )
+    return dq, dk, dv
+
+
+_EFFICIENT_DTYPES: dict[str, tuple[torch.dtype, ...]] = {"cuda": (torch.float16, torch.bfloat16, torch.float32)}
+"""Per device type, the dtypes whose masked tiles (and whose unmasked tiles that no flash
+kernel serves) run on torch's memory-efficient kernel. A test seam too: the unit tests
+point "cpu" at a reference implementation of the ops."""
+
+
 def _fused_kernel(q: torch.Tensor, mask: torch.Tensor | None) -> str:
-    if q.device.type == "cpu":
+    dev = q.device.type
+    flash = dev == "cpu" or (dev == "cuda" and q.dtype in (torch.float16, torch.bfloat16))
+    if q.dtype in _EFFICIENT_DTYPES.get(dev, ()) and (mask is not None or not flash):
+        return "efficient"
+    if dev == "cpu":
         return "cpu"
-    if q.device.type == "cuda" and q.dtype in (torch.float16, torch.bfloat16) and mask is None:
+    if flash and mask is None:
         return "cuda"
     return "math"
 
 
-_FORWARD = {"cpu": _cpu_forward, "cuda": _cuda_forward, "math": _math_forward}
-_BACKWARD = {"cpu": _cpu_backward, "cuda": _cuda_backward, "math": _math_backward}
+_FORWARD = {"cpu": _cpu_forward, "cuda": _cuda_forward, "efficient": _efficient_forward, "math": _math_forward}
+_BACKWARD = {"cpu": _cpu_backward, "cuda": _cuda_backward, "efficient": _efficient_backward, "math": _math_backward}
+
+_RECORDERS: list[Counter] = []
+
+
+@contextlib.contextmanager
+def _record_kernels() -> Iterator[Counter]:
+    """Count ``flash_forward`` calls inside the block by ``(kernel, masked)`` (benchmarks)."""
+    counts: Counter = Counter()
+    _RECORDERS.append(counts)
+    try:
+        yield counts
+    finally:
+        _RECORDERS.remove(counts)
+
+
+def _kernel_head_dim(kind: str, q: torch.Tensor, dqk: int, dv: int) -> int | None:
+    """The head size ``kind`` runs at, None when q/k/v go as they are."""
+    if kind == "math":
+        return None
+    d = max(dqk, dv)
+    if kind == "efficient":
+        align = max(1, 16 // q.element_size())  # torch's minimum_gemm_alignment on sm80+
+        d = -(-d // align) * align
+    return None if d == dqk == dv else d
 
 
 def _pad_last(t: torch.Tensor, size: int) -> torch.Tensor:
@@ -126,10 +244,12 @@ def flash_forward(q, k, v, *, causal: bool, scale: float, mask: torch.Tensor | N
     ``v`` may have a different head size than ``q``/``k``.
     """
     kind = _fused_kernel(q, mask)
+    for counts in _RECORDERS:
+        counts[kind, mask is not None] += 1
     dqk, dv = q.shape[-1], v.shape[-1]
-    if kind == "math" or dqk == dv:
+    d = _kernel_head_dim(kind, q, dqk, dv)
+    if d is None:
         return _FORWARD[kind](q, k, v, causal, scale, mask)
-    d = max(dqk, dv)
     out, lse, aux = _FORWARD[kind](_pad_last(q, d), _pad_last(k, d), _pad_last(v, d), causal, scale, mask)
     return out[..., :dv], lse, aux
 
@@ -139,9 +259,9 @@ def flash_backward(dout, q, k, v, out, lse, aux, *, causal: bool, scale: float,
     """(dq, dk, dv) of one block, given the *merged* output and logsumexp of all blocks."""
     kind = _fused_kernel(q, mask)
     dqk, dv = q.shape[-1], v.shape[-1]
-    if kind == "math" or dqk == dv:
+    d = _kernel_head_dim(kind, q, dqk, dv)
+    if d is None:
         return _BACKWARD[kind](dout, q, k, v, out, lse, aux, causal, scale, mask)
-    d = max(dqk, dv)
     dq, dk, dvv = _BACKWARD[kind](
         _pad_last(dout, d), _pad_last(q, d), _pad_last(k, d), _pad_last(v, d), _pad_last(out, d),
         lse, aux, causal, scale, mask,

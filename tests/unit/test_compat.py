@@ -23,6 +23,14 @@ def test_attention_kernel_schemas():
     assert "Tensor out, Tensor logsumexp, float dropout_p, bool is_causal" in bwd
     cuda_fwd = str(torch.ops.aten._scaled_dot_product_flash_attention.default._schema)
     assert "(Tensor output, Tensor logsumexp, Tensor cum_seq_q" in cuda_fwd
+    # The memory-efficient kernels (masked and float32 tiles on CUDA), as kernels.py calls them.
+    eff_fwd, eff_bwd = (str(op.default._schema) for op in _compat.efficient_attention_ops())
+    assert ("(Tensor query, Tensor key, Tensor value, Tensor? attn_bias, bool compute_log_sumexp, "
+            "float dropout_p=0., bool is_causal=False, *, float? scale=None) -> (Tensor output, "
+            "Tensor log_sumexp, Tensor philox_seed, Tensor philox_offset)") in eff_fwd
+    assert ("Tensor key, Tensor value, Tensor attn_bias, Tensor out, Tensor logsumexp, Tensor philox_seed, "
+            "Tensor philox_offset, float dropout_p, bool[4] grad_input_mask, bool is_causal=False, *, "
+            "float? scale=None) -> (Tensor, Tensor, Tensor, Tensor)") in eff_bwd
 
 
 def test_kernels_agree_with_math_reference():
