@@ -159,9 +159,17 @@ def test_bench_gpu_smoke(tmp_path, capsys, fixed_times):
     assert rc == 0, out
     sections = report["sections"]
     assert {n: s["status"] for n, s in sections.items()} == dict.fromkeys(
-        ("parity", "chunk_times", "stage_memory", "simulate"), "ok")
+        ("parity", "documents", "weight_grad", "chunk_times", "stage_memory", "simulate"), "ok")
     parity = sections["parity"]["result"]
     assert parity and all(r["ok"] for r in parity)
+    docs = sections["documents"]["result"]
+    assert docs["parity"] and all(r["ok"] for r in docs["parity"])
+    assert all(set(r["masked_tiles"]) == {"cpu"} for r in docs["parity"])  # "efficient" on CUDA
+    assert {r["case"] for r in docs["timing"]} == {"causal", "documents"}
+    wgrad = sections["weight_grad"]["result"]
+    assert {r["dtype"] for r in wgrad["parity"]} == {"float32", "bfloat16"}
+    assert all(r["ok"] and r["covered_params"] > 0 and r["i_w_vs_b"] < 1e-6 for r in wgrad["parity"])
+    assert wgrad["timing"]["b_ms"] > 0 and wgrad["timing"]["w_ms"] > 0
     assert {r["backend"] for r in parity} >= {"blockwise", "sdpa"}
     assert {r["dtype"] for r in parity} == {"float32", "bfloat16"}
     mem = {r["schedule"]: r for r in sections["stage_memory"]["result"]}

@@ -6,6 +6,16 @@ the others):
 1. ``parity``: chunked attention (blockwise, sdpa, flash if importable) against full
    causal attention, fp32 and bf16, forward and gradients, measured against a float64
    reference next to the unchunked kernel's own error in the same dtype.
+   ``documents``: the same for the blockwise backend with packed documents
+   (``document_ids``, two batch rows of different layouts, boundaries inside chunks)
+   against full attention with the block-diagonal causal mask, recording which kernel
+   the masked tiles ran (``efficient`` on CUDA, ``cpu`` on CPU); and the time and peak
+   memory of the chunked forward+backward with documents against the same without.
+   ``weight_grad``: the zero-bubble W pass. A stack of GPT blocks run chunk by chunk
+   with input-gradient-only backwards (I, the weight-gradient store capturing) and then
+   the store's weight passes (W) against a full backward (B): parameter gradients
+   against a float64 unchunked reference next to the dtype's own error, and the time
+   of I+W against B.
 2. ``chunk_times``: forward+backward time per chunk of a stack of real-size layers
    (hidden 4096, 32 heads, S=32k, k=4 by default) for the whole sequence and for
    uniform, FLOP-balanced and calibrated (``linear_fit``) partitions.
@@ -22,6 +32,7 @@ Writes ``gpu.json`` under ``--out`` / ``$OUT`` and prints one table at the end.
 from __future__ import annotations
 
 import argparse
+import copy
 import logging
 import math
 import time
@@ -32,11 +43,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ... import schedule_ir
+from ... import kernels, schedule_ir
 from ...attention import ChunkedCausalAttention, flash_attn_available
 from ...context import ChunkContext, KVCache, chunk_context
 from ...models.gpt import Block, GPTConfig, flop_model
 from ...partition import PARTITION_NAMES, resolve_partition, uniform_partition
+from ...weight_grad import WeightGradStore
 from .. import simulate
 from ..calibration import default_samples, fit_chunk_cost, time_chunk, time_chunks
 from ..memory import ActivationMemoryMeter
@@ -77,6 +89,10 @@ class GpuCheckConfig:
     """Heads of the attention parity check."""
     parity_head_dim: int = 128
     """Head dim of the attention parity check."""
+    doc_batch: int = 2
+    """Batch rows of the documents check (each its own document layout; sizes as parity's)."""
+    wgrad_layers: int = 2
+    """GPT blocks of the weight-gradient check (dim parity_heads * parity_head_dim, parity_seq tokens)."""
     repeats: int = 3
     """Timed repeats per partition (medians)."""
     calib_repeats: int = 2
@@ -103,7 +119,7 @@ def _sync(device: torch.device) -> None:
 
 
 # ------------------------------------------------------------------------ 1. parity
-def _chunked_attention(backend: str, q, k, v, g, lengths):
+def _chunked_attention(backend: str, q, k, v, g, lengths, ids=None):
     attn = ChunkedCausalAttention(backend=backend)
     cache = KVCache()
     offs = [sum(lengths[:j]) for j in range(len(lengths))]
@@ -111,7 +127,8 @@ def _chunked_attention(backend: str, q, k, v, g, lengths):
     for j, s in enumerate(lengths):
         part = [t[:, :, offs[j]:offs[j] + s].detach().requires_grad_() for t in (q, k, v)]
         with chunk_context(ChunkContext(0, j, len(lengths), offs[j], s, cache)):
-            outs.append(attn(*part))
+            docs = None if ids is None else ids[:, offs[j]:offs[j] + s]
+            outs.append(attn(*part, document_ids=docs))
         leaves.append(part)
     for j in reversed(range(len(lengths))):
         with chunk_context(ChunkContext(0, j, len(lengths), offs[j], lengths[j], cache, recompute=True)):
@@ -120,10 +137,10 @@ def _chunked_attention(backend: str, q, k, v, g, lengths):
     return [out] + [torch.cat([lv[i].grad for lv in leaves], 2) for i in range(3)]
 
 
-def _full_attention(q, k, v, g):
+def _full_attention(q, k, v, g, mask=None):
     q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
     groups = q.shape[1] // k.shape[1]
-    out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=groups > 1)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=groups > 1)
     out.backward(g)
     return [out.detach(), q.grad, k.grad, v.grad]
 
@@ -161,6 +178,196 @@ def section_parity(cfg: GpuCheckConfig, device: torch.device) -> list[dict]:
                                      ok=err <= tol))
         del q64, k64, v64, g64, ref
     return rows
+
+
+# Document layouts of the documents check, as fractions of the sequence (one per batch
+# row; more rows repeat them shifted): boundaries fall inside chunks, and the rows differ,
+# so a tile's query rows cropped to the union leave some rows of one batch row empty.
+DOC_FRACTIONS = ([0.17, 0.37, 0.07, 0.22, 0.17], [0.3, 0.45, 0.25])
+
+
+def _document_ids(S: int, batch: int, device: torch.device) -> torch.Tensor:
+    rows = []
+    for b in range(batch):
+        fr = DOC_FRACTIONS[b % len(DOC_FRACTIONS)]
+        lens = [max(1, round(f * S)) for f in fr[:-1]]
+        lens.append(S - sum(lens))
+        ids = torch.repeat_interleave(torch.arange(len(lens)), torch.tensor(lens))
+        rows.append(ids.roll(b // len(DOC_FRACTIONS)))
+    return torch.stack(rows).to(device)
+
+
+def _timed(fn, repeats: int, device: torch.device) -> tuple[float, float | None]:
+    """Median seconds of ``fn()`` after one warm-up, and its peak extra CUDA bytes (None on CPU)."""
+    fn()
+    _sync(device)
+    peak = None
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    if device.type == "cuda":
+        peak = float(torch.cuda.max_memory_allocated(device) - base)
+    return sorted(times)[len(times) // 2], peak
+
+
+def section_documents(cfg: GpuCheckConfig, device: torch.device) -> dict:
+    S, H, D, B = cfg.parity_seq, cfg.parity_heads, cfg.parity_head_dim, cfg.doc_batch
+    kv_heads = max(1, H // 4)
+    ids = _document_ids(S, B, device)
+    causal = torch.ones(S, S, dtype=torch.bool, device=device).tril()
+    mask = (ids[:, None, :, None] == ids[:, None, None, :]) & causal
+    lengths_u = uniform_partition(S, cfg.chunks)
+    partitions = {"uniform": lengths_u, "uneven": [S // 2, S // 4, S // 8, S - S // 2 - S // 4 - S // 8]}
+    if cfg.chunks != 4:
+        partitions.pop("uneven")
+    g_ = torch.Generator(device="cpu").manual_seed(1)
+    shapes = ((B, H, S, D), (B, kv_heads, S, D), (B, kv_heads, S, D), (B, H, S, D))
+    q64, k64, v64, g64 = (torch.randn(sh, generator=g_, dtype=torch.float64).to(device) for sh in shapes)
+    ref = _full_attention(q64, k64, v64, g64, mask)
+    rows = []
+    for dtype in (torch.float32, torch.bfloat16):
+        q, k, v, g = (t.to(dtype) for t in (q64, k64, v64, g64))
+        base = _rel_err(_full_attention(q, k, v, g, mask), ref)
+        for pname, lengths in partitions.items():
+            with kernels._record_kernels() as counts:
+                err = _rel_err(_chunked_attention("blockwise", q, k, v, g, lengths, ids), ref)
+            tol = 2 * base + (1e-5 if dtype == torch.float32 else 2e-3)
+            rows.append(dict(dtype=str(dtype).replace("torch.", ""), partition=pname, lengths=lengths,
+                             kv_heads=kv_heads, rel_err=err, unchunked_rel_err=base, ok=err <= tol,
+                             masked_tiles={kind: n for (kind, masked), n in sorted(counts.items()) if masked},
+                             unmasked_tiles={kind: n for (kind, masked), n in sorted(counts.items()) if not masked}))
+    del q64, k64, v64, g64, ref, mask
+    dtype = getattr(torch, cfg.dtype)
+    q, k, v, g = (torch.randn(sh, generator=g_, dtype=torch.float32).to(device, dtype) for sh in shapes)
+    timing = []
+    for case, doc in (("causal", None), ("documents", ids)):
+        sec, peak = _timed(lambda doc=doc: _chunked_attention("blockwise", q, k, v, g, lengths_u, doc),
+                           cfg.repeats, device)
+        timing.append(dict(case=case, dtype=cfg.dtype, lengths=lengths_u, ms=sec * 1e3,
+                           peak_mib=None if peak is None else peak / 2**20))
+    return dict(parity=rows, timing=timing)
+
+
+def _grads(stack: nn.Module) -> list[torch.Tensor]:
+    return [p.grad.detach().clone() for p in stack.parameters()]
+
+
+def _blocks_backward(stack: nn.Module, x: torch.Tensor, g: torch.Tensor, lengths: list[int] | None,
+                     store: WeightGradStore | None = None) -> tuple[float, float]:
+    """Forward and backward of ``stack`` (a ModuleList of blocks) on ``x``: unchunked
+    (``lengths`` None) or chunk by chunk as Seq1F1B runs one micro-batch on a stage. With a
+    ``store``, each chunk's backward is I (its weight products captured) and all the W
+    passes run after the last I. Returns the seconds of the backward (B, or I) and of W."""
+    device = x.device
+    for p in stack.parameters():
+        p.grad = None
+
+    def run(h):
+        for block in stack:
+            h = block(h)
+        return h
+
+    if lengths is None:
+        out = run(x)
+        _sync(device)
+        t0 = time.perf_counter()
+        out.backward(g)
+        _sync(device)
+        return time.perf_counter() - t0, 0.0
+    k = len(lengths)
+    offs = [sum(lengths[:j]) for j in range(k)]
+    cache = KVCache()
+    outs = []
+    for j in range(k):
+        with chunk_context(ChunkContext(0, j, k, offs[j], lengths[j], cache)):
+            outs.append(run(x[:, offs[j]:offs[j] + lengths[j]]))
+    runners = []
+    _sync(device)
+    t0 = time.perf_counter()
+    for j in reversed(range(k)):
+        with chunk_context(ChunkContext(0, j, k, offs[j], lengths[j], cache, recompute=True)):
+            if store is None:
+                outs[j].backward(g[:, offs[j]:offs[j] + lengths[j]])
+            else:
+                with store.capture():  # as SequencePipelineStage.backward_one_chunk(full_backward=False)
+                    outs[j].backward(g[:, offs[j]:offs[j] + lengths[j]])
+                    runners.append(store.take())
+    _sync(device)
+    t1 = time.perf_counter()
+    if store is not None and any(p.grad is not None for p in store.covered_parameters()):
+        raise AssertionError("I computed weight gradients the store covers: the W pass was not deferred")
+    for w in runners:
+        w()
+    _sync(device)
+    cache.drop(0)
+    return t1 - t0, time.perf_counter() - t1
+
+
+def section_weight_grad(cfg: GpuCheckConfig, device: torch.device) -> dict:
+    H, D, S = cfg.parity_heads, cfg.parity_head_dim, cfg.parity_seq
+    model = _layers_gpt(n_layers=cfg.wgrad_layers, dim=H * D, n_heads=H)
+    torch.manual_seed(0)
+    with torch.device(device):
+        ref_stack = nn.ModuleList([Block(model) for _ in range(cfg.wgrad_layers)]).double()
+    g_ = torch.Generator(device="cpu").manual_seed(2)
+    x64 = torch.randn(1, S, model.dim, generator=g_, dtype=torch.float64).to(device)
+    g64 = torch.randn(1, S, model.dim, generator=g_, dtype=torch.float64).to(device)
+    _blocks_backward(ref_stack, x64, g64, None)
+    ref = _grads(ref_stack)
+    lengths = uniform_partition(S, cfg.chunks)
+    rows = []
+    for dtype in (torch.float32, torch.bfloat16):
+        stack = copy.deepcopy(ref_stack).to(dtype)
+        x, g = x64.to(dtype), g64.to(dtype)
+        _blocks_backward(stack, x, g, None)
+        base = _rel_err(_grads(stack), ref)
+        _blocks_backward(stack, x, g, lengths)
+        full = _grads(stack)
+        store = WeightGradStore()
+        covered = store.attach(stack)
+        try:
+            _blocks_backward(stack, x, g, lengths, store)
+        finally:
+            store.detach()
+        split = _grads(stack)
+        err, err_b = _rel_err(split, ref), _rel_err(full, ref)
+        tol = 2 * max(base, err_b) + (1e-5 if dtype == torch.float32 else 2e-3)
+        rows.append(dict(dtype=str(dtype).replace("torch.", ""), lengths=lengths, covered_params=covered,
+                         rel_err=err, b_rel_err=err_b, unchunked_rel_err=base,
+                         i_w_vs_b=_rel_err(split, [t.double() for t in full]), ok=err <= tol))
+        del stack
+    del ref_stack, ref
+    # I+W against B in the compute dtype.
+    dtype = getattr(torch, cfg.dtype)
+    torch.manual_seed(0)
+    with torch.device(device):
+        stack = nn.ModuleList([Block(model) for _ in range(cfg.wgrad_layers)]).to(dtype)
+    x, g = x64.to(dtype), g64.to(dtype)
+    del x64, g64
+    b_times, i_times, w_times = [], [], []
+    store = WeightGradStore()
+    for r in range(cfg.repeats + 1):  # the first is a warm-up
+        tb, _ = _blocks_backward(stack, x, g, lengths)
+        store.attach(stack)
+        try:
+            ti, tw = _blocks_backward(stack, x, g, lengths, store)
+        finally:
+            store.detach()
+        if r:
+            b_times.append(tb)
+            i_times.append(ti)
+            w_times.append(tw)
+    med = lambda ts: sorted(ts)[len(ts) // 2]  # noqa: E731
+    b, i, w = med(b_times), med(i_times), med(w_times)
+    return dict(parity=rows, timing=dict(dtype=cfg.dtype, lengths=lengths, layers=cfg.wgrad_layers, dim=model.dim,
+                                         b_ms=b * 1e3, i_ms=i * 1e3, w_ms=w * 1e3, i_plus_w_over_b=(i + w) / b))
 
 
 # -------------------------------------------------------------------- 2. chunk times
@@ -279,7 +486,7 @@ def section_simulate(cfg: GpuCheckConfig, entries: dict) -> list[dict]:
 
 # ------------------------------------------------------------------------------ main
 def run_checks(cfg: GpuCheckConfig, device: torch.device, *, budget_s: float = 280.0) -> dict:
-    """Run the four sections; every failure is recorded, not raised."""
+    """Run the sections; every failure is recorded, not raised."""
     t_start = time.perf_counter()
     report: dict = dict(config=asdict(cfg), device=str(device), sections={})
 
@@ -304,6 +511,8 @@ def run_checks(cfg: GpuCheckConfig, device: torch.device, *, budget_s: float = 2
                 torch.cuda.empty_cache()
 
     run("parity", section_parity, cfg, device)
+    run("documents", section_documents, cfg, device)
+    run("weight_grad", section_weight_grad, cfg, device)
     times = run("chunk_times", section_chunk_times, cfg, device)
     run("stage_memory", section_stage_memory, cfg, device)
     if times is not None:
@@ -329,6 +538,30 @@ def _table(report: dict) -> list[dict]:
             rows.append(dict(section=name, item=f"{len(res) - len(bad)}/{len(res)} cases within tolerance",
                              value=f"worst {worst['backend']} {worst['dtype']} kv={worst['kv_heads']}: "
                                    f"{worst['rel_err']:.2e} vs unchunked {worst['unchunked_rel_err']:.2e}"))
+        elif name == "documents":
+            par = res["parity"]
+            bad = [r for r in par if not r["ok"]]
+            worst = max(par, key=lambda r: r["rel_err"] / max(r["unchunked_rel_err"], 1e-12))
+            kinds = sorted({kind for r in par for kind in r["masked_tiles"]})
+            rows.append(dict(section=name, item=f"{len(par) - len(bad)}/{len(par)} cases within tolerance",
+                             value=f"worst {worst['dtype']} {worst['partition']}: {worst['rel_err']:.2e} vs "
+                                   f"unchunked {worst['unchunked_rel_err']:.2e}; masked tiles ran "
+                                   f"{'/'.join(kinds) or 'nothing'}"))
+            t = {r["case"]: r for r in res["timing"]}
+            mem = {c: "" if t[c]["peak_mib"] is None else f", peak {t[c]['peak_mib']:.0f} MiB" for c in t}
+            rows.append(dict(section=name, item=f"fwd+bwd {t['documents']['dtype']} {t['documents']['lengths']}",
+                             value=f"documents {t['documents']['ms']:.1f} ms{mem['documents']} vs causal "
+                                   f"{t['causal']['ms']:.1f} ms{mem['causal']}"))
+        elif name == "weight_grad":
+            for r in res["parity"]:
+                rows.append(dict(section=name, item=f"I+W grads {r['dtype']} {r['lengths']}"
+                                                    f"{'' if r['ok'] else ' NOT within tolerance'}",
+                                 value=f"rel err {r['rel_err']:.2e} (B {r['b_rel_err']:.2e}, unchunked "
+                                       f"{r['unchunked_rel_err']:.2e}); I+W vs B {r['i_w_vs_b']:.1e}"))
+            t = res["timing"]
+            rows.append(dict(section=name, item=f"{t['layers']} blocks dim {t['dim']} {t['dtype']} {t['lengths']}",
+                             value=f"I+W {t['i_ms'] + t['w_ms']:.1f} ms (I {t['i_ms']:.1f}, W {t['w_ms']:.1f}) "
+                                   f"vs B {t['b_ms']:.1f} ms: {t['i_plus_w_over_b']:.3f}"))
         elif name == "chunk_times":
             for r in res["rows"]:
                 rows.append(dict(section=name, item=f"{r['partition']} {r['lengths']}",
