@@ -161,6 +161,19 @@ def forward_tiles(q: torch.Tensor, kv: _LayerKV, j: int, scale: float, groups: i
     return acc.to(q.dtype), lse
 
 
+def _accumulate(acc: torch.Tensor | None, sl: slice, grad: torch.Tensor | None, like: torch.Tensor,
+                dtype: torch.dtype) -> torch.Tensor:
+    """``acc[:, :, sl] += grad`` with ``acc`` shaped like ``like`` in ``dtype``; a missing
+    ``acc`` becomes ``grad`` itself when ``grad`` covers all of dim 2, else zeros."""
+    if acc is None:
+        if grad is not None and sl.start == 0 and sl.stop == like.shape[2]:
+            return grad.to(dtype)
+        acc = torch.zeros(like.shape, dtype=dtype, device=like.device)
+    if grad is not None:
+        acc[:, :, sl] += grad
+    return acc
+
+
 def backward_tiles(dout, q, out, lse, kv: _LayerKV, j: int, scale: float, groups: int):
     """(dq, dk, dv) of chunk j's own q/k/v; gradients for earlier chunks stay in ``kv``."""
     if kv.pending_after("kv", j):
@@ -172,9 +185,9 @@ def backward_tiles(dout, q, out, lse, kv: _LayerKV, j: int, scale: float, groups
     plan = kv.plan[j]
     work = kernels.work_dtype(q.dtype)
     k_own, v_own = kv.k[j], kv.v[j]
-    dq = torch.zeros(q.shape, dtype=work, device=q.device)
-    dk_own = torch.zeros(k_own.shape, dtype=work, device=q.device)
-    dv_own = torch.zeros(v_own.shape, dtype=work, device=q.device)
+    # Accumulators start as the first tile's gradient when it covers the whole range
+    # (always without documents): no zero fill and one add fewer per tile and layer.
+    dq = dk_own = dv_own = None
     for t in plan:
         r = slice(t.r0, t.r1)
         full = (t.r0, t.r1) == (0, lq)
@@ -187,18 +200,20 @@ def backward_tiles(dout, q, out, lse, kv: _LayerKV, j: int, scale: float, groups
             rows(dout), rows(q), expand_heads(kt, groups), expand_heads(vt, groups), rows(out), rows(lse),
             t.aux, causal=t.causal, scale=scale, mask=t.mask,
         )
-        dq[:, :, r] += dq_t
+        dq = _accumulate(dq, r, dq_t, q, work)
         dk_t, dv_t = reduce_heads(dk_t, groups), reduce_heads(dv_t, groups)
+        keys = slice(t.k0, t.k1)
         if t.src == j:
-            dk_own[:, :, t.k0:t.k1] += dk_t
-            dv_own[:, :, t.k0:t.k1] += dv_t
+            dk_own = _accumulate(dk_own, keys, dk_t, k_own, work)
+            dv_own = _accumulate(dv_own, keys, dv_t, v_own, work)
         else:
+            # The relay keeps the K/V dtype (what the chunk's own backward adds it to).
             src = t.src
-            if kv.dk[src] is None:
-                kv.dk[src] = torch.zeros_like(kv.k[src])
-                kv.dv[src] = torch.zeros_like(kv.v[src])
-            kv.dk[src][:, :, t.k0:t.k1] += dk_t
-            kv.dv[src][:, :, t.k0:t.k1] += dv_t
+            kv.dk[src] = _accumulate(kv.dk[src], keys, dk_t, kv.k[src], kv.k[src].dtype)
+            kv.dv[src] = _accumulate(kv.dv[src], keys, dv_t, kv.v[src], kv.v[src].dtype)
+    dq = _accumulate(dq, slice(0, 0), None, q, work)
+    dk_own = _accumulate(dk_own, slice(0, 0), None, k_own, work)
+    dv_own = _accumulate(dv_own, slice(0, 0), None, v_own, work)
     if kv.dk[j] is not None:
         dk_own += kv.dk[j]
         dv_own += kv.dv[j]
