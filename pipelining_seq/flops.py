@@ -135,11 +135,20 @@ class FlopModel:
         """Forward FLOPs ``[stage][chunk]`` with the layers split as the model is
         (:func:`~pipelining_seq.registry.stage_layer_ranges`) and the output head on
         the last stage. The embedding is a lookup and costs nothing here."""
-        ranges = stage_layer_ranges(self.num_layers, num_stages)
         ends = [sum(lengths[: j + 1]) for j in range(len(lengths))]
-        per_layer = [self.layer_cost(s, e) for s, e in zip(lengths, ends)]
+        return self._per_stage([self.layer_cost(s, e) for s, e in zip(lengths, ends)], lengths, num_stages)
+
+    def stage_weight_grad_costs(self, lengths: list[int] | tuple[int, ...], num_stages: int) -> list[list[float]]:
+        """FLOPs ``[stage][chunk]`` of the weight gradients, what a split backward's W
+        computes: one product per weight matrix, as many FLOPs as its forward (the
+        projections, the MLP, the output head on the last stage). Attention scores have
+        no weights, so W's share of a backward falls as the sequence grows."""
+        return self._per_stage([self.token_flops * s for s in lengths], lengths, num_stages)
+
+    def _per_stage(self, per_layer: list[float], lengths: list[int] | tuple[int, ...],
+                   num_stages: int) -> list[list[float]]:
         out = []
-        for st, layers in enumerate(ranges):
+        for st, layers in enumerate(stage_layer_ranges(self.num_layers, num_stages)):
             row = [len(layers) * c for c in per_layer]
             if st == num_stages - 1:
                 row = [c + self.head_cost(s) for c, s in zip(row, lengths)]

@@ -129,7 +129,8 @@ class CostModel:
     """Durations and activation sizes of one stage's work on one chunk.
 
     ``fwd[s][j]`` / ``bwd[s][j]``: time of chunk ``j`` on stage ``s``; a split backward
-    spends ``w_fraction`` of ``bwd`` in ``W`` and the rest in ``I``. ``act[s][j]`` is the
+    spends ``w[s][j]`` in ``W`` (``w_fraction`` of ``bwd`` when ``w`` is None) and the rest
+    in ``I``. ``act[s][j]`` is the
     activation memory chunk ``j`` keeps on stage ``s``, in micro-batches of one rank's
     activations (1.0 = a whole micro-batch through all the rank's layers).
     """
@@ -143,7 +144,9 @@ class CostModel:
     lengths: list[int] = field(default_factory=list)
     """Chunk lengths (tokens) behind the costs."""
     w_fraction: float = 0.5
-    """Share of a split backward spent in W."""
+    """Share of a split backward spent in W when ``w`` is None."""
+    w: list[list[float]] | None = None
+    """W time of a split backward, ``[stage][chunk]`` (the FLOP model's weight gradients)."""
     source: str = "equal"
     """Which model produced the costs: equal, flop or measured."""
 
@@ -153,9 +156,13 @@ class CostModel:
             return self.fwd[op.stage][j]
         if op.kind == "B":
             return self.bwd[op.stage][j]
-        if op.kind == "I":
-            return self.bwd[op.stage][j] * (1 - self.w_fraction)
-        return self.bwd[op.stage][j] * self.w_fraction
+        return self.split_backward(op.stage, j)[0 if op.kind == "I" else 1]
+
+    def split_backward(self, stage: int, j: int) -> tuple[float, float]:
+        """(I, W) time of chunk ``j`` on ``stage``."""
+        b = self.bwd[stage][j]
+        w = b * self.w_fraction if self.w is None else self.w[stage][j]
+        return b - w, w
 
 
 def _per_stage(values: Sequence[float], num_stages: int, scale: float) -> list[list[float]]:
@@ -177,16 +184,21 @@ def equal_costs(plan: ScheduleOps, *, lengths: Sequence[int] | None = None, bwd_
 def flop_costs(plan: ScheduleOps, model: GPTConfig, lengths: Sequence[int], *, bwd_ratio: float = 2.0) -> CostModel:
     """Forward FLOPs per stage and chunk from :class:`pipelining_seq.flops.FlopModel`:
     the model's layers split over the stages as the launcher splits them, the output
-    head on the last stage. Backward is ``bwd_ratio`` times forward. Units: GFLOP.
+    head on the last stage. Backward is ``bwd_ratio`` times forward; a split backward's W
+    is the weight-gradient FLOPs (:meth:`~pipelining_seq.flops.FlopModel.stage_weight_grad_costs`),
+    I the rest. Units: GFLOP.
     """
     S = plan.num_stages
     if model.n_layers < S:
         raise ValueError(f"{model.n_layers} layers cannot fill {S} stages: lower --pp or --stages-per-rank")
-    fwd = [[c / 1e9 for c in row] for row in flop_model(model).stage_costs(list(lengths), S)]
+    flops = flop_model(model)
+    fwd = [[c / 1e9 for c in row] for row in flops.stage_costs(list(lengths), S)]
     bwd = [[c * bwd_ratio for c in row] for row in fwd]
+    w = [[min(c / 1e9, b) for c, b in zip(row, brow)]
+         for row, brow in zip(flops.stage_weight_grad_costs(list(lengths), S), bwd)]
     v = plan.stages_per_rank
     act = [[s / sum(lengths) / v for s in lengths] for _ in range(S)]
-    return CostModel(fwd, bwd, act, list(lengths), source="flop")
+    return CostModel(fwd, bwd, act, list(lengths), w=w, source="flop")
 
 
 def measured_costs(plan: ScheduleOps, entry: dict, *, scope: str = "stage") -> CostModel:

@@ -137,6 +137,47 @@ def test_flop_costs_follow_the_models_shape():
     assert b.fwd[0][0] > a.fwd[0][0]
 
 
+
+def test_split_backward_w_is_the_weight_gradient_flops():
+    """W is each weight matrix's product (the forward's projections, MLP and head), I the
+    rest of the backward; so W's share falls as attention grows with the sequence, and the
+    simulated zero-bubble gain with it."""
+    plan = build_schedule_ops("Seq1F1BZeroBubble", pp=2, microbatches=2, chunks=2)
+    cfg = MODEL_PRESETS["cpu-bench"]
+    fm = flop_model(cfg)
+    cost = flop_costs(plan, cfg, [600, 424])
+    assert cost.split_backward(0, 1) == pytest.approx(
+        (cost.bwd[0][1] - 2 * fm.token_flops * 424 / 1e9, 2 * fm.token_flops * 424 / 1e9))
+    assert cost.split_backward(1, 0)[1] == pytest.approx(2 * fm.token_flops * 600 / 1e9 + fm.head_cost(600) / 1e9)
+    kinds = {op.kind for ops in plan.ops.values() for op in ops}
+    assert {"I", "W"} <= kinds
+    for ops in plan.ops.values():
+        for op in ops:
+            if op.kind in "IW":
+                i, w = cost.split_backward(op.stage, op.unit % 2)
+                assert i + w == pytest.approx(cost.bwd[op.stage][op.unit % 2]) and 0 < w < i
+
+    def w_share(seq_len: int) -> float:
+        c = flop_costs(plan, cfg, [seq_len // 2] * 2)
+        return c.split_backward(0, 1)[1] / c.bwd[0][1]
+
+    assert w_share(8192) < w_share(2048) < w_share(512) < 0.5
+
+    # At 32k tokens the 7B's W is a quarter of its backward, not half: less to fill bubbles with.
+    spans = {}
+    for name in ("Seq1F1B", "Seq1F1BZeroBubble"):
+        pl = build_schedule_ops(name, pp=4, microbatches=8, chunks=4)
+        c = flop_costs(pl, MODEL_PRESETS["7b"], [8192] * 4)
+        spans[name] = simulate(pl, c).makespan
+        if name == "Seq1F1BZeroBubble":
+            assert c.split_backward(0, 3)[1] < c.bwd[0][3] / 4
+            c.w = None
+            spans["half"] = simulate(pl, c).makespan
+    assert spans["half"] < spans["Seq1F1BZeroBubble"] < spans["Seq1F1B"]
+    # Equal costs without a model keep the half-and-half split.
+    eq = equal_costs(plan)
+    assert eq.split_backward(0, 0) == (eq.bwd[0][0] / 2, eq.bwd[0][0] / 2)
+
 def test_measured_costs_and_chunk_mismatch():
     plan = build_schedule_ops("Seq1F1B", pp=2, microbatches=2, chunks=2)
     cost = measured_costs(plan, dict(lengths=[6, 4], fwd=[1.0, 1.0], bwd=[2.0, 2.0]))

@@ -6,7 +6,8 @@ real schedule and torch's runtime, and sends the real activations of a model pre
 but each stage module only sleeps: a forward sleeps the unit's forward time under the
 FLOP cost model (:mod:`pipelining_seq.flops`, via the simulator's
 :func:`~pipelining_seq.tools.simulate.flop_costs`), a backward its backward time, split
-into I and W (``w_fraction`` of it in W) where the schedule splits the backward. A
+into I and W where the schedule splits the backward (W: the weight-gradient FLOPs, about
+a fifth of this preset's backward at 2048 tokens; the rest of it is attention). A
 sleeping rank needs no core, so 4 or 8 ranks on a 2-core machine measure the executors
 (ordering, p2p, Python between actions), not the cores.
 
@@ -86,6 +87,7 @@ def plan_costs(name: str, ranks: int, m: int, k: int, partition: str) -> tuple[s
     scale = STAGE_FWD_S / (flop_model(model).stage_costs([SEQ_LEN], ranks)[0][0] / 1e9)
     cost.fwd = [[t * scale for t in row] for row in cost.fwd]
     cost.bwd = [[t * scale for t in row] for row in cost.bwd]
+    cost.w = [[t * scale for t in row] for row in cost.w]
     return plan, cost
 
 
@@ -129,9 +131,9 @@ class _Sleep(torch.autograd.Function):
 class EmulatedStage(nn.Module):
     """A stage that sleeps its FLOP time: forward, I and W per chunk (chunk from the unit)."""
 
-    def __init__(self, fwd: list[float], bwd: list[float], w_fraction: float, dim: int) -> None:
+    def __init__(self, fwd: list[float], split: list[tuple[float, float]], dim: int) -> None:
         super().__init__()
-        self.fwd, self.bwd, self.w_fraction, self.dim = list(fwd), list(bwd), w_fraction, dim
+        self.fwd, self.split, self.dim = list(fwd), list(split), dim
         self.weight = nn.Parameter(torch.zeros(()))
         self.store: Any = None
 
@@ -142,8 +144,7 @@ class EmulatedStage(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ctx = current_chunk()
         j = ctx.chunk if ctx is not None else 0
-        b = self.bwd[j]
-        return _Sleep.apply(x, self.weight, (self.fwd[j], b * (1 - self.w_fraction), b * self.w_fraction), self)
+        return _Sleep.apply(x, self.weight, (self.fwd[j], *self.split[j]), self)
 
 
 def _loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -156,7 +157,7 @@ def _build(name: str, rank: int, ranks: int, m: int, k: int, partition: str) -> 
     cpu = torch.device("cpu")
 
     def stage(s: int) -> SequencePipelineStage:
-        mod = EmulatedStage(cost.fwd[s], cost.bwd[s], cost.w_fraction, dim)
+        mod = EmulatedStage(cost.fwd[s], [cost.split_backward(s, j) for j in range(len(cost.fwd[s]))], dim)
         return SequencePipelineStage(mod, s, plan.num_stages, cpu)
 
     if name in SEQ_SCHEDULES:
