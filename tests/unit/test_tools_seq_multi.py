@@ -45,7 +45,10 @@ def test_zero_bubble_7b_32k_balanced_makespan():
     lengths = balanced_partition_for(MODEL_PRESETS["7b"], 32768, 4, multiple_of=8)
     seq = _run("Seq1F1B", cost="flop", lengths=lengths)
     zb = _run("Seq1F1BZeroBubble", cost="flop", lengths=lengths)
-    assert zb.makespan <= 0.95 * seq.makespan
+    # W is the 7B's weight-gradient FLOPs (about a quarter of its backward at 32k): the
+    # deferred W fills part of the bubble, 3.2% of the makespan (it was 5.3% when W was
+    # taken as half the backward).
+    assert 0.96 < zb.makespan / seq.makespan < 0.975
 
 
 def test_planner_zero_bubble_memory_from_its_action_list():
