@@ -190,6 +190,9 @@ def test_bench_partition_feeds_the_simulator(tmp_path, capsys, fixed_times):
     data = json.loads((tmp_path / "partition.json").read_text())
     assert {r["partition"] for r in data["rows"]} == {"full", "uniform", "balanced", "calibrated"}
     assert all(r["max_over_mean"] >= 1.0 for r in data["rows"])
+    full = data["rows"][0]
+    assert full["partition"] == "full" and full["total_over_full"] == 1.0
+    assert all(r["total_over_full"] == pytest.approx(r["total_ms"] / full["total_ms"]) for r in data["rows"])
     calib = data["meta"]["calibration"]
     assert len(calib["samples"]) >= 4 and sum(calib["lengths"]["2"]) == 128
     capsys.readouterr()
