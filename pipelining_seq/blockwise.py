@@ -165,12 +165,14 @@ def _accumulate(acc: torch.Tensor | None, sl: slice, grad: torch.Tensor | None, 
                 dtype: torch.dtype) -> torch.Tensor:
     """``acc[:, :, sl] += grad`` with ``acc`` shaped like ``like`` in ``dtype``; a missing
     ``acc`` becomes ``grad`` itself when ``grad`` covers all of dim 2, else zeros."""
+    whole = sl.start == 0 and sl.stop == like.shape[2]
     if acc is None:
-        if grad is not None and sl.start == 0 and sl.stop == like.shape[2]:
+        if grad is not None and whole:
             return grad.to(dtype)
         acc = torch.zeros(like.shape, dtype=dtype, device=like.device)
     if grad is not None:
-        acc[:, :, sl] += grad
+        # add_ on the view: ``acc[:, :, sl] += grad`` would also copy the view onto itself.
+        (acc if whole else acc[:, :, sl]).add_(grad)
     return acc
 
 
