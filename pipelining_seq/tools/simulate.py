@@ -201,13 +201,15 @@ def flop_costs(plan: ScheduleOps, model: GPTConfig, lengths: Sequence[int], *, b
     return CostModel(fwd, bwd, act, list(lengths), w=w, source="flop")
 
 
-def measured_costs(plan: ScheduleOps, entry: dict, *, scope: str = "stage") -> CostModel:
+def measured_costs(plan: ScheduleOps, entry: dict, *, scope: str = "stage", model: GPTConfig | None = None) -> CostModel:
     """Measured per-chunk times (``{"lengths", "fwd", "bwd"}``, seconds).
 
     ``scope="stage"``: what was measured is one rank's share (``bench gpu`` times a
     stack of layers), and with several stages per rank each stage runs
     ``1/stages_per_rank`` of it. ``scope="model"``: the whole model was measured
-    (``bench partition``) and every stage runs ``1/num_stages`` of it.
+    (``bench partition``) and every stage runs ``1/num_stages`` of it. A split
+    backward's W is the measured model's weight-gradient share of each chunk's backward
+    under the FLOP model (half when ``model`` is None: nothing says more).
     """
     if scope not in ("stage", "model"):
         raise ValueError(f"scope={scope!r}: use 'stage' or 'model'")
@@ -220,8 +222,13 @@ def measured_costs(plan: ScheduleOps, entry: dict, *, scope: str = "stage") -> C
     v = plan.stages_per_rank
     share = 1 / v if scope == "stage" else 1 / plan.num_stages
     act = [[s / sum(lengths) / v for s in lengths] for _ in range(plan.num_stages)]
-    return CostModel(_per_stage(fwd, plan.num_stages, share), _per_stage(bwd, plan.num_stages, share),
-                     act, lengths, source="measured")
+    bwd_stages = _per_stage(bwd, plan.num_stages, share)
+    w = None
+    if model is not None:
+        fm = flop_model(model)
+        w_share = [wf / (2 * f) for wf, f in zip(fm.stage_weight_grad_costs(lengths, 1)[0], fm.stage_costs(lengths, 1)[0])]
+        w = [[b * r for b, r in zip(row, w_share)] for row in bwd_stages]
+    return CostModel(_per_stage(fwd, plan.num_stages, share), bwd_stages, act, lengths, w=w, source="measured")
 
 
 # ------------------------------------------------------------------------- simulation
@@ -474,13 +481,20 @@ def _lengths_for(args: argparse.Namespace, part: str, seq_len: int) -> list[int]
     return lengths
 
 
+def _times_model(times: dict) -> GPTConfig | None:
+    """The model a ``bench partition`` / ``bench gpu`` JSON timed (for W's FLOP share)."""
+    found = times.get("meta", {}).get("model", {}).get("model") or times.get("report", {}).get("config", {}).get("model")
+    return GPTConfig(**found) if isinstance(found, dict) else None
+
+
 def _costs(args: argparse.Namespace, plan: ScheduleOps, part: str, times: dict | None) -> CostModel:
     if times is not None:
         entries = times.get("partitions", {})
         keys = ["full"] if plan.n_chunks == 1 and plan.name not in SEQ_SCHEDULES else [f"{part}@{plan.n_chunks}", part]
         for key in keys:
             if key in entries:
-                return measured_costs(plan, entries[key], scope=times.get("scope", "stage"))
+                return measured_costs(plan, entries[key], scope=times.get("scope", "stage"),
+                                      model=_times_model(times) or (MODEL_PRESETS[args.model] if args.model else None))
         raise SystemExit(f"--times file has no {' or '.join(repr(k) for k in keys)} entry (has {sorted(entries)})")
     if args.model:
         seq_len = args.seq_len or 32768

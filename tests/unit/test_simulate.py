@@ -187,6 +187,30 @@ def test_measured_costs_and_chunk_mismatch():
         measured_costs(plan, dict(lengths=[10], fwd=[1.0], bwd=[2.0]))
 
 
+
+def test_measured_costs_split_w_by_the_timed_models_flops():
+    """Measured times carry no I/W split: W is the timed model's weight-gradient share of
+    each chunk's backward under the FLOP model, found in the bench JSON's metadata."""
+    from dataclasses import asdict
+
+    from pipelining_seq.tools.simulate import _times_model
+
+    plan = build_schedule_ops("Seq1F1BZeroBubble", pp=2, microbatches=2, chunks=2)
+    cfg = MODEL_PRESETS["cpu-bench"]
+    entry = dict(lengths=[1400, 648], fwd=[1.0, 1.0], bwd=[2.0, 2.0])
+    assert measured_costs(plan, entry).split_backward(0, 0) == (1.0, 1.0)  # no model: half
+    cost = measured_costs(plan, entry, scope="model", model=cfg)
+    fm = flop_model(cfg)
+    for j, (s, e) in enumerate([(1400, 1400), (648, 2048)]):
+        f = cfg.n_layers * fm.layer_cost(s, e) + fm.head_cost(s)  # forward: layers and head
+        w = cfg.n_layers * fm.token_flops * s + fm.head_cost(s)  # their weights' products
+        share = w / (2 * f)
+        assert cost.split_backward(0, j)[1] == pytest.approx(cost.bwd[0][j] * share)
+    assert cost.split_backward(0, 1)[1] < cost.split_backward(0, 0)[1] < 0.5  # later chunks: more attention
+    assert _times_model({"meta": {"model": {"model": asdict(cfg), "seq_len": 2048}}}) == cfg
+    assert _times_model({"report": {"config": {"model": asdict(cfg)}}}) == cfg
+    assert _times_model({"meta": {}}) is None
+
 def test_paper_comparison_rows():
     rows = paper_comparison(pps=(4,), chunks=4)
     assert len(rows) == 4
