@@ -161,19 +161,22 @@ def forward_tiles(q: torch.Tensor, kv: _LayerKV, j: int, scale: float, groups: i
     return acc.to(q.dtype), lse
 
 
-def _accumulate(acc: torch.Tensor | None, sl: slice, grad: torch.Tensor | None, like: torch.Tensor,
+def _accumulate(acc: torch.Tensor | None, sl: slice, grad: torch.Tensor, like: torch.Tensor,
                 dtype: torch.dtype) -> torch.Tensor:
     """``acc[:, :, sl] += grad`` with ``acc`` shaped like ``like`` in ``dtype``; a missing
-    ``acc`` becomes ``grad`` itself when ``grad`` covers all of dim 2, else zeros."""
+    ``acc`` becomes ``grad`` itself when ``grad`` covers all of dim 2, else zeros first."""
     whole = sl.start == 0 and sl.stop == like.shape[2]
     if acc is None:
-        if grad is not None and whole:
+        if whole:
             return grad.to(dtype)
-        acc = torch.zeros(like.shape, dtype=dtype, device=like.device)
-    if grad is not None:
-        # add_ on the view: ``acc[:, :, sl] += grad`` would also copy the view onto itself.
-        (acc if whole else acc[:, :, sl]).add_(grad)
+        acc = _zeros(like, dtype)
+    # add_ on the view: ``acc[:, :, sl] += grad`` would also copy the view onto itself.
+    (acc if whole else acc[:, :, sl]).add_(grad)
     return acc
+
+
+def _zeros(like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return torch.zeros(like.shape, dtype=dtype, device=like.device)
 
 
 def backward_tiles(dout, q, out, lse, kv: _LayerKV, j: int, scale: float, groups: int):
@@ -213,9 +216,10 @@ def backward_tiles(dout, q, out, lse, kv: _LayerKV, j: int, scale: float, groups
             src = t.src
             kv.dk[src] = _accumulate(kv.dk[src], keys, dk_t, kv.k[src], kv.k[src].dtype)
             kv.dv[src] = _accumulate(kv.dv[src], keys, dv_t, kv.v[src], kv.v[src].dtype)
-    dq = _accumulate(dq, slice(0, 0), None, q, work)
-    dk_own = _accumulate(dk_own, slice(0, 0), None, k_own, work)
-    dv_own = _accumulate(dv_own, slice(0, 0), None, v_own, work)
+    # Every query and own key meets at least itself in a tile; zeros only if a plan had none.
+    dq = _zeros(q, work) if dq is None else dq
+    dk_own = _zeros(k_own, work) if dk_own is None else dk_own
+    dv_own = _zeros(v_own, work) if dv_own is None else dv_own
     if kv.dk[j] is not None:
         dk_own += kv.dk[j]
         dv_own += kv.dv[j]

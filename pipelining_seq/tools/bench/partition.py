@@ -7,7 +7,8 @@ FLOP model) and ``calibrated`` (``linear_fit``: a few (length, end) chunk times 
 profiled, the cost model's coefficients fitted, and the sequence re-cut). The
 partitions run interleaved, repeat by repeat; the figures are max/mean of the per-chunk
 medians, and the chunked total over the unchunked one (``total_over_full``: what cutting
-the sequence costs in compute, which the smaller bubble must pay for). The JSON's ``partitions`` entries feed ``pipelining-seq simulate --times``.
+the sequence costs in compute, which the smaller bubble must pay for). The JSON's
+``partitions`` entries feed ``pipelining-seq simulate --times``.
 """
 
 from __future__ import annotations
